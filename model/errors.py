@@ -1,0 +1,5 @@
+"""Errors the model package raises for bad checkpoints; the CLI turns them into one-line messages."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be used: the message names the file or tensor and what to do."""

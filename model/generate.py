@@ -1,0 +1,63 @@
+"""Generation over token ids: one prefill with the image patches, then one-token decode steps."""
+
+from __future__ import annotations
+
+import torch
+
+from model.cache import KVCache
+from model.fuyu import Fuyu, position_ids
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): greedy when temperature is 0, else top-k/top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def new_cache(model: Fuyu, batch: int, max_len: int) -> KVCache:
+    cfg, w = model.config, model.embed_tokens.weight
+    return KVCache(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim,
+                   w.device, w.dtype)
+
+
+@torch.inference_mode()
+def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             patches: torch.Tensor | None, max_new_tokens: int, *, eos_id: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """New ids (B, N) for a left-padded batch; stops when every row has emitted EOS or after
+    max_new_tokens. Finished rows are padded with EOS, as the reference's generate does."""
+    eos = model.config.eos_token_id if eos_id is None else eos_id
+    B, T = input_ids.shape
+    if max_new_tokens <= 0:
+        return input_ids.new_zeros(B, 0)
+    cache = new_cache(model, B, T + max_new_tokens)
+    positions = position_ids(attention_mask)
+    # Prefill: only the last position's logits are ever needed (the vocabulary is 262,144 wide).
+    h = model.hidden(input_ids, positions, attention_mask.bool(), cache, patches)
+    logits = model.lm_head(h[:, -1])
+    pos = positions[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        nxt = nxt.masked_fill(done, eos)
+        out.append(nxt)
+        done |= nxt == eos
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        pos = pos + 1
+        logits = model.lm_head(model.hidden(nxt[:, None], pos, None, cache)[:, -1])
+    return torch.stack(out, dim=1)
