@@ -1,0 +1,3 @@
+from fuyu_cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per `fuyu` subcommand; each exposes `register(app)`."""

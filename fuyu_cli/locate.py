@@ -1,0 +1,46 @@
+"""Which checkpoint folder to load: --model / FUYU_MODEL, else the Hugging Face cache copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fuyu_cli.errors import FuyuError
+
+HUB_REPO = "adept/fuyu-8b"
+
+NO_WEIGHTS_HINT = (
+    "pass --model DIR or set FUYU_MODEL; to get the weights run `hf download adept/fuyu-8b` "
+    "(found automatically in the Hugging Face cache), or `fuyu convert` Adept's original release")
+
+
+def hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def cached_snapshot(cache: Path) -> Path | None:
+    """The snapshot `refs/main` points to, else the newest one holding a config.json."""
+    repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    snaps = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
+    return max(snaps, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def find_checkpoint(model: Path | None) -> Path:
+    if model is not None:
+        if not model.is_dir():
+            raise FuyuError(f"model folder not found ({model})", NO_WEIGHTS_HINT)
+        return model
+    snap = cached_snapshot(hub_cache())
+    if snap is None:
+        raise FuyuError(f"no Fuyu checkpoint given and none in the Hugging Face cache ({hub_cache()})",
+                        NO_WEIGHTS_HINT)
+    return snap

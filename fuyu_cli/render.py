@@ -1,0 +1,86 @@
+"""Everything a person reads on stderr (progress, errors, the summary), and --draw.
+
+Rich lives here and nowhere else. The console is made per run, on stderr, never wraps lines
+(an error stays one line), and honours NO_COLOR. The progress bar shows only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error_line(console: Console, message: str, hint: str = "") -> None:
+    """`error: what (file) — what to do`, always shown, even with --quiet."""
+    console.print(Text.assemble(("error", "bold red"), ": ", message, f" — {hint}" if hint else ""))
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = stderr_console()
+        self.quiet = quiet
+
+    def error(self, path: str, message: str) -> None:
+        error_line(self.console, f"{path}: {message}")
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(Text(message))
+
+    @contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner while something slow happens (loading the model), on a terminal only."""
+        if self.quiet or not self.console.is_terminal:
+            yield
+            return
+        with self.console.status(message):
+            yield
+
+    @contextmanager
+    def progress(self, total: int, label: str) -> Iterator[Callable[[dict], None]]:
+        """Yields `advance(record)`; draws images done, images/s, tokens/s and ETA on a terminal."""
+        if self.quiet or not self.console.is_terminal:
+            yield lambda rec: None
+            return
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                       console=self.console, transient=True,
+                       redirect_stdout=sys.stdout.isatty())  # data lines print above the bar
+        start, tokens = time.perf_counter(), 0
+        with bar:
+            task = bar.add_task(label, total=total, rate="")
+
+            def advance(rec: dict) -> None:
+                nonlocal tokens
+                tokens += rec.get("new_tokens") or 0
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                done = bar.tasks[0].completed + 1
+                bar.update(task, advance=1,
+                           rate=f"{done / elapsed:.2f} img/s  {tokens / elapsed:.1f} tok/s")
+
+            yield advance
+
+
+def draw_boxes(src: str, boxes: list[list[int]], dst: Path) -> None:
+    """Copy of `src` with `boxes` (x0, y0, x1, y1 in image pixels) outlined in red."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+    draw = ImageDraw.Draw(im)
+    width = max(2, min(im.size) // 200)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0, y0, x1, y1], outline=(230, 30, 30), width=width)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im.save(dst)

@@ -1,0 +1,214 @@
+"""Load the model once and turn jobs into result records.
+
+The only CLI module that imports model/, preprocess/ and torch, and only inside functions, so
+`fuyu --help` never pays for them. Images are grouped by size so a batch wastes little padding;
+the next batch is preprocessed on a worker thread while the model runs the current one. An item
+that fails (unreadable image, over-long prompt, box outside the image) becomes an error record;
+a batch that fails is retried one item at a time, so one bad item does not fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from fuyu_cli.errors import FuyuError
+from fuyu_cli.options import GenOptions, ModelSpec
+
+DEFAULT_BATCH = {"cpu": 2, "cuda": 8}  # a 1920×1080 screenshot needs ~1.3 GiB of KV cache
+
+
+@dataclass(frozen=True)
+class Job:
+    path: str
+    task: str  # caption | ask | bbox (text → boxes) | ocr (box → text)
+    text: str | None = None  # caption: a prompt instead of the default; ask: the question; bbox: what to find
+    box: tuple[float, float, float, float] | None = None  # ocr: the box to read, in image pixels
+
+    @property
+    def prompt(self) -> str:
+        """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
+        from preprocess import TASK_PROMPTS
+
+        if self.task == "ocr":
+            x0, y0, x1, y1 = self.box
+            return f"{TASK_PROMPTS['bbox']}<box>{y0:g}, {x0:g}, {y1:g}, {x1:g}</box>"
+        if self.task == "bbox":
+            return TASK_PROMPTS["bbox"] + self.text
+        text = self.text or TASK_PROMPTS[self.task]
+        return text if text.endswith("\n") else text + "\n"  # the model expects the newline
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file header, or None when it cannot be read (reported later)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _error(job: Job, exc: BaseException, size=None) -> dict:
+    from preprocess import PreprocessError
+
+    known = isinstance(exc, (PreprocessError, FuyuError))
+    rec = {"path": job.path, "task": job.task, "prompt": job.prompt}
+    if size:
+        rec["width"], rec["height"] = size
+    rec["error"] = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    return rec
+
+
+def _new_tokens(row, eos: int) -> int:
+    hits = (row == eos).nonzero()
+    return int(hits[0, 0]) + 1 if len(hits) else len(row)
+
+
+class Runner:
+    def __init__(self, model, processor, device: str):
+        self.model, self.processor, self.device = model, processor, device
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> "Runner":
+        from fuyu_cli.locate import find_checkpoint
+
+        ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
+        import torch
+        from model import load_pretrained
+        from preprocess import FuyuProcessor
+
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, device)
+        kwargs = {}
+        if spec.quantize != "none":
+            if "quantization" not in inspect.signature(load_pretrained).parameters:
+                raise FuyuError(f"--quantize {spec.quantize} is not supported by this build yet",
+                                "run without --quantize")
+            kwargs["quantization"] = spec.quantize
+        processor = FuyuProcessor.from_pretrained(ckpt)
+        model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype), **kwargs)
+        return cls(model, processor, device)
+
+    def default_batch_size(self) -> int:
+        return DEFAULT_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
+
+    def run(self, jobs: Iterable[Job], batch_size: int, gen: GenOptions) -> Iterator[dict]:
+        """Records in completion order: same-size images run together, in their input order."""
+        sized = [(job, image_size(job.path)) for job in jobs]
+        groups: dict = {}
+        for item in sized:
+            groups.setdefault(item[1] or (0, 0), []).append(item)
+        ordered = [item for size in sorted(groups, key=lambda s: s[0] * s[1]) for item in groups[size]]
+        chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+        if not chunks:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyu-preprocess")
+        try:
+            pending = pool.submit(self._prepare, chunks[0])
+            for i in range(len(chunks)):
+                ready, failed = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self._prepare, chunks[i + 1])
+                yield from failed
+                if ready:
+                    yield from self._generate(ready, gen)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _prepare(self, chunk):
+        """Preprocess each item alone, so one unreadable image fails only itself."""
+        ready, failed = [], []
+        for job, size in chunk:
+            start = time.perf_counter()
+            try:
+                if job.box is not None:
+                    check_box(job.box, size)
+                sample = self.processor.prepare_one(job.path, job.prompt)
+                ready.append((job, size, sample, time.perf_counter() - start))
+            except Exception as exc:
+                failed.append(_error(job, exc, size))
+        return ready, failed
+
+    def _generate(self, items, gen: GenOptions) -> Iterator[dict]:
+        try:
+            records = self._generate_batch(items, gen)
+        except Exception as exc:
+            if len(items) == 1:
+                yield _error(items[0][0], exc, items[0][1])
+                return
+            for item in items:  # find the culprit; the others still get their result
+                yield from self._generate([item], gen)
+            return
+        yield from records
+
+    def _generate_batch(self, items, gen: GenOptions) -> list[dict]:
+        import torch
+
+        start = time.perf_counter()
+        batch = self.processor.collate([sample for _, _, sample, _ in items])
+        T, limit = batch.input_ids.shape[1], self.model.config.max_position_embeddings
+        if T + gen.max_new_tokens > limit:
+            raise FuyuError(f"prompt is {T} tokens; with --max-new-tokens {gen.max_new_tokens} "
+                            f"it exceeds the model's {limit} positions")
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(gen.seed)
+        new_ids = self.model.generate(batch, max_new_tokens=gen.max_new_tokens,
+                                      temperature=gen.temperature, top_p=gen.top_p,
+                                      generator=generator).cpu()
+        texts = self.processor.decode(new_ids)
+        boxes = self.processor.boxes(new_ids, batch) if any(j.task == "bbox" for j, *_ in items) else None
+        share = (time.perf_counter() - start) / len(items)
+        eos, mask = self.model.config.eos_token_id, batch.attention_mask
+        records = []
+        for i, (job, size, _, prep_s) in enumerate(items):
+            rec = {"path": job.path, "task": job.task, "prompt": job.prompt, "text": texts[i].strip()}
+            if job.task == "bbox":
+                rec["boxes"] = [[round(v) for v in b] for b in boxes[i]]
+            elif job.task == "ocr":
+                rec["boxes"] = [[round(v) for v in job.box]]
+            rec["width"], rec["height"] = size or (None, None)
+            rec["prompt_tokens"] = int(mask[i].sum())
+            rec["new_tokens"] = _new_tokens(new_ids[i], eos)
+            rec["seconds"] = round(prep_s + share, 4)
+            records.append(rec)
+        return records
+
+
+def check_box(box, size) -> None:
+    x0, y0, x1, y1 = box
+    if size is None:
+        return  # the image itself is unreadable: preprocessing reports that
+    w, h = size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise FuyuError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}×{h} image "
+                        "(x0,y0,x1,y1 with x0<x1, y0<y1)")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise FuyuError(f"--device {device}: no such CUDA device "
+                            f"({torch.cuda.device_count()} visible)", "use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    # On CPUs without native bf16 it is emulated and slower than float32.
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"

@@ -1,0 +1,391 @@
+"""`fuyu` commands with a fake Runner: flags, inputs, output formats, resume, errors, exit codes.
+
+The model is replaced by `FakeRunner` (patched in at `pipeline.load_runner`), so these run in
+milliseconds; tests/test_cli_e2e.py runs the same commands on a real tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fuyu_cli import app as app_module
+from fuyu_cli import pipeline
+from fuyu_cli.errors import FuyuError
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+def fuyu(*args: str, input: str | None = None, env: dict | None = None) -> Run:
+    """Run `fuyu ARGS` through the real entry point (main(): the error boundary) with captured streams."""
+    with CliRunner().isolation(input=input, env=env) as (out, err, _):
+        try:
+            app_module.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            app_module._debug = False
+        return Run(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def png(path: Path, size=(40, 30), color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+class FakeRunner:
+    """Captions every readable image with its file name; unreadable ones become error records."""
+
+    def __init__(self):
+        self.calls = []
+
+    def default_batch_size(self) -> int:
+        return 3
+
+    def run(self, jobs, batch_size, gen):
+        self.calls.append((list(jobs), batch_size, gen))
+        for job in jobs:
+            rec = {"path": job.path, "task": job.task, "prompt": job.text or "P"}
+            try:
+                with Image.open(job.path) as im:
+                    w, h = im.size
+            except Exception as exc:
+                yield {**rec, "error": f"cannot read image ({type(exc).__name__})"}
+                continue
+            boxes = {"bbox": [[1, 2, 3, 4]], "ocr": [list(job.box or ())]}.get(job.task)
+            yield {**rec, "text": f"a picture named {Path(job.path).stem}",
+                   **({"boxes": boxes} if boxes else {}), "width": w, "height": h,
+                   "prompt_tokens": 10, "new_tokens": 5, "seconds": 0.01}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    runner = FakeRunner()
+    specs = []
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec: specs.append(spec) or runner)
+    runner.specs = specs
+    return runner
+
+
+@pytest.fixture
+def shots(tmp_path):
+    """A folder of three good images, a corrupt one, a zero-byte one, a text file named .png,
+    a .txt note and a subfolder with one more image."""
+    d = tmp_path / "shots"
+    for name, size in [("a.png", (40, 30)), ("b.png", (40, 30)), ("c.jpg", (20, 50))]:
+        png(d / name, size)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("this is not an image\n")
+    (d / "notes.txt").write_text("not an image either\n")
+    png(d / "sub" / "deep.png")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_caption_folder_captions_good_images_reports_bad_ones_and_exits_1(fake, shots):
+    r = fuyu("caption", shots)
+    assert r.code == 1
+    recs = {Path(x["path"]).name: x for x in r.records()}
+    assert set(recs) == {"a.png", "b.png", "c.jpg", "corrupt.png", "empty.png", "text.png"}
+    assert recs["a.png"]["text"] == "a picture named a" and "error" not in recs["a.png"]
+    assert all("error" in recs[n] for n in ("corrupt.png", "empty.png", "text.png"))
+    for name in ("corrupt.png", "empty.png", "text.png"):  # one stderr line per failure
+        assert sum(name in line and line.startswith("error:") for line in r.err.splitlines()) == 1
+    assert "3 done, 3 failed" in r.err and "notes.txt" in r.err  # summary names the skipped file
+
+
+def test_recursive_reaches_subfolders_and_good_only_run_exits_0(fake, shots):
+    for bad in ("corrupt.png", "empty.png", "text.png"):
+        (shots / bad).unlink()
+    r = fuyu("caption", shots, "--recursive")
+    assert r.code == 0
+    assert sorted(Path(x["path"]).name for x in r.records()) == ["a.png", "b.png", "c.jpg", "deep.png"]
+
+
+def test_unexpanded_glob_is_expanded_and_filters_extensions(fake, shots):
+    r = fuyu("caption", str(shots / "*"))
+    assert {Path(x["path"]).name for x in r.records()} >= {"a.png", "c.jpg"}
+    assert "notes.txt" not in r.out
+
+
+def test_missing_path_is_a_usage_error_before_loading(fake, tmp_path):
+    r = fuyu("caption", tmp_path / "nope.png")
+    assert r.code == 2 and fake.specs == []
+    assert r.err.startswith("error: no such file or folder") and len(r.err.splitlines()) == 1
+
+
+def test_paths_from_stdin_one_per_line(fake, shots):
+    r = fuyu("caption", "-", input=f"{shots / 'a.png'}\n\n{shots / 'b.png'}\n")
+    assert r.code == 0 and [Path(x["path"]).name for x in r.records()] == ["a.png", "b.png"]
+
+
+def test_paths_from_stdin_nul_separated(fake, shots):
+    weird = png(shots / "with\nnewline.png")
+    r = fuyu("caption", "-", "--null", input=f"{shots / 'a.png'}\0{weird}\0")
+    assert r.code == 0 and [x["path"] for x in r.records()] == [str(shots / "a.png"), str(weird)]
+
+
+def test_same_file_twice_runs_once(fake, shots):
+    r = fuyu("caption", shots / "a.png", "./shots/a.png")
+    assert len(r.records()) == 1
+
+
+def test_format_csv_parses_with_the_csv_module(fake, shots):
+    tricky = png(shots / 'quote",comma.png')
+    r = fuyu("caption", shots / "a.png", tricky, shots / "empty.png", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(r.out)))
+    assert [row["path"] for row in rows] == [str(shots / "a.png"), str(tricky), str(shots / "empty.png")]
+    assert rows[0]["text"] == "a picture named a" and rows[0]["width"] == "40" and rows[0]["error"] == ""
+    assert rows[2]["error"].startswith("cannot read image")
+
+
+def test_format_text_is_path_tab_answer_for_successes(fake, shots):
+    r = fuyu("caption", shots / "a.png", shots / "empty.png", "-f", "text")
+    assert r.out == f"{shots / 'a.png'}\ta picture named a\n"
+    assert r.code == 1 and "empty.png" in r.err
+
+
+def test_output_appends_and_rerun_skips_finished_and_retries_failed(fake, shots):
+    out = Path("caps.jsonl")
+    first = fuyu("caption", shots, "--output", out)
+    assert first.code == 1 and first.out == ""  # --output replaces stdout
+    assert len(out.read_text().splitlines()) == 6
+    second = fuyu("caption", shots, "-o", out)
+    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["corrupt.png", "empty.png", "text.png"]
+    assert "3 already done" in second.err
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(Path(x["path"]).name for x in recs) == sorted(
+        ["a.png", "b.png", "c.jpg", "corrupt.png", "empty.png", "text.png"])  # still once each
+
+
+def test_overwrite_redoes_everything_and_keeps_one_record_per_image(fake, shots):
+    out = Path("caps.jsonl")
+    fuyu("caption", shots / "a.png", shots / "b.png", "-o", out)
+    fuyu("caption", shots / "a.png", "-o", out, "--overwrite")
+    assert len(fake.calls[-1][0]) == 1
+    assert sorted(Path(json.loads(x)["path"]).name for x in out.read_text().splitlines()) == ["a.png", "b.png"]
+
+
+def test_truncated_last_line_from_a_crash_is_dropped_and_redone(fake, shots):
+    out = Path("caps.jsonl")
+    fuyu("caption", shots / "a.png", shots / "b.png", "-o", out)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write of b's record
+    r = fuyu("caption", shots / "a.png", shots / "b.png", "-o", out)
+    assert r.code == 0 and [Path(j.path).name for j in fake.calls[-1][0]] == ["b.png"]
+    text = out.read_text()
+    assert text.endswith("\n")
+    assert [Path(json.loads(x)["path"]).name for x in text.splitlines()] == ["a.png", "b.png"]
+
+
+def test_nothing_left_to_do_exits_0_without_loading_the_model(fake, shots):
+    fuyu("caption", shots / "a.png", "-o", "caps.jsonl")
+    r = fuyu("caption", shots / "a.png", "-o", "caps.jsonl")
+    assert r.code == 0 and len(fake.specs) == 1 and "nothing to do, 1 already done" in r.err
+
+
+def test_output_with_a_stdout_format_is_a_usage_error(fake, shots):
+    r = fuyu("caption", shots / "a.png", "-o", "x.jsonl", "--format", "csv")
+    assert r.code == 2 and "--output always writes JSON lines" in r.err
+
+
+def test_sidecar_writes_text_next_to_image_and_rerun_skips(fake, shots):
+    r = fuyu("caption", shots / "a.png", shots / "empty.png", "--sidecar")
+    assert (shots / "a.txt").read_text() == "a picture named a\n"
+    assert not (shots / "empty.txt").exists() and r.code == 1
+    assert not list(shots.glob(".*.tmp"))  # written through a temp file, renamed into place
+    fuyu("caption", shots / "a.png", shots / "b.png", "--sidecar")
+    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["b.png"]
+    fuyu("caption", shots / "a.png", "--sidecar", "--overwrite")
+    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["a.png"]
+
+
+def test_sidecars_that_would_collide_are_refused(fake, tmp_path):
+    png(tmp_path / "d" / "x.png"), png(tmp_path / "d" / "x.jpg")
+    r = fuyu("caption", tmp_path / "d", "--sidecar")
+    assert r.code == 2 and "would share the sidecar" in r.err
+
+
+def test_options_reach_the_runner(fake, shots, monkeypatch):
+    monkeypatch.setenv("FUYU_MODEL", str(shots))
+    fuyu("caption", shots / "a.png", "--device", "cpu", "--dtype", "float32", "--quantize", "8bit",
+         "--batch-size", "5", "--max-new-tokens", "7", "--temperature", "0.7", "--top-p", "0.9",
+         "--seed", "3")
+    spec = fake.specs[0]
+    assert (spec.path, spec.device, spec.dtype, spec.quantize, spec.batch_size) == (
+        shots, "cpu", "float32", "8bit", 5)
+    jobs, batch_size, gen = fake.calls[0]
+    assert batch_size == 5 and (gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed) == (7, 0.7, 0.9, 3)
+    fuyu("caption", shots / "b.png", "-m", shots / "sub")
+    assert fake.specs[1].path == shots / "sub" and fake.calls[1][1] == 3  # runner's default batch
+
+
+@pytest.mark.parametrize("args", [["--device", "gpu"], ["--dtype", "int3"], ["--quantize", "2bit"],
+                                  ["--batch-size", "0"], ["--top-p", "0"], ["--format", "xml"],
+                                  ["--temperature", "-1"]])
+def test_bad_option_values_are_usage_errors(fake, shots, args):
+    r = fuyu("caption", shots / "a.png", *args)
+    assert r.code == 2 and fake.specs == []
+
+
+def test_caption_prompt_override_reaches_the_job(fake, shots):
+    fuyu("caption", shots / "a.png", "--prompt", "Describe the UI.")
+    assert fake.calls[0][0][0].text == "Describe the UI." and fake.calls[0][0][0].task == "caption"
+
+
+def test_ask_takes_the_question_last_or_by_option(fake, shots):
+    r = fuyu("ask", shots / "a.png", "What color?")
+    assert r.code == 0 and fake.calls[0][0][0].text == "What color?"
+    fuyu("ask", shots / "a.png", shots / "b.png", "--question", "Why?")
+    assert [j.text for j in fake.calls[1][0]] == ["Why?", "Why?"] and fake.calls[1][0][0].task == "ask"
+    assert fuyu("ask", shots / "a.png").code == 2
+    assert fuyu("ask", shots / "a.png", "--question", " ").code == 2
+
+
+def test_bbox_find_gives_boxes_and_draws_them(fake, shots):
+    r = fuyu("bbox", shots / "a.png", "Total", "--draw", "found.png")
+    (rec,) = r.records()
+    assert r.code == 0 and rec["task"] == "bbox" and rec["boxes"] == [[1, 2, 3, 4]]
+    assert fake.calls[0][0][0].text == "Total"
+    with Image.open("found.png") as im:
+        assert im.size == (40, 30) and im.getpixel((1, 2)) != im.getpixel((20, 20))
+
+
+def test_bbox_draw_into_a_folder_for_many_images(fake, shots):
+    r = fuyu("bbox", shots / "a.png", shots / "b.png", "--find", "x", "--draw", "drawn", "-f", "text")
+    assert r.out.splitlines()[0].endswith("\t1,2,3,4")
+    assert sorted(p.name for p in Path("drawn").iterdir()) == ["a.png", "b.png"]
+
+
+def test_bbox_draw_to_one_file_with_many_images_fails_the_extra_ones(fake, shots):
+    r = fuyu("bbox", shots / "a.png", shots / "b.png", "--find", "x", "--draw", "one.png")
+    assert r.code == 1 and "give a folder" in r.err
+
+
+def test_bbox_box_reads_text_and_rejects_bad_boxes(fake, shots):
+    r = fuyu("bbox", shots / "a.png", "--box", "1,2,30,20")
+    (rec,) = r.records()
+    assert rec["task"] == "ocr" and fake.calls[0][0][0].box == (1.0, 2.0, 30.0, 20.0)
+    assert fuyu("bbox", shots / "a.png", "--box", "1,2,3").code == 2
+    assert fuyu("bbox", shots / "a.png", "--box", "a,b,c,d").code == 2
+    assert fuyu("bbox", shots / "a.png", "--box", "1,2,3,4", "--find", "x").code == 2
+    assert fuyu("bbox", shots / "a.png").code == 2
+
+
+def test_quiet_keeps_only_error_lines_on_stderr(fake, shots):
+    r = fuyu("caption", shots, "--quiet")
+    assert r.err and all(line.startswith("error: ") for line in r.err.splitlines())
+
+
+def test_known_error_is_one_line_exit_2_and_traceback_only_with_debug(fake, monkeypatch, shots):
+    def boom(spec):
+        raise FuyuError("model folder not found (x)", "pass --model DIR")
+
+    monkeypatch.setattr(pipeline, "load_runner", boom)
+    r = fuyu("caption", shots / "a.png")
+    assert (r.code, r.err) == (2, "error: model folder not found (x) — pass --model DIR\n")
+    r = fuyu("--debug", "caption", shots / "a.png")
+    assert r.code == 2 and "Traceback" in r.err and r.err.endswith("— pass --model DIR\n")
+    assert "Traceback" in fuyu("caption", shots / "a.png", env={"FUYU_DEBUG": "1"}).err
+
+
+def test_unexpected_error_is_one_line_exit_1_with_a_debug_hint(fake, monkeypatch, shots):
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec: 1 / 0)
+    r = fuyu("caption", shots / "a.png")
+    assert r.code == 1 and len(r.err.splitlines()) == 1
+    assert r.err.startswith("error: unexpected ZeroDivisionError") and "--debug" in r.err
+
+
+def test_ctrl_c_keeps_finished_results_and_exits_130(fake, monkeypatch, shots):
+    real_run = fake.run
+
+    def run(jobs, batch_size, gen):
+        it = real_run(jobs, batch_size, gen)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake, "run", run)
+    r = fuyu("caption", shots / "a.png", shots / "b.png", "-o", "caps.jsonl")
+    assert r.code == 130 and "rerun the same command to continue" in r.err
+    assert len(Path("caps.jsonl").read_text().splitlines()) == 1
+
+
+def test_no_weights_anywhere_says_how_to_get_them(monkeypatch, tmp_path, shots):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    r = fuyu("caption", shots / "a.png")
+    assert r.code == 2 and len(r.err.splitlines()) == 1
+    assert "hf download adept/fuyu-8b" in r.err and "fuyu convert" in r.err
+
+
+def test_hf_cache_snapshot_is_found(monkeypatch, tmp_path):
+    from fuyu_cli.locate import find_checkpoint
+
+    repo = tmp_path / "hub" / "models--adept--fuyu-8b"
+    for rev in ("old", "abc123"):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+        (repo / "snapshots" / rev / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert find_checkpoint(None) == repo / "snapshots" / "abc123"
+    assert find_checkpoint(tmp_path) == tmp_path
+
+
+def test_progress_bar_shows_on_a_terminal_and_stdout_stays_data(fake, monkeypatch, shots):
+    from rich.console import Console
+
+    from fuyu_cli import render
+
+    monkeypatch.setattr(render, "stderr_console",
+                        lambda: Console(stderr=True, force_terminal=True, soft_wrap=True))
+    r = fuyu("caption", shots / "a.png", shots / "b.png")
+    assert "img/s" in r.err and "tok/s" in r.err
+    assert len(r.records()) == 2
+
+
+def test_no_color_is_honoured(fake, shots):
+    colored = fuyu("caption", shots / "empty.png", env={"FORCE_COLOR": "1"})
+    plain = fuyu("caption", shots / "empty.png", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert "\x1b[31m" in colored.err or "\x1b[1;31m" in colored.err
+    assert "31m" not in plain.err
+
+
+def test_version_and_help_with_examples_for_every_command():
+    assert fuyu("--version").out.startswith("fuyu ")
+    top = fuyu("--help")
+    assert top.code == 0 and all(c in top.out for c in ("caption", "ask", "bbox"))
+    for command in ("caption", "ask", "bbox"):
+        r = fuyu(command, "--help")
+        assert r.code == 0 and "Examples" in r.out and f"fuyu {command} " in r.out
+
+
+def test_sidecar_path_never_overwrites_a_txt_input():
+    from fuyu_cli.resume import sidecar_path
+
+    assert sidecar_path("a/b.png") == Path("a/b.txt")
+    assert sidecar_path("notes.TXT") == Path("notes.TXT.txt")
+    assert os.sep not in sidecar_path("x.jpeg").name
