@@ -31,15 +31,15 @@ class Job:
     @property
     def prompt(self) -> str:
         """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
-        from preprocess import TASK_PROMPTS
+        from preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
 
         if self.task == "ocr":
-            x0, y0, x1, y1 = self.box
-            return f"{TASK_PROMPTS['bbox']}<box>{y0:g}, {x0:g}, {y1:g}, {x1:g}</box>"
+            return box_to_text_prompt(self.box)
         if self.task == "bbox":
-            return TASK_PROMPTS["bbox"] + self.text
-        text = self.text or TASK_PROMPTS[self.task]
-        return text if text.endswith("\n") else text + "\n"  # the model expects the newline
+            return text_to_box_prompt(self.text)
+        if self.task == "caption" and not self.text:
+            return TASK_PROMPTS["caption"]
+        return ask_prompt(self.text)  # a question or custom prompt, ending in one newline
 
 
 def image_size(path: str) -> tuple[int, int] | None:
@@ -123,15 +123,16 @@ class Runner:
     def _prepare(self, chunk):
         """Preprocess each item alone, so one unreadable image fails only itself."""
         ready, failed = [], []
-        for job, size in chunk:
+        for job, header_size in chunk:
             start = time.perf_counter()
             try:
+                sample = self.processor.prepare_one(job.path, job.prompt)
+                size = sample.size[::-1]  # (width, height) after EXIF orientation
                 if job.box is not None:
                     check_box(job.box, size)
-                sample = self.processor.prepare_one(job.path, job.prompt)
                 ready.append((job, size, sample, time.perf_counter() - start))
             except Exception as exc:
-                failed.append(_error(job, exc, size))
+                failed.append(_error(job, exc, header_size))
         return ready, failed
 
     def _generate(self, items, gen: GenOptions) -> Iterator[dict]:
@@ -162,7 +163,10 @@ class Runner:
                                       temperature=gen.temperature, top_p=gen.top_p,
                                       generator=generator).cpu()
         texts = self.processor.decode(new_ids)
-        boxes = self.processor.boxes(new_ids, batch) if any(j.task == "bbox" for j, *_ in items) else None
+        boxes = None
+        if any(job.task == "bbox" for job, *_ in items):
+            # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
+            boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
         share = (time.perf_counter() - start) / len(items)
         eos, mask = self.model.config.eos_token_id, batch.attention_mask
         records = []
@@ -172,7 +176,7 @@ class Runner:
                 rec["boxes"] = [[round(v) for v in b] for b in boxes[i]]
             elif job.task == "ocr":
                 rec["boxes"] = [[round(v) for v in job.box]]
-            rec["width"], rec["height"] = size or (None, None)
+            rec["width"], rec["height"] = size
             rec["prompt_tokens"] = int(mask[i].sum())
             rec["new_tokens"] = _new_tokens(new_ids[i], eos)
             rec["seconds"] = round(prep_s + share, 4)
@@ -181,10 +185,7 @@ class Runner:
 
 
 def check_box(box, size) -> None:
-    x0, y0, x1, y1 = box
-    if size is None:
-        return  # the image itself is unreadable: preprocessing reports that
-    w, h = size
+    (x0, y0, x1, y1), (w, h) = box, size
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise FuyuError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}×{h} image "
                         "(x0,y0,x1,y1 with x0<x1, y0<y1)")
