@@ -9,7 +9,9 @@ class KVCache:
     """Per-layer keys and values (L, B, H, S, D) plus which slots hold real tokens (B, S).
 
     Slots fill left to right for all rows at once (`pos` is shared); left padding is expressed
-    through `valid`, so pad slots are never attended to.
+    through `valid`, so pad slots are never attended to. Reads always return the whole buffer and
+    writes go through an index tensor, so a decode step has the same shapes at every position
+    (what torch.compile and CUDA graphs need); unwritten slots are invalid and thus masked.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
@@ -24,20 +26,22 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def append_valid(self, valid: torch.Tensor) -> torch.Tensor:
-        """Record the new tokens' validity (B, T); returns validity of all slots so far (B, pos+T)."""
-        T = valid.shape[1]
+    def next_slots(self, T: int) -> torch.Tensor:
+        """Indices (T,) of the next T free slots."""
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos + T} requested")
-        self.valid[:, self.pos:self.pos + T] = valid
-        return self.valid[:, :self.pos + T]
+        return torch.arange(self.pos, self.pos + T, device=self.valid.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, D) at the current slots; return all keys/values so far (B, H, pos+T, D)."""
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+    def mark_valid(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Record the validity (B, T) of the tokens written at slots (T,); returns all slots' (B, S)."""
+        self.valid.index_copy_(1, slots, valid)
+        return self.valid
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at slots (T,); return the layer's whole buffers (B, H, S, D)."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.q_layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.k_layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, layer: int):
         B, T, D = x.shape
         qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim)
         q, k, v = qkv.unbind(dim=3)  # (B, T, H, 3, d) → q, k, v each (B, T, H, d)
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         if cache is not None:  # cache holds post-LayerNorm, post-rotary keys
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, slots, k, v)
         # mask None: plain causal (no padding, nothing cached); scale 1/sqrt(d) as the reference.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))  # (B, H, T, d) → (B, T, D)
@@ -77,22 +77,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, slots, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor | None:
-    """Boolean SDPA mask (B, 1, T, S) for the last T of S slots; None when plain causal suffices.
+def attention_mask(valid: torch.Tensor, q_slots: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, S) for queries at q_slots (T,) over S key slots.
 
     valid (B, S) says which slots hold real tokens. A query may see slot j iff j ≤ its own slot and
     j is valid; every query also sees itself so that pad rows stay finite (their output is unused).
     """
-    B, S = valid.shape
-    if (S == T or T == 1) and bool(valid.all()):
-        return None  # plain causal prefill, or one new token that may see every slot
-    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]
-    k_slot = torch.arange(S, device=valid.device)[None, :]
+    k_slot = torch.arange(valid.shape[1], device=valid.device)[None, :]
+    q_slot = q_slots[:, None]
     mask = (k_slot <= q_slot) & valid[:, None, None, :]  # (B, 1, T, S)
     return mask | (k_slot == q_slot)
 
@@ -129,14 +126,23 @@ class Fuyu(nn.Module):
         B, T = input_ids.shape
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        all_valid = cache.append_valid(valid.bool()) if cache is not None else valid.bool()
-        mask = attention_mask(all_valid, T)
         x = self.embed(input_ids, patches)
-        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
+        if cache is None:
+            slots = torch.arange(T, device=x.device)
+            mask = None if bool(valid.all()) else attention_mask(valid.bool(), slots)
+        else:
+            slots = cache.next_slots(T)
+            mask = attention_mask(cache.mark_valid(slots, valid.bool()), slots)
+        h = self.layers_forward(x, positions, mask, cache, slots)
         if cache is not None:
             cache.advance(T)
+        return h
+
+    def layers_forward(self, x, positions, mask, cache, slots):
+        """The decoder stack on embeddings x (B, T, D); mask None means plain causal attention."""
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, slots, i)
         return self.final_layernorm(x)
 
     def forward(self, input_ids, positions, valid=None, cache: KVCache | None = None, patches=None):

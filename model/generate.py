@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from model.cache import KVCache
 from model.fuyu import Fuyu, position_ids
+from model.kernels import head_logits, wants_fast_head
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -32,32 +35,67 @@ def new_cache(model: Fuyu, batch: int, max_len: int) -> KVCache:
                    w.device, w.dtype)
 
 
+def decode_step(model: Fuyu, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """Last hidden state (B, D) for one new token per row (B, 1) written at cache slot `slot` (1,).
+
+    Every shape is fixed for a given cache, so this compiles once (torch.compile) and replays.
+    """
+    x = model.embed_tokens(tokens)
+    valid = cache.mark_valid(slot, torch.ones_like(tokens, dtype=torch.bool))
+    mask = valid[:, None, None, :]  # unwritten (future) slots are invalid, so no causal term needed
+    return model.layers_forward(x, positions, mask, cache, slot)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step compiled once per process; CUDA graphs on GPU ("reduce-overhead")."""
+    mode = "reduce-overhead" if torch.cuda.is_available() else None
+    return torch.compile(decode_step, mode=mode, dynamic=False)
+
+
+def cache_length(n_tokens: int, multiple: int = 256) -> int:
+    """Cache sizes are rounded up so compiled steps see few distinct shapes across batches."""
+    return -(-n_tokens // multiple) * multiple
+
+
 @torch.inference_mode()
 def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              patches: torch.Tensor | None, max_new_tokens: int, *, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile: bool = False,
+             fast_head: bool | None = None) -> torch.Tensor:
     """New ids (B, N) for a left-padded batch; stops when every row has emitted EOS or after
-    max_new_tokens. Finished rows are padded with EOS, as the reference's generate does."""
+    max_new_tokens. Finished rows are padded with EOS, as the reference's generate does.
+
+    compile: run decode steps through torch.compile (fixed shapes, CUDA graphs on GPU).
+    fast_head: compiled GEMV for the LM head; None = where it pays (large 16-bit head on CPU).
+    """
     eos = model.config.eos_token_id if eos_id is None else eos_id
     B, T = input_ids.shape
     if max_new_tokens <= 0:
         return input_ids.new_zeros(B, 0)
-    cache = new_cache(model, B, T + max_new_tokens)
+    head = model.lm_head.weight
+    fast = wants_fast_head(head) if fast_head is None else fast_head
+    step = compiled_decode_step() if compile else decode_step
+    cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens)
     positions = position_ids(attention_mask)
     # Prefill: only the last position's logits are ever needed (the vocabulary is 262,144 wide).
     h = model.hidden(input_ids, positions, attention_mask.bool(), cache, patches)
-    logits = model.lm_head(h[:, -1])
+    logits = head_logits(h[:, -1], head, fast)
     pos = positions[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, generator)
         nxt = nxt.masked_fill(done, eos)
         out.append(nxt)
         done |= nxt == eos
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1 or bool(done.all()):
             break
         pos = pos + 1
-        logits = model.lm_head(model.hidden(nxt[:, None], pos, None, cache)[:, -1])
+        slot = torch.tensor([cache.pos], device=input_ids.device)
+        h = step(model, nxt[:, None], pos, slot, cache)
+        cache.advance(1)
+        logits = head_logits(h, head, fast)
     return torch.stack(out, dim=1)

@@ -1,0 +1,43 @@
+"""Faster kernels for hot spots, each equivalent to the plain PyTorch op it replaces.
+
+On CPU, torch's bf16 GEMV (F.linear at batch 1) reads weights at roughly half the memory
+bandwidth; an inductor-compiled multiply-and-reduce with float32 accumulation streams them at
+close to the bandwidth limit. The LM head (262,144 × hidden) is most of the bytes a decode step
+reads, so it is where this pays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_MAX_GEMV_ROWS = 4  # beyond a few rows a real GEMM (weights read once for all rows) wins
+_MIN_HEAD_ELEMENTS = 1 << 25  # below ~32 M weights the plain op is already fast enough
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, D) @ w (V, D)ᵀ with float32 accumulation, rounded to x's dtype as a bf16 GEMM does."""
+    return (w.float() * x.float()[:, None, :]).sum(-1).to(x.dtype)
+
+
+@functools.cache
+def _compiled_gemv():
+    return torch.compile(_gemv, dynamic=False)
+
+
+def wants_fast_head(weight: torch.Tensor) -> bool:
+    """Whether head_logits would take the compiled path for this weight (CPU, 16-bit, large)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+            and weight.numel() >= _MIN_HEAD_ELEMENTS)
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, fast: bool) -> torch.Tensor:
+    """Logits (B, V) for hidden states h (B, D); `fast` picks the compiled GEMV at small B."""
+    if fast and h.shape[0] <= _MAX_GEMV_ROWS:
+        try:
+            return _compiled_gemv()(h, weight)
+        except Exception:  # no C compiler or an inductor failure: the plain op is always right
+            _compiled_gemv.cache_clear()
+    return F.linear(h, weight)
