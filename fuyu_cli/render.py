@@ -23,6 +23,7 @@ def stderr_console() -> Console:
 
 def error_line(console: Console, message: str, hint: str = "") -> None:
     """`error: what (file) — what to do`, always shown, even with --quiet."""
+    message = " ".join(message.splitlines())  # e.g. CUDA's multi-line out-of-memory text
     console.print(Text.assemble(("error", "bold red"), ": ", message, f" — {hint}" if hint else ""))
 
 
@@ -84,3 +85,33 @@ def draw_boxes(src: str, boxes: list[list[int]], dst: Path) -> None:
         draw.rectangle([x0, y0, x1, y1], outline=(230, 30, 30), width=width)
     dst.parent.mkdir(parents=True, exist_ok=True)
     im.save(dst)
+
+
+def benchmark_table(console: Console, res: dict) -> None:
+    """`fuyu benchmark`'s card: one row per measurement (the JSON line on stdout has them all)."""
+    from rich.table import Table
+
+    table = Table(title=f"fuyu benchmark — {res['model']} on {res['device']} ({res['dtype']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    pre = res["prefill"]
+    rows = [("load", f"{res['load_s']:.2f} s"),
+            ("memory read bandwidth (1 GiB sum)", f"{res['bandwidth_gbs']} GB/s"),
+            ("matmul throughput", f"{res['matmul_tflops']} TFLOP/s"),
+            ("preprocess 1920×1080", f"{res['preprocess_ms_1920x1080']} ms"),
+            ("preprocess 640×480", f"{res['preprocess_ms_640x480']} ms"),
+            (f"prefill {pre['tokens']} tokens (min/median/max)",
+             f"{pre['ms']['min']}/{pre['ms']['median']}/{pre['ms']['max']} ms"),
+            ("prefill throughput", f"{pre['tokens_per_s']} tok/s, {pre['tflops']} TFLOP/s "
+                                   f"({pre['fraction_of_matmul']:.0%} of matmul)")]
+    for B, d in res["decode"].items():
+        rows.append((f"decode batch {B}", f"{d['ms_per_step']} ms/step, {d['tokens_per_s']} tok/s, "
+                                          f"{d['weight_gbs']} GB/s ({d['fraction_of_bandwidth']:.0%})"))
+    rows.append(("caption run, 8 mixed images, 20 tokens", f"{res['caption_images_per_s']} images/s"))
+    for name, r in res.get("reference", {}).items():
+        if isinstance(r, dict):
+            rows.append((f"vs reference {name}", f"{r['ours_s']} s vs {r['reference_s']} s: {r['speedup']}×"))
+    rows.append(("peak RSS", f"{res['peak_rss_gb']:.2f} GB"))
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)

@@ -1,0 +1,168 @@
+"""The fixed workload behind `fuyu benchmark`: load, preprocess, prefill, decode, a caption run.
+
+Times are wall-clock medians (with min/max) over repeats after one warm-up, synchronised on GPU.
+Decode bandwidth is the weight bytes one step reads (everything but the input embedding and the
+patch projection) divided by the step time, compared with a streaming read measured here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import Fuyu, FuyuConfig, load_pretrained
+from model.generate import generate
+from preprocess import FuyuProcessor
+from preprocess.tokenizer import Tokenizer
+
+SIZES = {  # --random: named shapes; "mid" is the issue's reference workload (0.74 GB per token)
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+    "mid": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16),
+    "8b": {},
+}
+# A caption run over what people feed it: screenshots, documents and photos of different shapes.
+MIXED = [(1920, 1080), (1280, 800), (850, 1100), (640, 480), (1024, 768), (1600, 900), (800, 1000),
+         (640, 480)]
+
+
+@dataclass
+class Stat:
+    min: float
+    median: float
+    max: float
+
+    @classmethod
+    def of(cls, xs: list[float]) -> Stat:
+        return cls(min(xs), statistics.median(xs), max(xs))
+
+
+def timed(fn, repeats: int, device: torch.device) -> Stat:
+    """Seconds per call of fn(): one warm-up, then `repeats` synchronised runs."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - start)
+    return Stat.of(out)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_tokenizer() -> Tokenizer:
+    """A byte-level Fuyu-shaped vocabulary, for --random runs that have no tokenizer files."""
+    pieces = ["<unk>", "<s>", "</s>", "|ENDOFTEXT|", "|SPEAKER|", "|NEWLINE|", "▁"]
+    pieces += [f"<0x{b:02X}>" for b in range(256)] + [str(n) for n in range(1000)]
+    byte0 = pieces.index("<0x00>")
+    return Tokenizer(lambda text: [6] + [byte0 + b for b in text.encode()], pieces, "synthetic")
+
+
+def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int) -> Fuyu:
+    """A Fuyu of a named size with random weights, built straight on the device."""
+    cfg = FuyuConfig(**SIZES[size], vocab_size=vocab, eos_token_id=3, image_token_id=4)
+    with torch.device("meta"):
+        model = Fuyu(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype):
+    if model_dir is not None:
+        return load_pretrained(model_dir, device, dtype), FuyuProcessor.from_pretrained(model_dir)
+    tok = synthetic_tokenizer()
+    vocab = 262144 if size != "tiny" else 2048
+    return random_model(size, device, dtype, vocab), FuyuProcessor(tok)
+
+
+def test_image(width: int, height: int, seed: int = 0):
+    """A screenshot-like picture: flat panels, text-like stripes and some noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 245, np.uint8)
+    for _ in range(40):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        img[y:y + rng.integers(8, 120), x:x + rng.integers(20, 400)] = rng.integers(0, 255, 3)
+    img[::7] = (img[::7] * 0.6).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def bandwidth(device: torch.device) -> float:
+    """Streaming read rate in GB/s: the sum of a 1 GiB buffer, median of 5."""
+    x = torch.ones(256 * 1024 * 1024, device=device)
+    s = timed(lambda: x.sum(), 5, device)
+    return x.numel() * 4 / s.median / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+    s = timed(lambda: torch.nn.functional.linear(a, b), 5, device)
+    return 2 * m * k * n / s.median / 1e12
+
+
+def decode_bytes(model: Fuyu) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding and patch projection."""
+    skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+
+
+def peak_memory(device: torch.device) -> dict:
+    import resource
+
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    if device.type == "cuda":
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def caption_files(folder: Path, sizes=MIXED) -> list[Path]:
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        path = folder / f"img{i}_{w}x{h}.png"
+        test_image(w, h, seed=i).save(path)
+        paths.append(path)
+    return paths
+
+
+def group_by_size(images: list) -> list[list]:
+    """Paths or PIL images grouped by pixel size, as the caption command batches them."""
+    from PIL import Image
+
+    groups: dict = {}
+    for item in images:
+        if isinstance(item, Path):
+            with Image.open(item) as im:
+                size = im.size
+        else:
+            size = item.size
+        groups.setdefault(size, []).append(item)
+    return list(groups.values())
+
+
+def run_ours(model, proc, images, prompt: str, new_tokens: int, **kw):
+    batch = proc(images=images, prompts=[prompt] * len(images))
+    return generate(model, batch.input_ids.to(model.lm_head.weight.device),
+                    batch.attention_mask.to(model.lm_head.weight.device),
+                    batch.image_patches.to(model.lm_head.weight.device), new_tokens, **kw)
+
+
+def tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="fuyu-bench-"))

@@ -1,0 +1,55 @@
+"""`fuyu benchmark --compare reference`: the same inputs through transformers 4.57.6, alternating.
+
+The reference is the test oracle and an optional install (`pip install -e .[test]`); it is
+imported here only, when asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fuyu_cli import bench
+from fuyu_cli.errors import FuyuError
+
+
+def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, prompt: str, repeats: int) -> dict:
+    """End-to-end seconds (processor + generate) for ours and the reference, and their ratio."""
+    try:
+        import transformers
+        from transformers import AutoTokenizer, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
+    except ImportError:
+        raise FuyuError("--compare reference needs transformers==4.57.6",
+                        "pip install -e '.[test]'") from None
+    ref = FuyuForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ref_proc = FuyuProcessor(image_processor=FuyuImageProcessor(), tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    from PIL import Image
+
+    mixed = [Image.open(f).convert("RGB") for f in files]
+    out = {"version": transformers.__version__}
+    for name, images, n_new in (("batch1_32tok", [photo], 32), ("batch8_mixed_20tok", mixed, 20)):
+        def ours():
+            for group in bench.group_by_size(images):
+                bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1)
+
+        def theirs():
+            inputs = ref_proc(text=[prompt] * len(images), images=images, return_tensors="pt").to(device)
+            ref.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                         pad_token_id=net.config.eos_token_id)
+
+        ours(), theirs()  # warm-up both
+        a, b = [], []
+        for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
+            a.append(_once(ours, device))
+            b.append(_once(theirs, device))
+        sa, sb = bench.Stat.of(a), bench.Stat.of(b)
+        out[name] = {"ours_s": round(sa.median, 3), "reference_s": round(sb.median, 3),
+                     "speedup": round(sb.median / sa.median, 2)}
+    return out
+
+
+def _once(fn, device) -> float:
+    bench._sync(device)
+    start = bench.time.perf_counter()
+    fn()
+    bench._sync(device)
+    return bench.time.perf_counter() - start

@@ -1,0 +1,109 @@
+"""`fuyu benchmark`: load, preprocessing, prefill, decode and a caption run; optionally vs the reference."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from fuyu_cli.options import DeviceOpt, Dtype, DtypeOpt, ModelOpt
+
+EXAMPLES = """[b]Examples[/b]
+
+  fuyu benchmark --random mid                    [dim]# no weights needed[/dim]
+  fuyu benchmark --model ~/fuyu-8b --compare reference --repeats 5
+  fuyu benchmark --random 8b --device cuda --compile
+"""
+CAPTION = "Generate a coco-style caption.\n"
+
+
+def benchmark(
+    model: ModelOpt = None,
+    random: Annotated[Optional[str], typer.Option(
+        help="Random weights of a named size instead of a checkpoint: tiny, mid or 8b.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    batch_sizes: Annotated[str, typer.Option(help="Decode batch sizes, comma-separated.")] = "1,4,16",
+    new_tokens: Annotated[int, typer.Option(help="Decode steps timed per run.")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs after one warm-up.")] = 3,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+    compare: Annotated[Optional[str], typer.Option(
+        help="'reference': also time transformers 4.57.6 on the same inputs and print ratios.")] = None,
+) -> None:
+    """Measure speed and memory: Rich table on stderr, one JSON line on stdout."""
+    import torch
+
+    from fuyu_cli import bench
+    from fuyu_cli.errors import FuyuError
+    from fuyu_cli.render import benchmark_table, stderr_console
+    from fuyu_cli.runner import resolve_device, resolve_dtype
+
+    if (model is None) == (random is None):
+        raise typer.BadParameter("give exactly one of --model DIR or --random tiny|mid|8b")
+    if random is not None and random not in bench.SIZES:
+        raise typer.BadParameter(f"--random {random}: use one of {', '.join(bench.SIZES)}")
+    if compare not in (None, "reference"):
+        raise typer.BadParameter("--compare takes 'reference'")
+    if compare and model is None:
+        raise FuyuError("--compare reference needs --model DIR (the reference loads it from disk)",
+                        "write a checkpoint with `fuyu convert` or point --model at one")
+    dev = torch.device(resolve_device(device))
+    dt = getattr(torch, resolve_dtype(dtype.value, dev.type))
+    console = stderr_console()
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    res: dict = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "model": str(model or random)}
+
+    start = bench.time.perf_counter()
+    net, proc = bench.load(model, random or "", dev, dt)
+    load_s = bench.time.perf_counter() - start
+    res["load_s"] = round(load_s, 3)
+    res["bandwidth_gbs"] = round(bench.bandwidth(dev), 1)
+    D = net.config.hidden_size
+    res["matmul_tflops"] = round(bench.matmul_tflops(dev, dt, 512, D, net.config.intermediate_size), 3)
+
+    photo, shot = bench.test_image(640, 480), bench.test_image(1920, 1080, seed=1)
+    for name, img in (("1920x1080", shot), ("640x480", photo)):
+        res[f"preprocess_ms_{name}"] = round(bench.timed(lambda: proc.prepare_one(img, CAPTION), repeats, dev).median * 1e3, 2)
+
+    one = proc(images=[photo], prompts=[CAPTION])
+    T = one.input_ids.shape[1]
+    kw = dict(eos_id=-1, compile=compile)
+    prefill = bench.timed(lambda: bench.run_ours(net, proc, [photo], CAPTION, 1, **kw), repeats, dev)
+    layer_params = (bench.decode_bytes(net) / net.lm_head.weight.element_size()) - net.lm_head.weight.numel()
+    flops = 2 * T * layer_params + 2 * one.image_patches.shape[0] * net.config.patch_dim * D
+    res["prefill"] = dict(tokens=T, ms=_ms(prefill), tokens_per_s=round(T / prefill.median),
+                          tflops=round(flops / prefill.median / 1e12, 3))
+    res["prefill"]["fraction_of_matmul"] = round(res["prefill"]["tflops"] / res["matmul_tflops"], 3)
+
+    res["decode"] = {}
+    for B in sizes:
+        full = bench.timed(lambda: bench.run_ours(net, proc, [photo] * B, CAPTION, new_tokens + 1, **kw), repeats, dev)
+        first = bench.timed(lambda: bench.run_ours(net, proc, [photo] * B, CAPTION, 1, **kw), repeats, dev)
+        step = (full.median - first.median) / new_tokens
+        gbs = bench.decode_bytes(net) / step / 1e9
+        res["decode"][B] = dict(ms_per_step=round(step * 1e3, 2), tokens_per_s=round(B / step, 1),
+                                weight_gbs=round(gbs, 1), fraction_of_bandwidth=round(gbs / res["bandwidth_gbs"], 3))
+
+    folder = bench.tmpdir()
+    files = bench.caption_files(folder)
+    groups = bench.group_by_size(files)  # as the caption command batches: same size together
+    caption_run = bench.timed(lambda: [bench.run_ours(net, proc, g, CAPTION, 20, **kw) for g in groups],
+                              repeats, dev)
+    res["caption_images_per_s"] = round(len(files) / caption_run.median, 3)
+
+    if compare:
+        from fuyu_cli.bench_reference import compare_reference
+
+        res["reference"] = compare_reference(model, net, proc, dt, dev, photo, files, CAPTION, repeats)
+    res.update(bench.peak_memory(dev))
+    benchmark_table(console, res)
+    typer.echo(json.dumps(res))
+
+
+def _ms(s) -> dict:
+    return {"min": round(s.min * 1e3, 1), "median": round(s.median * 1e3, 1), "max": round(s.max * 1e3, 1)}
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EXAMPLES)(benchmark)
