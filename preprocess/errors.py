@@ -1,0 +1,13 @@
+"""One-line errors for bad inputs; all are ValueErrors so callers can catch them as such."""
+
+
+class PreprocessError(ValueError):
+    """Base class: a checkpoint, image or prompt that cannot be turned into model inputs."""
+
+
+class ImageError(PreprocessError):
+    """An image that cannot be read (missing, empty, truncated, not an image, too large)."""
+
+
+class PromptError(PreprocessError):
+    """A prompt that cannot be encoded (bad <box>/<point> content, coordinates out of range, too long)."""

@@ -1,0 +1,130 @@
+"""Images in, upright uint8 RGB pixels out, resized exactly as the reference does (fuyu-spec §4.2).
+
+Real-world files are made safe here: EXIF orientation, every PIL mode, transparency on white,
+and one-line ImageErrors for files that cannot be read.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from preprocess.errors import ImageError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+MAX_H, MAX_W = 1080, 1920
+
+_ORIENTATION = {  # EXIF tag 0x0112 -> the transpose that makes the image upright (as ImageOps does)
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+_BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+
+
+def describe(src: ImageInput) -> str:
+    """A name for messages: the path, the PIL image's filename, or the kind of object."""
+    if isinstance(src, (str, Path)):
+        return str(src)
+    if isinstance(src, Image.Image):
+        return getattr(src, "filename", "") or f"<PIL {src.mode} image>"
+    return f"<array {getattr(src, 'shape', '?')}>"
+
+
+def load_image(src: ImageInput) -> Image.Image:
+    """Path, PIL image or HWC uint8 array -> an upright image in mode "RGB" or "L" (grey)."""
+    name = describe(src)
+    if isinstance(src, np.ndarray):
+        return _flatten(_from_array(src, name), name)
+    if isinstance(src, Image.Image):
+        return _flatten(_upright(src), name)
+    if not isinstance(src, (str, Path)):
+        raise ImageError(f"{name}: expected a path, a PIL image or a uint8 HxWxC array, "
+                         f"got {type(src).__name__}")
+    path = Path(src)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open ({e.strerror or e}); check the path") from None
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image file")
+    if size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); re-export or re-download it")
+    try:
+        with Image.open(path) as im:  # the first frame of animated files
+            im.load()  # decode now, so truncated or corrupt data fails inside this try
+            return _flatten(_upright(im), name)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e}); downscale it, "
+                         "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image format Pillow can read "
+                         "(wrong extension, or not an image at all?)") from None
+    except _BROKEN as e:
+        raise ImageError(f"{path}: corrupt or truncated image data ({e}); "
+                         "re-export or re-download it") from None
+
+
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise ImageError(f"{name}: expected uint8 pixels, got {a.dtype}; convert with .astype(np.uint8)")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
+        raise ImageError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array with H, W >= 1")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; unreadable EXIF counts as upright rather than failing the image."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except _BROKEN:
+        orientation = 1
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
+
+
+def _flatten(im: Image.Image, name: str) -> Image.Image:
+    """Any mode -> "RGB", or "L" for grey sources (resizing grey then replicating it is identical to
+    resizing its RGB copy, and 3× cheaper). Transparency is composited on white."""
+    mode = im.mode
+    if mode in ("RGB", "L") and "transparency" not in im.info:
+        return im
+    try:
+        if mode == "1":
+            return im.convert("L")
+        if mode.startswith("I"):  # 16-bit grey (I;16*, or I from 16-bit PNGs): scale to 8 bits
+            a = np.asarray(im).astype(np.float64)
+            return Image.fromarray(np.round(np.clip(a, 0, 65535) / 257).astype(np.uint8))
+        if mode == "F":
+            return im.convert("L")  # Pillow clips to 0…255
+        if mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+            rgba = (im.convert("LA") if mode == "La" else im).convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", im.size, "white"), rgba).convert("RGB")
+        return im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV...
+    except ValueError:
+        raise ImageError(f"{name}: colour mode {mode} is not supported; convert it to RGB first") from None
+
+
+def fit_size(h: int, w: int) -> tuple[int, int]:
+    """Downscale-only target size: int() of float64 products, as the reference (1079×1921 -> 1078×1920)."""
+    if h <= MAX_H and w <= MAX_W:
+        return h, w
+    s = min(MAX_H / h, MAX_W / w)
+    # max(1, ...): a 1×5000 strip would truncate to 0 rows, which the reference cannot handle either.
+    return max(1, int(h * s)), max(1, int(w * s))
+
+
+def resize_to_fit(im: Image.Image) -> np.ndarray:
+    """"RGB"/"L" image -> uint8 (h', w', 3), downscaled with PIL bilinear on uint8 like the reference."""
+    new_h, new_w = fit_size(im.height, im.width)
+    if (new_h, new_w) != (im.height, im.width):
+        im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    a = np.asarray(im)
+    return np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a

@@ -1,0 +1,127 @@
+"""FuyuProcessor: images + prompts -> FuyuBatch, and generated ids -> text, boxes and points."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from preprocess.batch import FuyuBatch, Sample, collate
+from preprocess.boxes import Box, find_spans, to_pixels
+from preprocess.errors import PreprocessError, PromptError
+from preprocess.image import ImageInput, describe, fit_size, load_image, resize_to_fit
+from preprocess.patches import PATCH_DIM, grid, image_token_ids, patchify
+from preprocess.prompt import encode_prompt
+from preprocess.tokenizer import Tokenizer
+
+MAX_LENGTH = 16384  # Fuyu-8B's max_position_embeddings
+
+
+class FuyuProcessor:
+    """The same inputs as the reference's FuyuProcessor (4.x), without transformers; see README."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int = MAX_LENGTH):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | Path, max_length: int = MAX_LENGTH) -> FuyuProcessor:
+        return cls(Tokenizer.from_dir(ckpt_dir), max_length)
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput | None] | None,
+                 prompts: str | Sequence[str]) -> FuyuBatch:
+        """One image (or None for text-only) per prompt -> a left-padded batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if images is None:
+            images = [None] * len(prompts)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts) or not prompts:
+            raise PreprocessError(f"{len(images)} images for {len(prompts)} prompts; "
+                                  "pass one image (or None) per prompt")
+        return self.collate([self.prepare_one(im, p) for im, p in zip(images, prompts)])
+
+    def prepare_one(self, image: ImageInput | None, prompt: str) -> Sample:
+        """Everything for one sample; errors name the image. Thread-safe (for worker threads)."""
+        tok = self.tokenizer
+        if image is None:
+            name, size, scale, ids = "<text-only>", None, None, []
+            patches = torch.zeros((0, PATCH_DIM), dtype=torch.float32)
+        else:
+            name = describe(image)
+            im = load_image(image)
+            size = (im.height, im.width)
+            pixels = resize_to_fit(im)
+            # The realised height ratio, rounded to float32 as the reference's tensor holds it (§4.2).
+            scale = float(np.float32(pixels.shape[0] / size[0]))
+            patches = patchify(pixels)
+            ids = image_token_ids(*grid(*pixels.shape[:2]), tok.speaker_id, tok.newline_id)
+        try:
+            # Text-only samples have no resize: coordinates are only halved (scale 1).
+            text_ids = encode_prompt(prompt, 1.0 if scale is None else scale, tok)
+        except PromptError as e:
+            raise PromptError(f"{name}: {e}") from None
+        ids = ids + [tok.bos_id] + text_ids + [tok.boa_id]
+        if len(ids) > self.max_length:
+            raise PromptError(f"{name}: {len(ids)} tokens ({len(text_ids)} of prompt), over the "
+                              f"limit of {self.max_length}; shorten the prompt")
+        return Sample(ids, patches, size, scale, name)
+
+    def collate(self, samples: Sequence[Sample]) -> FuyuBatch:
+        return collate(samples, self.tokenizer.pad_id)
+
+    def decode(self, new_ids: torch.Tensor) -> list[str]:
+        """Generated ids (B, N) -> text per row, cut at the first |ENDOFTEXT|."""
+        return [self.tokenizer.decode(row) for row in self._rows(new_ids)]
+
+    def boxes(self, new_ids: torch.Tensor, batch: FuyuBatch,
+              on_problem: Callable[[str], None] | None = None) -> list[list[Box]]:
+        """Per row: generated <0x00> y1 x1 y2 x2 <0x01> spans as Box(x0, y0, x1, y1) in
+        original-image pixels, clamped to the image. Malformed spans go to on_problem (default: a warning)."""
+        tok = self.tokenizer
+        out = []
+        for b, row in enumerate(self._rows(new_ids)):
+            spans = self._spans(row, tok.box_open_id, tok.box_close_id, 4, batch, b, on_problem)
+            to_x, to_y = self._axes(batch, b)
+            out.append([Box(to_x(x0), to_y(y0), to_x(x1), to_y(y1)) for y0, x0, y1, x1 in spans])
+        return out
+
+    def points(self, new_ids: torch.Tensor, batch: FuyuBatch,
+               on_problem: Callable[[str], None] | None = None) -> list[list[tuple[int, int]]]:
+        """Per row: generated <0x02> x y <0x03> spans as (x, y) in original-image pixels."""
+        tok = self.tokenizer
+        out = []
+        for b, row in enumerate(self._rows(new_ids)):
+            spans = self._spans(row, tok.point_open_id, tok.point_close_id, 2, batch, b, on_problem)
+            to_x, to_y = self._axes(batch, b)
+            out.append([(to_x(x), to_y(y)) for x, y in spans])
+        return out
+
+    def _rows(self, new_ids) -> list[list[int]]:
+        rows = new_ids.tolist() if isinstance(new_ids, torch.Tensor) else [list(r) for r in new_ids]
+        eos = self.tokenizer.eos_id
+        return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+    def _spans(self, row, open_id, close_id, count, batch, b, on_problem):
+        spans, problems = find_spans(row, open_id, close_id, count, self.tokenizer.number_of)
+        for p in problems:
+            (on_problem or _warn)(f"{batch.names[b]}: {p}")
+        return spans
+
+    @staticmethod
+    def _axes(batch: FuyuBatch, b: int):
+        """Per-axis pixel converters for sample b: resized/original ratio on each axis, so very
+        wide or tall images map back accurately (the prompt side uses the height ratio, as the reference)."""
+        size = batch.image_sizes[b]
+        if size is None:  # text-only: coordinates were only halved
+            return (lambda c: to_pixels(c, 1.0, None)), (lambda c: to_pixels(c, 1.0, None))
+        h, w = size
+        new_h, new_w = fit_size(h, w)
+        return (lambda c: to_pixels(c, new_w / w, w)), (lambda c: to_pixels(c, new_h / h, h))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
