@@ -60,7 +60,8 @@ def _error(job: Job, exc: BaseException, size=None) -> dict:
     rec = {"path": job.path, "task": job.task, "prompt": job.prompt}
     if size:
         rec["width"], rec["height"] = size
-    rec["error"] = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    message = " ".join(str(exc).split())  # one line, whatever the exception printed
+    rec["error"] = message if known else f"{type(exc).__name__}: {message}"
     return rec
 
 
