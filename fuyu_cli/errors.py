@@ -27,10 +27,9 @@ def explain(exc: BaseException) -> tuple[str, str, int] | None:
     """(message, hint, exit code) for exceptions we know, None for the unexpected."""
     if isinstance(exc, FuyuError):
         return str(exc), exc.hint, exc.exit_code
-    if _library_error(exc, "model", "CheckpointError"):
-        return str(exc), "check the folder, or rebuild it with `fuyu convert`", USAGE
-    if _library_error(exc, "preprocess", "PreprocessError"):
-        return str(exc), "check the checkpoint's tokenizer and preprocessor files", USAGE
+    # The libraries' messages already name the file and say what to do.
+    if _library_error(exc, "model", "CheckpointError") or _library_error(exc, "preprocess", "PreprocessError"):
+        return str(exc), "", USAGE
     if _library_error(exc, "torch", "OutOfMemoryError") or isinstance(exc, MemoryError):
         return ("out of memory while loading or running the model",
                 "try --batch-size 1, --quantize 8bit/4bit or a smaller --dtype", USAGE)

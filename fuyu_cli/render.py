@@ -33,7 +33,7 @@ class Reporter:
         self.quiet = quiet
 
     def error(self, path: str, message: str) -> None:
-        error_line(self.console, f"{path}: {message}")
+        error_line(self.console, message if message.startswith(path) else f"{path}: {message}")
 
     def note(self, message: str) -> None:
         if not self.quiet:
