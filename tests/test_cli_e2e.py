@@ -142,6 +142,48 @@ def test_seeded_sampling_repeats_and_model_options_fail_cleanly(tiny_model, shot
     assert (r.code, len(r.err.splitlines())) in {(0, 1), (2, 1)}, r.err
 
 
+@pytest.fixture(scope="session")
+def runner(tiny_model):
+    from fuyu_cli.options import ModelSpec
+    from fuyu_cli.runner import Runner
+
+    return Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
+
+
+def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
+    from fuyu_cli.options import GenOptions
+    from fuyu_cli.runner import Job
+
+    paths = [str(png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)))
+             for i, name in enumerate(["good1", "bad", "good2"])]
+    real = runner.model.generate
+
+    def generate(batch, **kw):
+        if any(name.endswith("bad.png") for name in batch.names):
+            raise RuntimeError("boom\nsecond line")
+        return real(batch, **kw)
+
+    monkeypatch.setattr(runner.model, "generate", generate)
+    recs = list(runner.run([Job(p, "caption") for p in paths], 3, GenOptions(max_new_tokens=3)))
+    by_name = {Path(r["path"]).stem: r for r in recs}
+    assert by_name["bad"]["error"] == "RuntimeError: boom second line"
+    assert by_name["good1"]["new_tokens"] == 3 and by_name["good2"]["new_tokens"] == 3
+
+
+def test_a_prompt_too_long_for_the_model_is_an_error_record(runner, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from fuyu_cli.options import GenOptions
+    from fuyu_cli.runner import Job
+
+    small, big = png(tmp_path / "small.png", (30, 30)), png(tmp_path / "big.png", (300, 300))
+    monkeypatch.setattr(runner.model, "config", replace(runner.model.config, max_position_embeddings=40))
+    recs = {Path(r["path"]).stem: r for r in runner.run(
+        [Job(str(small), "caption"), Job(str(big), "caption")], 2, GenOptions(max_new_tokens=4))}
+    assert "error" not in recs["small"]
+    assert "exceeds the model's 40 positions" in recs["big"]["error"]
+
+
 def test_an_unusable_checkpoint_is_one_line_and_exit_2(tmp_path, shots):
     (tmp_path / "ckpt").mkdir()
     r = fuyu("caption", shots / "wide.png", "-m", tmp_path / "ckpt")
