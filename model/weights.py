@@ -14,8 +14,10 @@ import torch
 from safetensors import safe_open
 
 from model.config import FuyuConfig
+from model.devices import dispatch, plan_placement
 from model.errors import CheckpointError
 from model.fuyu import Fuyu
+from model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
 # adept/fuyu-8b ships) and the module layout transformers ≥4.52 writes (fuyu-spec.md §8).
@@ -28,6 +30,13 @@ KEY_PREFIXES = (
     ("lm_head.", "lm_head."),
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_hub_key(name: str) -> str:
+    """The hub checkpoint key for our name: the layout every transformers version loads."""
+    if name.startswith("vision_embed_tokens."):
+        return name
+    return ("language_model." if name.startswith("lm_head.") else "language_model.model.") + name
 
 
 def to_local_key(key: str) -> str | None:
@@ -92,38 +101,130 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str = torch.bfloat16) -> Fuyu:
-    """Load a checkpoint directory into an eval-mode Fuyu on `device`, weights cast to `dtype`."""
+                    dtype: torch.dtype | str = torch.bfloat16, *, quantization=None,
+                    device_map=None, max_memory=None, offload_folder: str | Path | None = None) -> Fuyu:
+    """Load a checkpoint directory into an eval-mode Fuyu on `device`, weights cast to `dtype`.
+
+    quantization: None, "int8"/"int4" (torch) or "8bit"/"4bit"/"nf4"/"fp4" (bitsandbytes), applied
+    per tensor as it streams in; a pre-quantized checkpoint (config.json "quantization") loads as is.
+    device_map: "auto" (with optional max_memory {0: "20GiB", "cpu": "30GiB"}) or {module: device}
+    (model/devices.py); it overrides `device`. Offloaded modules stay unquantized; disk-offloaded
+    tensors are read from the checkpoint's own files, or from offload_folder when they must change.
+    """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory; pass a checkpoint directory "
                               "(config.json + *.safetensors)")
-    cfg, dtype, device = read_config(ckpt), resolve_dtype(dtype), torch.device(device)
+    cfg, dtype = read_config(ckpt), resolve_dtype(dtype)
+    try:
+        stored = resolve_scheme(cfg.quantization)  # how the checkpoint's own tensors are quantized
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+    scheme = _pick_scheme(ckpt, resolve_scheme(quantization), stored)
     with torch.device("meta"):
         model = Fuyu(cfg)
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    stored_modules = set(cfg.quantization.get("modules", ())) if stored else set()
+    placement, quantized = _plan(model, scheme, stored_modules, device, device_map, max_memory, dtype)
+    if scheme:
+        swap_linears(model, scheme.make, sorted(quantized))
+
+    expected: dict[str, tuple[str, str]] = {}  # local tensor name → (module, piece)
+    for name in shapes:
+        module, _, leaf = name.rpartition(".")
+        pieces = stored.pieces() if module in stored_modules and leaf == "weight" else (leaf,)
+        expected.update({f"{module}.{p}": (module, p) for p in pieces})
+    loaded, pending, offload_index = set(), {}, {}
     for key, file, tensor in iter_tensors(shard_files(ckpt)):
         name = to_local_key(key)
-        if name not in params:
+        if name not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {key!r}; this is not a Fuyu "
                                   "checkpoint, or it does not match config.json")
         if name in loaded:
             raise CheckpointError(f"{file}: tensor {key!r} appears twice in the checkpoint")
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(params[name].shape)}")
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
+        module, piece = expected[name]
+        target, source = placement.target(module), (file, key)
+        if module in stored_modules and piece != "bias":  # one piece of a pre-quantized weight
+            pending.setdefault(module, {})[piece] = tensor
+            if len(pending[module]) < len(stored.pieces()):
+                continue
+            pieces = pending.pop(module)
+            if module in quantized:
+                _install(stored, model, module, pieces, target, dtype, file)
+                continue
+            name, tensor, source = f"{module}.weight", stored.dequantize(pieces), None  # offloaded
+        if tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {shapes[name]}")
+        if module in quantized and piece == "weight":
+            pieces = scheme.quantize(tensor.to(target, dtype))
+            _install(scheme, model, module, pieces, target, dtype, file)
+        elif target == "disk":
+            _offload(name, tensor, source, dtype, offload_folder, offload_index)
+        else:
+            _set_tensor(model, name, tensor.to(target, dtype))
+    missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{ckpt}: tensor {missing[0]!r}{more} missing from the checkpoint; "
                               "a shard is incomplete or the checkpoint does not match config.json")
+    dispatch(model, placement, offload_folder, offload_index)
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _plan(model, scheme, stored_modules, device, device_map, max_memory, dtype):
+    """Placement, and which Linear modules get quantized: those the scheme (or the pre-quantized
+    checkpoint) covers that are not offloaded, since accelerate offloads plain tensors only."""
+    if stored_modules or not scheme:
+        sized = sorted(stored_modules)
+    else:  # an estimate for the auto map's sizes; the device-dependent test comes next
+        sized = quantizable(model, scheme, lambda name: torch.device("cuda"))
+    placement = plan_placement(model, device, device_map, max_memory, dtype,
+                               {n: scheme.bits for n in sized})
+    if scheme and not stored_modules:
+        sized = quantizable(model, scheme, placement.execution_device)
+    return placement, {n for n in sized if not placement.offloaded(n)}
+
+
+def _pick_scheme(ckpt: Path, requested, stored):
+    if stored is None or requested is None:
+        return requested or stored
+    if requested.method != stored.method:
+        raise CheckpointError(f"{ckpt}: weights are stored quantized as {stored.method}; they cannot be "
+                              f"loaded as {requested.method}. Convert the 16-bit checkpoint instead")
+    return stored
+
+
+def _install(scheme, model, module: str, pieces, device, dtype, file: Path) -> None:
+    try:
+        scheme.install(model.get_submodule(module), pieces, device, dtype)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+        raise CheckpointError(f"{file}: the {scheme.method} tensors of {module!r} are unusable "
+                              f"({e}); re-convert the checkpoint") from None
+
+
+def _offload(name: str, tensor, source, dtype, folder, index: dict) -> None:
+    """Record where a disk-offloaded tensor is read from: its own shard when it can be used as
+    stored (cast on read), else a copy in `folder`."""
+    if source is not None:
+        file, key = source
+        index[name] = {"safetensors_file": str(file), "weight_name": key,
+                       "dtype": str(dtype).removeprefix("torch.")}
+        return
+    if folder is None:
+        raise ValueError(f"device_map puts {name} on disk and it must be rewritten (dequantized); "
+                         "pass offload_folder")
+    from accelerate.utils import offload_weight
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    offload_weight(tensor.to(dtype), name, str(folder), index)
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    if leaf in module._buffers:  # quantized modules keep their bias as a buffer
+        module._buffers[leaf] = tensor
+    else:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)

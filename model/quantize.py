@@ -1,0 +1,359 @@
+"""Quantized linear layers, applied from outside the network by swapping modules (style rule 6).
+
+Schemes, by the name `load_pretrained(quantization=...)` takes and config.json records:
+  int8      torch weight-only int8, one scale per output channel (CPU kernel _weight_int8pack_mm)
+  int4      torch weight-only int4, asymmetric, groups of up to 128 inputs (_weight_int4pack_mm_for_cpu)
+  llm_int8  bitsandbytes LLM.int8 ("8bit"): int8 weights, fp16 for outlier activation columns
+  nf4, fp4  bitsandbytes 4-bit ("4bit" = nf4): blocks of 64, double-quantized absmax, bf16 compute
+Each scheme maps a float weight to the tensors a pre-quantized checkpoint stores for its module
+(`quantize`), and those tensors into a swapped module (`install`): quantizing while loading and
+loading a pre-quantized checkpoint are one path. By default `vision_embed_tokens` (2700 inputs,
+which bitsandbytes' CPU kernels cannot pack) and `lm_head` stay 16-bit, as transformers does for
+bitsandbytes: the logits' accuracy rests on the head, and generate() streams a 16-bit head through
+a compiled GEMV about as fast as the int8 kernel reads an int8 one. {"method": ..., "skip": [...]}
+overrides the list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_SKIP = ("vision_embed_tokens", "lm_head")
+ALIASES = {"8bit": "llm_int8", "4bit": "nf4", "bnb_int8": "llm_int8", "bnb_nf4": "nf4", "bnb_fp4": "fp4"}
+Pieces = dict[str, torch.Tensor]
+
+
+# --- torch weight-only kernels ------------------------------------------------------------------
+
+def _by_rows(fn, dims: tuple[int, int], w: torch.Tensor, *args):
+    """fn over row chunks of ≤ 16M elements: rows are independent, and a float32 copy of a whole
+    262144-row head would double the loader's peak memory."""
+    rows = max(1, (1 << 24) // w.shape[1])
+    parts = [fn(w[i:i + rows], *args) for i in range(0, w.shape[0], rows)]
+    return tuple(torch.cat(p, dim=d) for p, d in zip(zip(*parts), dims))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) → int8 q (N, K) and float32 scales (N,) with w ≈ q * scales[:, None]."""
+    return _by_rows(_int8_rows, (0, 0), w)
+
+
+def _int8_rows(w: torch.Tensor):
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) → nibbles (N, K/2) uint8 (even column in the low nibble) and scales_and_zeros
+    (K/group, N, 2) float32, with w ≈ (q - 8) * scale + zero per group (torch's int4 convention)."""
+    return _by_rows(_int4_rows, (0, 1), w, group)
+
+
+def _int4_rows(w: torch.Tensor, group: int):
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-8) / 15
+    q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    sz = torch.cat([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    return q[:, 0::2] | (q[:, 1::2] << 4), sz
+
+
+def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 → (N, K) values 0..15 (uint8)."""
+    return torch.stack([nibbles & 15, nibbles >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(nibbles: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(nibbles).float()
+    N, K = q.shape
+    scale, zero = sz.float().transpose(0, 1).unbind(-1)  # (N, K/g) each
+    return ((q.reshape(N, scale.shape[1], -1) - 8) * scale[..., None] + zero[..., None]).reshape(N, K)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ·scales + b with W int8 (N, K). CPU: torch's int8 kernel; elsewhere W is upcast."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        y = y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Grouped int4 weights. On CPU `weight` holds torch's packed kernel layout (made at install
+    time from the portable nibbles); on other devices the portable nibbles, upcast per call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: int = 128):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self.scales_and_zeros
+        x2 = x.reshape(-1, self.in_features).to(sz.dtype)
+        if self.weight.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, sz)
+        else:
+            y = F.linear(x2, dequantize_int4(self.weight, sz).to(x2.dtype))
+        y = y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# --- schemes ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int8:
+    method: ClassVar[str] = "int8"
+    bits: ClassVar[int] = 8
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def supports(self, lin: nn.Linear, device: torch.device) -> bool:
+        return True
+
+    def pieces(self) -> tuple[str, ...]:
+        return ("weight", "scales")
+
+    def make(self, lin: nn.Linear) -> nn.Module:
+        return Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+
+    def quantize(self, w: torch.Tensor) -> Pieces:
+        q, scales = quantize_int8(w)
+        return {"weight": q, "scales": scales}
+
+    def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
+        module.weight, module.scales = p["weight"].to(device), p["scales"].to(device, dtype)
+
+    def dequantize(self, p: Pieces) -> torch.Tensor:
+        return p["weight"].float() * p["scales"].float()[:, None]
+
+
+@dataclass(frozen=True)
+class Int4:
+    method: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+    group_size: int = 128
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def _group(self, in_features: int) -> int:
+        return min(self.group_size, in_features)
+
+    def supports(self, lin: nn.Linear, device: torch.device) -> bool:
+        g = self._group(lin.in_features)  # the CPU kernel takes groups of 32..256, N % 16 == 0
+        return g in (32, 64, 128, 256) and lin.in_features % g == 0 and lin.out_features % 16 == 0
+
+    def pieces(self) -> tuple[str, ...]:
+        return ("weight", "scales_and_zeros")
+
+    def make(self, lin: nn.Linear) -> nn.Module:
+        return Int4Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                          self._group(lin.in_features))
+
+    def quantize(self, w: torch.Tensor) -> Pieces:
+        nibbles, sz = quantize_int4(w, self._group(w.shape[1]))
+        return {"weight": nibbles, "scales_and_zeros": sz}
+
+    def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
+        w = p["weight"]
+        if device.type == "cpu":  # packing is a pure re-layout; the kernel wants int32 values 0..15
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(w).to(torch.int32), 1)
+        module.weight, module.scales_and_zeros = w.to(device), p["scales_and_zeros"].to(device, dtype)
+
+    def dequantize(self, p: Pieces) -> torch.Tensor:
+        return dequantize_int4(p["weight"], p["scales_and_zeros"])
+
+
+@dataclass(frozen=True)
+class BnbInt8:
+    method: ClassVar[str] = "llm_int8"
+    bits: ClassVar[int] = 8
+    threshold: float = 6.0
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def supports(self, lin: nn.Linear, device: torch.device) -> bool:
+        return True
+
+    def pieces(self) -> tuple[str, ...]:
+        return ("weight", "SCB")
+
+    def make(self, lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        _quiet_cast_warning()
+        return bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None,
+                                   has_fp16_weights=False, threshold=self.threshold)
+
+    def quantize(self, w: torch.Tensor) -> Pieces:
+        import bitsandbytes as bnb
+
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+        return {"weight": cb, "SCB": scb}
+
+    def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
+        import bitsandbytes as bnb
+
+        cb = p["weight"].to(device)
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False,
+                                          CB=cb, SCB=p["SCB"].to(device))
+
+    def dequantize(self, p: Pieces) -> torch.Tensor:
+        return p["weight"].float() * p["SCB"].float()[:, None] / 127
+
+
+@dataclass(frozen=True)
+class BnbInt4:
+    bits: ClassVar[int] = 4
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    @property
+    def method(self) -> str:
+        return self.quant_type
+
+    def supports(self, lin: nn.Linear, device: torch.device) -> bool:
+        # bitsandbytes' CPU kernel repacks weights in blocks: in % 64, out % 32 (NOTES.md).
+        return device.type != "cpu" or (lin.in_features % 64 == 0 and lin.out_features % 32 == 0)
+
+    def pieces(self) -> tuple[str, ...]:
+        nested = ("weight.nested_absmax", "weight.nested_quant_map") if self.double_quant else ()
+        return ("weight", "weight.absmax", "weight.quant_map", *nested,
+                f"weight.quant_state.bitsandbytes__{self.quant_type}")
+
+    def make(self, lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        return bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None,
+                                 compute_dtype=getattr(torch, self.compute_dtype),
+                                 compress_statistics=self.double_quant, quant_type=self.quant_type,
+                                 quant_storage=torch.uint8)
+
+    def quantize(self, w: torch.Tensor) -> Pieces:
+        import bitsandbytes as bnb
+
+        packed, state = bnb.functional.quantize_4bit(
+            w.contiguous(), blocksize=self.blocksize, compress_statistics=self.double_quant,
+            quant_type=self.quant_type, quant_storage=torch.uint8)
+        return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+
+    def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
+        import bitsandbytes as bnb
+
+        stats = {k[len("weight."):]: v for k, v in p.items() if k != "weight"}
+        module.weight = bnb.nn.Params4bit.from_prequantized(p["weight"], stats, requires_grad=False,
+                                                            device=device, module=module)
+
+    def dequantize(self, p: Pieces) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        stats = {k[len("weight."):]: v for k, v in p.items() if k != "weight"}
+        state = bnb.functional.QuantState.from_dict(stats, device=p["weight"].device)
+        return bnb.functional.dequantize_4bit(p["weight"], state).float()
+
+
+class _DropCastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_cast_warning() -> None:
+    """bitsandbytes logs this on every LLM.int8 matmul of bf16/fp32 input: the cast to fp16 is how
+    LLM.int8 quantizes activations, not news. Dropped by one filter on that logger, once."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastWarning) for f in log.filters):
+        log.addFilter(_DropCastWarning())
+
+
+Scheme = Int8 | Int4 | BnbInt8 | BnbInt4
+SCHEMES: dict[str, Callable[..., Scheme]] = {
+    "int8": Int8, "int4": Int4, "llm_int8": BnbInt8,
+    "nf4": lambda **kw: BnbInt4(quant_type="nf4", **kw),
+    "fp4": lambda **kw: BnbInt4(quant_type="fp4", **kw),
+}
+
+
+def resolve_scheme(spec: str | Mapping | None) -> Scheme | None:
+    """A scheme from a name ("int8", "8bit", "nf4", ...) or a config.json dict; None = no quantization."""
+    if spec is None or spec == "none":
+        return None
+    params = dict(spec) if isinstance(spec, Mapping) else {"method": spec}
+    method = str(params.pop("method", ""))
+    method = ALIASES.get(method, method)
+    if method not in SCHEMES:
+        raise ValueError(f"unknown quantization {method!r}; use one of "
+                         f"{', '.join([*SCHEMES, *ALIASES])}")
+    params.pop("quant_type", None)  # implied by the method name
+    params.pop("modules", None)  # which modules a pre-quantized checkpoint holds: the loader reads it
+    if "skip" in params:
+        params["skip"] = tuple(params["skip"])
+    try:
+        return SCHEMES[method](**params)
+    except TypeError as e:
+        raise ValueError(f"quantization {method!r}: bad parameters {sorted(params)} ({e})") from None
+
+
+def scheme_config(scheme: Scheme, modules: list[str] | None = None) -> dict:
+    """What config.json records: method, parameters and (pre-quantized) the modules quantized."""
+    d = {"method": scheme.method, **dataclasses.asdict(scheme)}
+    d.pop("quant_type", None)
+    d["skip"] = list(scheme.skip)
+    if modules is not None:
+        d["modules"] = sorted(modules)
+    return d
+
+
+def quantizable(model: nn.Module, scheme: Scheme, device_of: Callable[[str], torch.device]) -> list[str]:
+    """Names of the Linear modules `scheme` quantizes, given where each module will run."""
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in scheme.skip):
+            continue
+        if scheme.supports(mod, device_of(name)):
+            names.append(name)
+    return names
+
+
+def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module], names: list[str]) -> None:
+    """Replace each named nn.Linear by make(linear), built on the meta device (no memory)."""
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        with torch.device("meta"):
+            setattr(parent, leaf, make(getattr(parent, leaf)))
+
+
+def quantize_state_dict(sd: Mapping[str, torch.Tensor], scheme: Scheme, modules: list[str]) -> Pieces:
+    """Our-name state dict with each listed module's `weight` replaced by the scheme's pieces."""
+    wanted, out = set(modules), {}
+    for name, t in sd.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in wanted:
+            out.update({f"{module}.{k}": v for k, v in scheme.quantize(t).items()})
+        else:
+            out[name] = t
+    return out
