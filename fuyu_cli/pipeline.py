@@ -1,5 +1,5 @@
-"""What every command does once it has its prompt: find the images, skip finished ones, load the
-model, run, write each record as it comes, and end with a summary and the exit code."""
+"""What every command does: find the images, skip finished ones, load the model, run, write each
+record as it comes, and end with a summary and the exit code."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run_task(task: str, text: str | None, inputs: InputSpec, model: ModelSpec, g
                     try:
                         on_record(rec)
                     except Exception as exc:  # e.g. --draw cannot write: this item failed
-                        rec["error"] = f"{type(exc).__name__}: {exc}"
+                        rec["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
                 for sink in sinks:
                     sink.write(rec)
                 if rec.get("error"):
@@ -64,7 +64,7 @@ def run_task(task: str, text: str | None, inputs: InputSpec, model: ModelSpec, g
         ui.note(f"interrupted after {ok + failed} of {len(jobs)} images; finished results are "
                 + ("saved: rerun the same command to continue" if resumable else "above"))
         raise
-    secs = time.perf_counter() - start
+    secs = max(time.perf_counter() - start, 1e-6)
     counts = [f"{ok} done", f"{failed} failed" if failed else "", *notes]
     ui.note(f"{task}: " + ", ".join(filter(None, counts))
             + f" in {secs:.1f} s ({ok / secs:.2f} images/s, {tokens / secs:.1f} tokens/s)")
