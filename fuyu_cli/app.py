@@ -13,11 +13,11 @@ from typing import Annotated
 import typer
 
 from fuyu_cli import __version__
-from fuyu_cli.commands import ask, bbox, benchmark, caption
+from fuyu_cli.commands import ask, bbox, benchmark, caption, convert
 from fuyu_cli.errors import explain
 
 # `fuyu convert` and `fuyu benchmark` plug in here, one module each under fuyu_cli/commands/.
-COMMANDS = (caption, ask, bbox, benchmark)
+COMMANDS = (caption, ask, bbox, benchmark, convert)
 
 app = typer.Typer(
     name="fuyu",
