@@ -23,10 +23,14 @@ class Dtype(str, enum.Enum):
     float32 = "float32"
 
 
-class Quantize(str, enum.Enum):
+class Quantize(str, enum.Enum):  # the names model.load_pretrained(quantization=) takes
     none = "none"
-    int8bit = "8bit"
-    int4bit = "4bit"
+    bnb_8bit = "8bit"
+    bnb_4bit = "4bit"
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+    int4 = "int4"
 
 
 class Format(str, enum.Enum):
@@ -64,7 +68,8 @@ DtypeOpt = Annotated[Dtype, typer.Option(
     help="auto: bfloat16 where the device supports it, else float16 (GPU) or float32 (CPU).",
     rich_help_panel=MODEL)]
 QuantizeOpt = Annotated[Quantize, typer.Option(
-    help="Load the weights quantized (bitsandbytes).", rich_help_panel=MODEL)]
+    help="Quantize while loading: 8bit, 4bit (= nf4) or fp4 with bitsandbytes; int8 or int4 "
+         "with torch's weight-only kernels (faster on CPU).", rich_help_panel=MODEL)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, show_default=False, rich_help_panel=MODEL,
     help="Images per forward pass. Default: 2 on CPU, 8 on GPU.")]

@@ -9,7 +9,6 @@ a batch that fails is retried one item at a time, so one bad item does not fail 
 
 from __future__ import annotations
 
-import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,14 +84,10 @@ class Runner:
 
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
-        kwargs = {}
-        if spec.quantize != "none":
-            if "quantization" not in inspect.signature(load_pretrained).parameters:
-                raise FuyuError(f"--quantize {spec.quantize} is not supported by this build yet",
-                                "run without --quantize")
-            kwargs["quantization"] = spec.quantize
+        quantization = None if spec.quantize == "none" else spec.quantize
         processor = FuyuProcessor.from_pretrained(ckpt)
-        model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype), **kwargs)
+        model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype),
+                                quantization=quantization)
         return cls(model, processor, device)
 
     def default_batch_size(self) -> int:
