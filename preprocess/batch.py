@@ -24,6 +24,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class FuyuBatch:
+    """Model inputs for B samples; the k-th |SPEAKER| id (row-major over the batch) takes patch k."""
+
     input_ids: torch.Tensor  # (B, T) int64, left-padded with 0
     attention_mask: torch.Tensor  # (B, T) int64, 0 on padding
     image_patches: torch.Tensor  # (P, 2700) float32, every sample's patches in sample order

@@ -42,6 +42,10 @@ def load_image(src: ImageInput) -> Image.Image:
     if isinstance(src, np.ndarray):
         return _flatten(_from_array(src, name), name)
     if isinstance(src, Image.Image):
+        try:
+            src.load()  # a lazily opened file may still fail to decode
+        except _BROKEN as e:
+            raise _broken(name, e) from None
         return _flatten(_upright(src), name)
     if not isinstance(src, (str, Path)):
         raise ImageError(f"{name}: expected a path, a PIL image or a uint8 HxWxC array, "
@@ -66,8 +70,11 @@ def load_image(src: ImageInput) -> Image.Image:
         raise ImageError(f"{path}: not an image format Pillow can read "
                          "(wrong extension, or not an image at all?)") from None
     except _BROKEN as e:
-        raise ImageError(f"{path}: corrupt or truncated image data ({e}); "
-                         "re-export or re-download it") from None
+        raise _broken(name, e) from None
+
+
+def _broken(name: str, e: Exception) -> ImageError:
+    return ImageError(f"{name}: corrupt or truncated image data ({e}); re-export or re-download it")
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:

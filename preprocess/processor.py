@@ -21,7 +21,8 @@ MAX_LENGTH = 16384  # Fuyu-8B's max_position_embeddings
 
 
 class FuyuProcessor:
-    """The same inputs as the reference's FuyuProcessor (4.x), without transformers; see README."""
+    """Images + prompts -> FuyuBatch, identical to transformers 4.57.6's FuyuProcessor on RGB inputs;
+    generated ids -> text, boxes and points. No transformers import."""
 
     def __init__(self, tokenizer: Tokenizer, max_length: int = MAX_LENGTH):
         self.tokenizer = tokenizer
@@ -79,49 +80,45 @@ class FuyuProcessor:
 
     def boxes(self, new_ids: torch.Tensor, batch: FuyuBatch,
               on_problem: Callable[[str], None] | None = None) -> list[list[Box]]:
-        """Per row: generated <0x00> y1 x1 y2 x2 <0x01> spans as Box(x0, y0, x1, y1) in
-        original-image pixels, clamped to the image. Malformed spans go to on_problem (default: a warning)."""
+        """Per row: generated <0x00> y1 x1 y2 x2 <0x01> spans as Box(x0, y0, x1, y1) in original-image
+        pixels, clamped to the image. Malformed spans go to on_problem (default: a RuntimeWarning)."""
         tok = self.tokenizer
-        out = []
-        for b, row in enumerate(self._rows(new_ids)):
-            spans = self._spans(row, tok.box_open_id, tok.box_close_id, 4, batch, b, on_problem)
-            to_x, to_y = self._axes(batch, b)
-            out.append([Box(to_x(x0), to_y(y0), to_x(x1), to_y(y1)) for y0, x0, y1, x1 in spans])
-        return out
+        rows = self._spans(new_ids, batch, tok.box_open_id, tok.box_close_id, 4, on_problem)
+        return [[Box(to_x(x0), to_y(y0), to_x(x1), to_y(y1)) for y0, x0, y1, x1 in spans]
+                for spans, (to_x, to_y) in rows]
 
     def points(self, new_ids: torch.Tensor, batch: FuyuBatch,
                on_problem: Callable[[str], None] | None = None) -> list[list[tuple[int, int]]]:
         """Per row: generated <0x02> x y <0x03> spans as (x, y) in original-image pixels."""
         tok = self.tokenizer
-        out = []
-        for b, row in enumerate(self._rows(new_ids)):
-            spans = self._spans(row, tok.point_open_id, tok.point_close_id, 2, batch, b, on_problem)
-            to_x, to_y = self._axes(batch, b)
-            out.append([(to_x(x), to_y(y)) for x, y in spans])
-        return out
+        rows = self._spans(new_ids, batch, tok.point_open_id, tok.point_close_id, 2, on_problem)
+        return [[(to_x(x), to_y(y)) for x, y in spans] for spans, (to_x, to_y) in rows]
 
     def _rows(self, new_ids) -> list[list[int]]:
         rows = new_ids.tolist() if isinstance(new_ids, torch.Tensor) else [list(r) for r in new_ids]
         eos = self.tokenizer.eos_id
         return [row[:row.index(eos)] if eos in row else row for row in rows]
 
-    def _spans(self, row, open_id, close_id, count, batch, b, on_problem):
-        spans, problems = find_spans(row, open_id, close_id, count, self.tokenizer.number_of)
-        for p in problems:
-            (on_problem or _warn)(f"{batch.names[b]}: {p}")
-        return spans
-
-    @staticmethod
-    def _axes(batch: FuyuBatch, b: int):
-        """Per-axis pixel converters for sample b: resized/original ratio on each axis, so very
-        wide or tall images map back accurately (the prompt side uses the height ratio, as the reference)."""
-        size = batch.image_sizes[b]
-        if size is None:  # text-only: coordinates were only halved
-            return (lambda c: to_pixels(c, 1.0, None)), (lambda c: to_pixels(c, 1.0, None))
-        h, w = size
-        new_h, new_w = fit_size(h, w)
-        return (lambda c: to_pixels(c, new_w / w, w)), (lambda c: to_pixels(c, new_h / h, h))
+    def _spans(self, new_ids, batch, open_id, close_id, count, on_problem):
+        """Per row: (the numbers of each well-formed span, the row's (to_x, to_y) converters)."""
+        out = []
+        for b, row in enumerate(self._rows(new_ids)):
+            spans, problems = find_spans(row, open_id, close_id, count, self.tokenizer.number_of)
+            for p in problems:
+                if on_problem is None:
+                    warnings.warn(f"{batch.names[b]}: {p}", RuntimeWarning, stacklevel=3)
+                else:
+                    on_problem(f"{batch.names[b]}: {p}")
+            out.append((spans, _axes(batch.image_sizes[b])))
+        return out
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _axes(size: tuple[int, int] | None):
+    """Model coordinate -> pixel converters (to_x, to_y) for one sample. Each axis uses its own
+    resized/original ratio, so very wide or tall images map back accurately (the prompt side
+    uses the height ratio for both, as the reference does)."""
+    if size is None:  # text-only: coordinates were only halved
+        return (lambda c: to_pixels(c, 1.0, None)), (lambda c: to_pixels(c, 1.0, None))
+    h, w = size
+    new_h, new_w = fit_size(h, w)
+    return (lambda c: to_pixels(c, new_w / w, w)), (lambda c: to_pixels(c, new_h / h, h))

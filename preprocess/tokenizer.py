@@ -66,7 +66,7 @@ class Tokenizer:
         return len(self.pieces)
 
     def encode(self, text: str) -> list[int]:
-        """Ids of `text` alone, no BOS/EOS; non-empty text starts with the "▁" piece's effect."""
+        """Ids of `text` alone (no BOS/EOS), normalised as the reference: "▁" prepended, " " -> "▁"."""
         return self._encode(text)
 
     def number_id(self, n: int) -> int:

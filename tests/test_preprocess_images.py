@@ -194,6 +194,8 @@ def test_truncated_png_raises_image_error(proc, tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match=r"cut\.png: corrupt or truncated"):
         proc(images=[tmp_path / "cut.png"], prompts=[PROMPT])
+    with pytest.raises(ImageError, match=r"cut\.png: corrupt or truncated"):  # lazily opened PIL image
+        proc(images=[Image.open(tmp_path / "cut.png")], prompts=[PROMPT])
 
 
 def test_missing_path_and_directory_raise_image_error(proc, tmp_path):
