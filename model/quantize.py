@@ -67,6 +67,12 @@ def _int4_rows(w: torch.Tensor, group: int):
     return q[:, 0::2] | (q[:, 1::2] << 4), sz
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, copied when its data is not 64-byte aligned: torch's int8 CPU kernel crashes (SIGSEGV)
+    on unaligned weights, and tensors memory-mapped from safetensors sit at any byte offset."""
+    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 → (N, K) values 0..15 (uint8)."""
     return torch.stack([nibbles & 15, nibbles >> 4], dim=-1).flatten(-2)
@@ -143,7 +149,8 @@ class Int8:
         return {"weight": q, "scales": scales}
 
     def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
-        module.weight, module.scales = p["weight"].to(device), p["scales"].to(device, dtype)
+        module.weight = aligned(p["weight"].to(device))
+        module.scales = aligned(p["scales"].to(device, dtype))
 
     def dequantize(self, p: Pieces) -> torch.Tensor:
         return p["weight"].float() * p["scales"].float()[:, None]
@@ -178,7 +185,8 @@ class Int4:
         w = p["weight"]
         if device.type == "cpu":  # packing is a pure re-layout; the kernel wants int32 values 0..15
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(w).to(torch.int32), 1)
-        module.weight, module.scales_and_zeros = w.to(device), p["scales_and_zeros"].to(device, dtype)
+        module.weight = aligned(w.to(device))
+        module.scales_and_zeros = aligned(p["scales_and_zeros"].to(device, dtype))
 
     def dequantize(self, p: Pieces) -> torch.Tensor:
         return dequantize_int4(p["weight"], p["scales_and_zeros"])
@@ -213,9 +221,9 @@ class BnbInt8:
     def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
         import bitsandbytes as bnb
 
-        cb = p["weight"].to(device)
+        cb = aligned(p["weight"].to(device))
         module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False,
-                                          CB=cb, SCB=p["SCB"].to(device))
+                                          CB=cb, SCB=aligned(p["SCB"].to(device)))
 
     def dequantize(self, p: Pieces) -> torch.Tensor:
         return p["weight"].float() * p["SCB"].float()[:, None] / 127
@@ -263,7 +271,7 @@ class BnbInt4:
         import bitsandbytes as bnb
 
         stats = {k[len("weight."):]: v for k, v in p.items() if k != "weight"}
-        module.weight = bnb.nn.Params4bit.from_prequantized(p["weight"], stats, requires_grad=False,
+        module.weight = bnb.nn.Params4bit.from_prequantized(aligned(p["weight"]), stats, requires_grad=False,
                                                             device=device, module=module)
 
     def dequantize(self, p: Pieces) -> torch.Tensor:

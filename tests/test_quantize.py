@@ -126,6 +126,20 @@ def test_kernels_equal_matmul_with_the_dequantized_weight(scheme):
     assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+def test_int8_weights_at_unaligned_file_offsets_are_realigned():
+    # safetensors places tensors at arbitrary offsets; torch's int8 kernel crashes on those.
+    lin = nn.Linear(1024, 64)
+    pieces = Int8().quantize(lin.weight.detach())
+    buf = torch.empty(64 * 1024 + 8, dtype=torch.int8)
+    unaligned = buf[8:].view(64, 1024)
+    unaligned.copy_(pieces["weight"])
+    assert unaligned.data_ptr() % 64 != 0
+    module = Int8().make(lin)
+    Int8().install(module, {**pieces, "weight": unaligned}, torch.device("cpu"), torch.bfloat16)
+    module.bias = lin.bias.detach().to(torch.bfloat16)
+    assert module(torch.randn(2, 1024, dtype=torch.bfloat16)).shape == (2, 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["int8", "int4", "8bit", "nf4"])
