@@ -120,6 +120,30 @@ def auto_device_map(model: nn.Module, max_memory: Mapping | None, dtype: torch.d
     return {**dict.fromkeys(PINNED, main), **dm}
 
 
+def parse_device_map(text: str) -> str | dict[str, int | str]:
+    """CLI spelling → device_map: "auto", or "layers.0-17=0,layers.18-35=1,lm_head=cpu,..."."""
+    if text.strip() == "auto":
+        return "auto"
+    return {k.strip(): _parse_device(v) for k, v in _pairs(text, "--device-map")}
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """CLI spelling → max_memory: "0=20GiB,cpu=30GiB" (GPU index or cuda:N, cpu, disk)."""
+    return {_parse_device(k): v.strip() for k, v in _pairs(text, "--max-memory")}
+
+
+def _pairs(text: str, what: str) -> list[tuple[str, str]]:
+    items = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not items or any(not eq or not v.strip() for _, eq, v in items):
+        raise ValueError(f"{what} {text!r}: use name=device pairs separated by commas")
+    return [(k, v) for k, _, v in items]
+
+
+def _parse_device(text: str) -> int | str:
+    text = text.strip()
+    return int(text) if text.isdigit() else device_value(text)
+
+
 def plan_placement(model: nn.Module, device: str | torch.device, device_map, max_memory,
                    dtype: torch.dtype, quantized_bits: Mapping[str, int] = {}) -> Placement:
     """Placement for `device`, or for `device_map` ("auto", or {module: device}) when given."""

@@ -5,7 +5,7 @@ import torch
 
 from model import load_pretrained
 from model.convert import convert
-from model.devices import PINNED
+from model.devices import PINNED, parse_device_map, parse_max_memory
 from tests.model_batches import make_batch
 from tests.tiny_checkpoint import make_checkpoint
 
@@ -90,6 +90,15 @@ def test_prequantized_layers_offloaded_to_disk_are_dequantized_into_the_offload_
 def test_max_memory_without_a_device_map_is_refused(ckpt):
     with pytest.raises(ValueError, match="max_memory only applies"):
         load_pretrained(ckpt, max_memory={"cpu": "1GB"})
+
+
+def test_cli_spellings_of_device_maps_and_memory():
+    assert parse_device_map("auto") == "auto"
+    assert parse_device_map("embed_tokens=0, layers.0-17=cuda:1,lm_head=cpu,layers.30=disk") == {
+        "embed_tokens": 0, "layers.0-17": 1, "lm_head": "cpu", "layers.30": "disk"}
+    assert parse_max_memory("0=20GiB,cuda:1=10GiB,cpu=30GiB") == {0: "20GiB", 1: "10GiB", "cpu": "30GiB"}
+    with pytest.raises(ValueError, match="name=device pairs"):
+        parse_max_memory("20GiB")
 
 
 @pytest.mark.gpu
