@@ -14,24 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import FuyuBatch, FuyuProcessor, PreprocessError
+from preprocess import FuyuBatch, PreprocessError
 from preprocess.patches import patchify
-from tests.tiny_tokenizer import write_tokenizer
 
 CAPTION_BACKSLASH = "Generate a coco-style caption.\\n"  # as in the HF processor tests
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def proc(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return FuyuProcessor.from_pretrained(d)
-
-
-@pytest.fixture(scope="module")
-def tok(proc):
-    return proc.tokenizer
 
 
 def image(h: int, w: int, seed: int = 0) -> Image.Image:

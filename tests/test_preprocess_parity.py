@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from preprocess import FuyuProcessor, box_to_text_prompt
-from tests.tiny_tokenizer import special_ids, write_tokenizer
+from tests.tiny_tokenizer import special_ids
 
 pytestmark = pytest.mark.parity
 transformers = pytest.importorskip("transformers")
@@ -26,18 +26,6 @@ PROMPTS = [
     "<box>0, 0, 2, 2</box>",
     "Héllo wörld ☃, in 2018 is 80.7.\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def proc(ckpt):
-    return FuyuProcessor.from_pretrained(ckpt)
 
 
 @pytest.fixture(scope="module")

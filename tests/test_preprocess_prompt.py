@@ -10,22 +10,9 @@ from preprocess import (TASK_PROMPTS, Box, FuyuProcessor, PromptError, ask_promp
                         text_to_box_prompt)
 from preprocess.boxes import find_spans, to_model_coords
 from preprocess.prompt import encode_prompt
-from tests.tiny_tokenizer import write_tokenizer
 
 INSTRUCTION = ("When presented with a box, perform OCR to extract text contained within it. "
                "If provided with text, generate the corresponding bounding box.\n")
-
-
-@pytest.fixture(scope="module")
-def proc(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return FuyuProcessor.from_pretrained(d)
-
-
-@pytest.fixture(scope="module")
-def tok(proc):
-    return proc.tokenizer
 
 
 def image(h: int, w: int) -> Image.Image:

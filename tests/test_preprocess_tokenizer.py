@@ -7,22 +7,10 @@ import shutil
 import pytest
 
 from preprocess import FuyuProcessor, PreprocessError, Tokenizer
-from tests.tiny_tokenizer import special_ids, vocab_size, write_tokenizer
+from tests.tiny_tokenizer import special_ids, vocab_size
 
 TEXTS = ["|SPEAKER|", "Generate a coco-style caption.\n", " ", "  a  b ", "x\n\ny", "in 2018 is 80.7.\n",
          "Héllo wörld ☃ 日本", "tab\there", "What color is the bus?\n", "ﬁ Ａ"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return Tokenizer.from_dir(ckpt)
 
 
 def test_special_ids_are_looked_up_by_piece(tok, ckpt):
