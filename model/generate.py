@@ -75,8 +75,9 @@ def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     B, T = input_ids.shape
     if max_new_tokens <= 0:
         return input_ids.new_zeros(B, 0)
-    head = model.lm_head.weight
-    fast = wants_fast_head(head) if fast_head is None else fast_head
+    head = model.lm_head
+    # The compiled GEMV needs a plain 16-bit weight; a quantized or offloaded head runs as itself.
+    fast = type(head) is torch.nn.Linear and (wants_fast_head(head.weight) if fast_head is None else fast_head)
     step = compiled_decode_step() if compile else decode_step
     cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens)
     positions = position_ids(attention_mask)

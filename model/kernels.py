@@ -37,12 +37,16 @@ def wants_fast_head(weight: torch.Tensor) -> bool:
             and weight.numel() >= _MIN_HEAD_ELEMENTS)
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, fast: bool) -> torch.Tensor:
-    """Logits (B, V) for hidden states h (B, D); `fast` picks the compiled GEMV at batch 1.
+def head_logits(h: torch.Tensor, head: torch.nn.Module | torch.Tensor, fast: bool) -> torch.Tensor:
+    """Logits (B, V) from hidden states h (B, D) through `head` (the LM head module, or a weight);
+    `fast` picks the compiled GEMV at batch 1 (only for a plain Linear's 16-bit weight).
 
     Only one row: for several rows the generated reduction re-reads the weights (measured 2× slower
     than F.linear at 4 rows), while a GEMM reads them once for all rows.
     """
+    if isinstance(head, torch.nn.Module) and not fast:
+        return head(h)
+    weight = head.weight if isinstance(head, torch.nn.Module) else head
     key = (tuple(weight.shape), weight.dtype, h.dtype)
     if fast and h.shape[0] == 1 and not _failed and (key in _shapes or len(_shapes) < _MAX_SHAPES):
         _shapes.add(key)
