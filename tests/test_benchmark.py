@@ -26,3 +26,19 @@ def test_benchmark_refuses_compare_without_a_checkpoint():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--compare reference needs --model DIR" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_benchmark_compare_reference_times_both_on_a_checkpoint(tmp_path):
+    from tests.tiny_checkpoint import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, "-m", "fuyu_cli", "benchmark", "--model", str(ckpt), "--compare", "reference",
+                           "--repeats", "1", "--batch-sizes", "1", "--new-tokens", "2", "--device", "cpu",
+                           "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout.strip().splitlines()[-1])["reference"]
+    assert ref["version"] == "4.57.6"
+    for case in ("batch1_32tok", "batch8_mixed_20tok"):
+        assert ref[case]["ours_s"] > 0 and ref[case]["reference_s"] > 0

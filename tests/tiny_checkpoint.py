@@ -96,11 +96,11 @@ def make_checkpoint(ckpt: Path, *, hidden: int = 64, heads: int = 4, layers: int
     ckpt.mkdir(parents=True, exist_ok=True)
     ids = dict(PLAIN_IDS)
     if tokenizer:
-        from tests.tiny_tokenizer import special_ids, write_tokenizer
+        from tests import tiny_tokenizer
 
-        write_tokenizer(ckpt)
-        ids = special_ids(ckpt)
-        vocab_size = vocab_size or ids["vocab_size"]
+        tiny_tokenizer.write_tokenizer(ckpt)
+        ids = tiny_tokenizer.special_ids(ckpt)
+        vocab_size = vocab_size or tiny_tokenizer.vocab_size(ckpt)
     cfg = FuyuConfig(vocab_size=vocab_size or 300, hidden_size=hidden,
                      intermediate_size=intermediate or 4 * hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, max_position_embeddings=16384,

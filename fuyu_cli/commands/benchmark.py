@@ -93,12 +93,28 @@ def benchmark(
     res["caption_images_per_s"] = round(len(files) / caption_run.median, 3)
 
     if compare:
-        from fuyu_cli.bench_reference import compare_reference
-
-        res["reference"] = compare_reference(model, net, proc, dt, dev, photo, files, CAPTION, repeats)
+        res["reference"] = _reference_module().compare_reference(model, net, proc, dt, dev, photo, files, CAPTION, repeats)
     res.update(bench.peak_memory(dev))
     benchmark_table(console, res)
     typer.echo(json.dumps(res))
+
+
+def _reference_module():
+    """benchmarks/reference_compare.py from the source checkout: transformers (the test oracle)
+    is never imported by the fuyu_cli package itself."""
+    import importlib.util
+    from pathlib import Path
+
+    from fuyu_cli.errors import FuyuError
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_compare.py"
+    if not path.is_file():
+        raise FuyuError("--compare reference runs from a source checkout (benchmarks/ not found)",
+                        "git clone the repository and pip install -e '.[test]'")
+    spec = importlib.util.spec_from_file_location("fuyu_reference_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ms(s) -> dict:

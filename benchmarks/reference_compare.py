@@ -1,7 +1,7 @@
 """`fuyu benchmark --compare reference`: the same inputs through transformers 4.57.6, alternating.
 
-The reference is the test oracle and an optional install (`pip install -e .[test]`); it is
-imported here only, when asked for.
+The reference is the test oracle (`pip install -e .[test]`); it lives outside the packages so that
+fuyu_cli never imports transformers. Loaded by path from fuyu_cli/commands/benchmark.py.
 """
 
 from __future__ import annotations
