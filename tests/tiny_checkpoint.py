@@ -108,3 +108,56 @@ def make_checkpoint(ckpt: Path, *, hidden: int = 64, heads: int = 4, layers: int
     write_config(ckpt, cfg, form)
     write_weights(ckpt, random_state_dict(cfg, seed), layout, shards, dtype)
     return ckpt
+
+
+# --- Broken checkpoints: one way each to spoil a make_checkpoint() directory (hub layout, hidden 64),
+# shared by the loader's tests (tests/test_model.py) and the CLI's (tests/test_cli_errors.py).
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A plain copy of checkpoint `src` at `dst` (created), to break without touching the original."""
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def edit_weights(path: Path, edit) -> None:
+    """Rewrite safetensors file `path` after `edit(state_dict)` changed its tensors in place."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    edit(sd)
+    save_file(sd, str(path))
+
+
+def truncate(path: Path, keep: int = 5000) -> None:
+    """Cut a file to its first `keep` bytes, as an interrupted download leaves it."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+# name → (function breaking a checkpoint dir, the file it spoils relative to the dir, or "" when
+# the problem is the directory as a whole). "truncated shard" needs make_checkpoint(shards=3).
+BREAKAGES = {
+    "no config.json": (lambda d: (d / "config.json").unlink(), "config.json"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{"), "config.json"),
+    "truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
+    "truncated shard": (lambda d: truncate(d / "model-00002-of-00003.safetensors"),
+                        "model-00002-of-00003.safetensors"),
+    "missing tensor": (lambda d: edit_weights(d / "model.safetensors",
+                                              lambda sd: sd.pop("language_model.lm_head.weight")), ""),
+    "extra tensor": (lambda d: edit_weights(d / "model.safetensors",
+                                            lambda sd: sd.update({"extra.weight": torch.zeros(2)})),
+                     "model.safetensors"),
+    "wrong shape": (lambda d: edit_weights(d / "model.safetensors",
+                                           lambda sd: sd.update({"vision_embed_tokens.bias": torch.zeros(3)})),
+                    "model.safetensors"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), ""),
+}
+
+
+def break_checkpoint(src: Path, dst: Path, how: str) -> Path:
+    """A copy of checkpoint `src` at `dst`, spoiled the BREAKAGES[how] way."""
+    broken = copy_checkpoint(src, dst)
+    BREAKAGES[how][0](broken)
+    return broken
