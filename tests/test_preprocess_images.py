@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from preprocess import FuyuProcessor, ImageError, PreprocessError
-from preprocess.image import fit_size
+from preprocess.image import MAX_H, MAX_W, fit_size
 from tests.tiny_tokenizer import write_tokenizer
 
 PROMPT = "Generate a coco-style caption.\n"
@@ -228,3 +228,19 @@ def test_image_errors_are_value_errors_and_name_the_file(proc, tmp_path):
         proc.prepare_one(tmp_path / "x.png", PROMPT)
     assert isinstance(info.value, PreprocessError) and str(tmp_path / "x.png") in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (2001, 2000), (5000, 2100), (1921, 1081), (6000, 1000),
+                                  (2900, 2899), (3000, 4000), (2500, 1500)])
+def test_threaded_bilinear_is_pillows_resize_bit_for_bit(size):
+    from preprocess.image import bilinear
+
+    w, h = size
+    s = min(MAX_H / h, MAX_W / w)
+    new_w, new_h = int(w * s), int(h * s)
+    rng = np.random.default_rng(w * 7 + h)
+    for mode in ("RGB", "L"):
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        expected = np.asarray(im.resize((new_w, new_h), Image.Resampling.BILINEAR))
+        assert np.array_equal(np.asarray(bilinear(im, new_w, new_h)), expected), (size, mode)
