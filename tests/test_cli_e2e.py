@@ -130,11 +130,26 @@ def test_ask_and_both_bbox_directions_on_the_real_model(tiny_model, shots, tmp_p
     assert r.code == 1 and "outside the 90×40 image" in rec["error"]
 
 
-def test_seeded_sampling_repeats_and_model_options_fail_cleanly(tiny_model, shots):
-    args = ["caption", shots / "wide.png", "-m", tiny_model, *FAST, "--temperature", "1.5",
-            "--top-p", "0.95", "--seed", "7"]
-    first, second = fuyu(*args), fuyu(*args)
-    assert first.code == 0 and first.records()[0]["text"] == second.records()[0]["text"]
+def test_seeded_sampling_repeats_and_really_samples(tiny_model, shots):
+    def text(*options) -> str:
+        r = fuyu("caption", shots / "wide.png", "-m", tiny_model, *FAST, *options)
+        assert r.code == 0, r.err
+        return r.records()[0]["text"]
+
+    greedy, hot = text(), ["--temperature", "1.5"]
+    sampled = {seed: text(*hot, "--seed", seed) for seed in (1, 2, 3)}
+    # Sampling is applied: at temperature 1.5 the tiny model's top token has p < 1%, so every
+    # seed leaves the greedy path here (one differing of three would do), and seeds differ.
+    assert any(t != greedy for t in sampled.values()) and len(set(sampled.values())) > 1, sampled
+    assert text(*hot, "--seed", 1) == sampled[1]  # the same seed repeats
+    nucleus = [*hot, "--top-p", "0.95", "--seed", "7"]
+    assert text(*nucleus) == text(*nucleus)
+    # --top-p is applied: a nucleus this small holds only the most likely token (any nonzero p
+    # exceeds 1e-6), which is greedy decoding whatever the seed.
+    assert [text(*hot, "--top-p", "1e-6", "--seed", seed) for seed in (1, 2, 3)] == [greedy] * 3
+
+
+def test_model_options_fail_cleanly_or_work(tiny_model, shots):
     r = fuyu("caption", shots / "wide.png", "-m", tiny_model, "--device", "cuda:7")
     assert r.code == 2 and r.err.startswith("error: --device cuda:7: no such CUDA device")
     r = fuyu("caption", shots / "wide.png", "-m", tiny_model, *FAST, "--quantize", "int8")
