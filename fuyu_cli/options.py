@@ -9,9 +9,11 @@ import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import typer
+
+from fuyu_cli.errors import FuyuError
 
 INPUT, MODEL, GEN, OUT = "Inputs", "Model", "Generation", "Output"
 
@@ -45,6 +47,53 @@ def _check_device(value: str) -> str:
     return value
 
 
+# Shown with every bad --device-map / --max-memory spelling, and in --help.
+DEVICE_MAP_EXAMPLE = ("--device-map auto, or --device-map 'embed_tokens=0,vision_embed_tokens=0,"
+                      "lm_head=0,layers.0-17=0,layers.18-35=cpu,final_layernorm=cpu'")
+MAX_MEMORY_EXAMPLE = "--device-map auto --max-memory '0=20GiB,cpu=30GiB'"
+_SIZE = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*([KMG]i?B)\s*", re.IGNORECASE)
+
+
+def _parse_device_map(value: Optional[str]):
+    """--device-map → "auto" or {module: device}. Bad spellings end the run with one `error:`
+    line and exit 2 (a FuyuError, not typer's boxed usage message)."""
+    if value is None:
+        return None
+    from model.devices import parse_device_map  # imports torch: only when the option is given
+
+    try:
+        return parse_device_map(value)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: torch does not know the device
+        raise FuyuError(_spelling_error("--device-map", value, e), f"e.g. {DEVICE_MAP_EXAMPLE}") from None
+
+
+def _parse_max_memory(value: Optional[str]):
+    """--max-memory → {device: size}; sizes are checked here, not deep inside accelerate."""
+    if value is None:
+        return None
+    from model.devices import parse_max_memory
+
+    hint = f"e.g. {MAX_MEMORY_EXAMPLE}"
+    try:
+        memory = parse_max_memory(value)
+    except (ValueError, RuntimeError) as e:
+        raise FuyuError(_spelling_error("--max-memory", value, e), hint) from None
+    for device, size in memory.items():
+        if size.isdigit():
+            memory[device] = int(size)  # bytes
+        elif not _SIZE.fullmatch(size):
+            raise FuyuError(f"--max-memory {value!r}: size {size!r} for {device} is not a size "
+                            "(use e.g. 20GiB, 500MB, or bytes)", hint)
+    return memory
+
+
+def _spelling_error(option: str, value: str, e: BaseException) -> str:
+    message = " ".join(str(e).split())
+    if isinstance(e, RuntimeError):  # torch.device's own text lists every backend; keep it short
+        message = "unknown device (use a GPU index, cuda:N, cpu or disk)"
+    return message if message.startswith(option) else f"{option} {value!r}: {message}"
+
+
 def _check_top_p(value: Optional[float]) -> Optional[float]:
     if value is not None and not 0.0 < value <= 1.0:
         raise typer.BadParameter("must be in (0, 1]")
@@ -70,6 +119,23 @@ DtypeOpt = Annotated[Dtype, typer.Option(
 QuantizeOpt = Annotated[Quantize, typer.Option(
     help="Quantize while loading: 8bit, 4bit (= nf4) or fp4 with bitsandbytes; int8 or int4 "
          "with torch's weight-only kernels (faster on CPU).", rich_help_panel=MODEL)]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", callback=_parse_device_map, metavar="auto|MAP", show_default=False,
+    rich_help_panel=MODEL,
+    help="Spread the model over GPUs, CPU and disk (overrides --device): auto fills GPUs, then CPU, "
+         "then disk (limits: --max-memory); or map every module to a GPU index, cuda:N, cpu or "
+         "disk, e.g. 'embed_tokens=0, vision_embed_tokens=0, lm_head=0, layers.0-17=0, "
+         "layers.18-35=1, final_layernorm=1'.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", callback=_parse_max_memory, metavar="DEVICE=SIZE,...", show_default=False,
+    rich_help_panel=MODEL,
+    help="With --device-map auto: the most each device may hold, e.g. '0=20GiB,cpu=30GiB' "
+         "(GPU index or cuda:N, cpu; KB/MB/GB, KiB/MiB/GiB); the rest goes to disk.")]
+OffloadFolderOpt = Annotated[Optional[Path], typer.Option(
+    "--offload-folder", file_okay=False, show_default=False, rich_help_panel=MODEL,
+    help="With --device-map: where layers sent to disk are written when they cannot be read "
+         "from the checkpoint's own files (e.g. a pre-quantized checkpoint), "
+         "e.g. --offload-folder /tmp/fuyu-offload.")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, show_default=False, rich_help_panel=MODEL,
     help="Images per forward pass. Default: 2 on CPU, 8 on GPU.")]
@@ -114,6 +180,17 @@ class ModelSpec:
     dtype: str = "auto"
     quantize: str = "none"
     batch_size: Optional[int] = None
+    device_map: Union[str, dict, None] = None  # "auto" or {module: device}, parsed by DeviceMapOpt
+    max_memory: Optional[dict] = None  # {device: size}, parsed by MaxMemoryOpt
+    offload_folder: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        if self.max_memory is not None and self.device_map != "auto":
+            raise FuyuError("--max-memory applies only with --device-map auto",
+                            f"e.g. {MAX_MEMORY_EXAMPLE}")
+        if self.offload_folder is not None and self.device_map is None:
+            raise FuyuError("--offload-folder applies only with --device-map",
+                            "e.g. --device-map auto --max-memory cpu=12GiB --offload-folder /tmp/fuyu-offload")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ a batch that fails is retried one item at a time, so one bad item does not fail 
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -79,15 +81,31 @@ class Runner:
 
         ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
         import torch
-        from model import load_pretrained
+        from model import CheckpointError, load_pretrained
         from preprocess import FuyuProcessor
 
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         quantization = None if spec.quantize == "none" else spec.quantize
         processor = FuyuProcessor.from_pretrained(ckpt)
-        model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype),
-                                quantization=quantization)
+        try:
+            with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
+                model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype),
+                                        quantization=quantization, device_map=spec.device_map,
+                                        max_memory=spec.max_memory, offload_folder=spec.offload_folder)
+        except CheckpointError:
+            raise
+        except ValueError as e:  # a map naming no module, a pinned module offloaded, too little memory
+            if spec.device_map is None:
+                raise
+            from fuyu_cli.options import DEVICE_MAP_EXAMPLE
+
+            message = " ".join(str(e).split())
+            hint = ("add --offload-folder DIR" if "offload_folder" in message
+                    else f"e.g. {DEVICE_MAP_EXAMPLE}")
+            raise FuyuError(message, hint) from None
+        if spec.device_map is not None:  # the map decides: run where the embeddings live
+            device = str(model.embed_tokens.weight.device)
         return cls(model, processor, device)
 
     def default_batch_size(self) -> int:
@@ -178,6 +196,19 @@ class Runner:
             rec["seconds"] = round(prep_s + share, 4)
             records.append(rec)
         return records
+
+
+@contextmanager
+def _quiet_logger(name: str):
+    """Only errors from logger `name` while inside: a library's warnings about what the user asked
+    for would otherwise reach stderr through logging's last-resort handler."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_box(box, size) -> None:

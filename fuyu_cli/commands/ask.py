@@ -6,11 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import (BatchSizeOpt, DeviceOpt, Dtype, DtypeOpt, Format, FormatOpt,
-                              GenOptions, InputSpec, MaxNewTokensOpt, ModelOpt, ModelSpec,
-                              NullOpt, OutputOpt, OutputSpec, OverwriteOpt, PathsArg, Quantize,
-                              QuantizeOpt, QuietOpt, RecursiveOpt, SeedOpt, SidecarOpt,
-                              TemperatureOpt, TopPOpt)
+from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
+                              FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
+                              ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
+                              OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
+                              RecursiveOpt, SeedOpt, SidecarOpt, TemperatureOpt, TopPOpt)
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -33,6 +33,9 @@ def ask(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     batch_size: BatchSizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 64,
     temperature: TemperatureOpt = 0.0,
@@ -56,7 +59,8 @@ def ask(
 
     run_task("ask", question,
              InputSpec(paths, recursive, null),
-             ModelSpec(model, device, dtype.value, quantize.value, batch_size),
+             ModelSpec(model, device, dtype.value, quantize.value, batch_size,
+                       device_map, max_memory, offload_folder),
              GenOptions(max_new_tokens, temperature, top_p, seed),
              OutputSpec(fmt.value, output, sidecar, overwrite, quiet))
 

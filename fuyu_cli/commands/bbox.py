@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import (BatchSizeOpt, DeviceOpt, Dtype, DtypeOpt, Format, FormatOpt,
-                              GenOptions, InputSpec, MaxNewTokensOpt, ModelOpt, ModelSpec,
-                              NullOpt, OutputOpt, OutputSpec, OverwriteOpt, PathsArg, Quantize,
-                              QuantizeOpt, QuietOpt, RecursiveOpt, SeedOpt, SidecarOpt,
-                              TemperatureOpt, TopPOpt)
+from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
+                              FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
+                              ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
+                              OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
+                              RecursiveOpt, SeedOpt, SidecarOpt, TemperatureOpt, TopPOpt)
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -56,6 +56,9 @@ def bbox(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.none,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     batch_size: BatchSizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 32,
     temperature: TemperatureOpt = 0.0,
@@ -79,7 +82,8 @@ def bbox(
 
     run_task("ocr" if box else "bbox", find,
              InputSpec(paths, recursive, null),
-             ModelSpec(model, device, dtype.value, quantize.value, batch_size),
+             ModelSpec(model, device, dtype.value, quantize.value, batch_size,
+                       device_map, max_memory, offload_folder),
              GenOptions(max_new_tokens, temperature, top_p, seed),
              OutputSpec(fmt.value, output, sidecar, overwrite, quiet),
              box=box, on_record=_drawer(draw) if draw else None)
