@@ -77,7 +77,7 @@ class Runner:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "Runner":
-        from fuyu_cli.locate import find_checkpoint
+        from fuyu_cli.locate import HUB_REPO, find_checkpoint
 
         ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
         import torch
@@ -87,6 +87,8 @@ class Runner:
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         quantization = None if spec.quantize == "none" else spec.quantize
+        if device == "cpu" and quantization is None and spec.device_map is None:
+            warn_if_too_big(ckpt, str(spec.path) if spec.path else HUB_REPO, dtype)
         processor = FuyuProcessor.from_pretrained(ckpt)
         try:
             with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
@@ -209,6 +211,19 @@ def _quiet_logger(name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+def warn_if_too_big(ckpt, name: str, dtype: str) -> None:
+    """One `warning:` line on stderr, before loading, when the weights at `dtype` exceed the
+    memory available: the run goes on, but int8/int4 would fit (CPU, no --quantize or map)."""
+    from fuyu_cli import memory
+
+    message = memory.checkpoint_fit_warning(ckpt, name, dtype, memory.available_memory())
+    if message:
+        from fuyu_cli.render import stderr_console
+
+        # The console looks sys.stderr up when printing, so this lands above a running spinner.
+        stderr_console().print(f"warning: {message}", markup=False)
 
 
 def check_box(box, size) -> None:

@@ -1,13 +1,15 @@
-"""--device-map / --max-memory / --offload-folder on the CLI (tiny checkpoints, CPU, in-process
-through the real entry point)."""
+"""--device-map / --max-memory / --offload-folder on the CLI, and the CPU out-of-memory hint
+(tiny checkpoints, CPU, in-process through the real entry point)."""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
 
-from fuyu_cli import pipeline
+from fuyu_cli import memory, pipeline
 from tests.test_cli import FakeRunner, fuyu, png
 from tests.tiny_checkpoint import make_checkpoint
 
@@ -136,3 +138,86 @@ def test_a_map_the_model_cannot_use_is_a_usage_error_too(tiny, images):
     assert "no module named 'layer.0'" in r.err and "e.g. --device-map auto" in r.err
     r = fuyu("caption", images[0], "-m", tiny, *FAST, "--device-map", "layers.0-3=cpu")
     assert r.code == 2 and "does not place 'embed_tokens'" in r.err, r.err
+
+
+# --- will it fit? -----------------------------------------------------------------------------------
+
+def fake_shard(path: Path, tensors: dict[str, tuple[str, int]]) -> None:
+    """A safetensors header for {name: (dtype, nbytes)} with no data behind it: only headers are read."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (dtype, nbytes) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+
+
+def test_weight_bytes_come_from_headers_scaled_to_the_dtype(tmp_path):
+    ckpt = tmp_path / "fake-8b"
+    ckpt.mkdir()
+    # 9.4e9 bf16 weights in two shards, 1e8 float32 ones and 1e6 int8 bytes (kept as stored).
+    fake_shard(ckpt / "model-00001-of-00002.safetensors", {"a": ("BF16", 10_000_000_000),
+                                                          "b": ("F32", 400_000_000)})
+    fake_shard(ckpt / "model-00002-of-00002.safetensors", {"c": ("BF16", 8_800_000_000),
+                                                          "q": ("I8", 1_000_000)})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors", "q": "model-00002-of-00002.safetensors"}}))
+    assert memory.weight_bytes(ckpt, "bfloat16") == 18_800_000_000 + 200_000_000 + 1_000_000
+    assert memory.weight_bytes(ckpt, "float32") == 37_600_000_000 + 400_000_000 + 1_000_000
+
+    hint = memory.checkpoint_fit_warning(ckpt, "adept/fuyu-8b", "bfloat16", available=12_100_000_000)
+    assert hint == ("adept/fuyu-8b needs ~19.0 GB in bfloat16 but only 12.1 GB of memory is "
+                    "available; try --quantize int8 (or int4) to fit")
+    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=20_000_000_000) is None
+    assert memory.checkpoint_fit_warning(ckpt, "m", "float32", available=20_000_000_000) is not None
+    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=None) is None
+    assert memory.checkpoint_fit_warning(tmp_path, "m", "bfloat16", available=1) is None  # no shards
+    (ckpt / "model.safetensors.index.json").write_text("{not json")
+    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=1) is None  # loader's job
+
+
+def test_weight_bytes_of_a_real_tiny_checkpoint(tiny):
+    from safetensors import safe_open
+
+    stored = 0
+    for shard in memory.shard_paths(tiny):
+        with safe_open(shard, "pt") as f:
+            stored += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert memory.weight_bytes(tiny, "float32") == stored  # make_checkpoint stores float32
+    assert memory.weight_bytes(tiny, "bfloat16") == stored // 2
+
+
+def test_fit_warning_arithmetic():
+    assert memory.fit_warning("m", 18_800_000_000, 12_100_000_000, "bfloat16") == (
+        "m needs ~18.8 GB in bfloat16 but only 12.1 GB of memory is available; "
+        "try --quantize int8 (or int4) to fit")
+    assert memory.fit_warning("m", 100, 100, "bfloat16") is None
+    assert memory.fit_warning("m", 100, None, "bfloat16") is None
+
+
+def test_available_memory_reads_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   12100000 kB\n")
+    assert memory.available_memory(meminfo) == 12_100_000 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")
+    assert memory.available_memory(meminfo) is None
+    assert memory.available_memory(tmp_path / "missing") is None
+
+
+def test_small_memory_run_warns_once_and_carries_on(tiny, images, plain, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda: 1_000)
+    r = fuyu("caption", *images, "-m", tiny, *FAST)
+    assert texts(r) == plain
+    warnings = [line for line in r.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tiny} needs ~0.0 GB in float32 but only 0.0 GB of memory is "
+                        "available; try --quantize int8 (or int4) to fit"]
+
+
+@pytest.mark.parametrize("args,available", [(["--quantize", "int8"], 1_000), (["--device-map", "auto"], 1_000),
+                                            ([], 10**15), ([], None)])
+def test_no_warning_when_quantized_mapped_fitting_or_unknown(args, available, tiny, images, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda: available)
+    r = fuyu("caption", images[0], "-m", tiny, *FAST, *args)
+    assert r.code == 0, r.err
+    assert "warning:" not in r.err
