@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ TOKENIZER_CONFIG = {  # fuyu-spec.md §3.1, for a tokenizer.model taken from Ade
     "additional_special_tokens": ["<unk>", "|ENDOFTEXT|"], "clean_up_tokenization_spaces": False,
     "spaces_between_special_tokens": False, "processor_class": "FuyuProcessor"}
 Progress = Callable[[str], None]
+BytesProgress = Callable[[int, int], None]  # (bytes converted so far, total), after each tensor
 
 
 # --- Adept's release ----------------------------------------------------------------------------
@@ -198,11 +200,13 @@ def save_pretrained(source: torch.nn.Module | Mapping | Iterable, out_dir: str |
                     config: FuyuConfig, shard_size: int | str = "2GB",
                     dtype: torch.dtype | str = torch.bfloat16, quantization=None,
                     extra_files: Mapping[str, bytes | Path] | None = None,
-                    progress: Progress | None = None) -> Path:
+                    progress: Progress | None = None, on_bytes: BytesProgress | None = None) -> Path:
     """Write a checkpoint directory from a model, a state dict or (name, tensor) pairs (our names).
 
     quantization ("int8", "nf4", ...) stores each quantized module's pieces instead of its weight
     and records the scheme in config.json, so loading is a memory map, not a re-quantization.
+    on_bytes(done, total) follows the tensors through, counted at `dtype` before quantization
+    (so a progress bar can show bytes); it is called once with done=0 before the first tensor.
     """
     out, dtype = Path(out_dir), resolve_dtype(dtype)
     if out.exists() and any(out.iterdir()):
@@ -224,7 +228,8 @@ def save_pretrained(source: torch.nn.Module | Mapping | Iterable, out_dir: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_shards(pairs, tmp, expected, modules, scheme, dtype, parse_size(shard_size), progress)
+        _write_shards(pairs, tmp, expected, modules, scheme, dtype, parse_size(shard_size), progress,
+                      on_bytes)
         (tmp / "config.json").write_text(json.dumps(hub_config_json(cfg, dtype), indent=2))
         generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -240,10 +245,14 @@ def save_pretrained(source: torch.nn.Module | Mapping | Iterable, out_dir: str |
 
 
 def _write_shards(pairs, tmp: Path, expected, modules, scheme, dtype, limit: int,
-                  progress: Progress | None) -> None:
+                  progress: Progress | None, on_bytes: BytesProgress | None = None) -> None:
     shard: dict[str, torch.Tensor] = {}
     files: list[tuple[Path, list[str]]] = []
     seen, total, shard_bytes = set(), 0, 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    done, grand_total = 0, sum(math.prod(shape) for shape in expected.values()) * itemsize
+    if on_bytes:
+        on_bytes(0, grand_total)
 
     def flush():
         path = tmp / f"part-{len(files) + 1}.safetensors"
@@ -269,6 +278,9 @@ def _write_shards(pairs, tmp: Path, expected, modules, scheme, dtype, limit: int
                 shard_bytes = 0
             shard[to_hub_key(key)] = t.contiguous()
             shard_bytes, total = shard_bytes + nbytes, total + nbytes
+        if on_bytes:
+            done += tensor.numel() * itemsize
+            on_bytes(done, grand_total)
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) missing from the source")
@@ -287,9 +299,11 @@ def _write_shards(pairs, tmp: Path, expected, modules, scheme, dtype, limit: int
 
 def convert(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
             dtype: torch.dtype | str = torch.bfloat16, shard_size: int | str = "2GB",
-            quantization=None, progress: Progress | None = None) -> Path:
+            quantization=None, progress: Progress | None = None,
+            on_bytes: BytesProgress | None = None) -> Path:
     """SRC: Adept's release directory (or its model_optim_rng.pt with `tokenizer`), or a checkpoint
-    directory our loader reads; OUT: a new hub-layout checkpoint directory."""
+    directory our loader reads; OUT: a new hub-layout checkpoint directory. progress(message)
+    gets notes; on_bytes(done, total) each tensor converted (see save_pretrained)."""
     src, out = Path(src), Path(out)
     say = progress or (lambda message: None)
     if src.is_dir() and (src / "config.json").is_file():
@@ -323,7 +337,7 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = 
     else:
         raise CheckpointError(f"{src}: no such file or directory")
     extra.setdefault("preprocessor_config.json", _json(PREPROCESSOR_CONFIG))
-    return save_pretrained(pairs, out, cfg, shard_size, dtype, quantization, extra, progress)
+    return save_pretrained(pairs, out, cfg, shard_size, dtype, quantization, extra, progress, on_bytes)
 
 
 def _local(key: str, file: Path) -> str:

@@ -1,5 +1,5 @@
-"""--device-map / --max-memory / --offload-folder on the CLI, and the CPU out-of-memory hint
-(tiny checkpoints, CPU, in-process through the real entry point)."""
+"""--device-map / --max-memory / --offload-folder on the CLI, the CPU out-of-memory hint, and
+`fuyu convert`'s byte progress (tiny checkpoints, CPU, in-process through the real entry point)."""
 
 from __future__ import annotations
 
@@ -221,3 +221,28 @@ def test_no_warning_when_quantized_mapped_fitting_or_unknown(args, available, ti
     r = fuyu("caption", images[0], "-m", tiny, *FAST, *args)
     assert r.code == 0, r.err
     assert "warning:" not in r.err
+
+
+# --- fuyu convert ----------------------------------------------------------------------------------
+
+def test_convert_reports_bytes_up_to_the_total(tmp_path):
+    from model.convert import convert
+
+    src = make_checkpoint(tmp_path / "src", hidden=128, vocab_size=320, tokenizer=False)
+    calls = []
+    convert(src, tmp_path / "out", shard_size="200KB", on_bytes=lambda done, total: calls.append((done, total)))
+    totals = {total for _, total in calls}
+    done = [d for d, _ in calls]
+    assert len(totals) == 1 and done[0] == 0 and done == sorted(done) and done[-1] == totals.pop()
+    assert done[-1] == memory.weight_bytes(src, "bfloat16")  # the default output dtype
+
+
+def test_convert_draws_a_byte_bar_on_a_terminal(tmp_path):
+    src = make_checkpoint(tmp_path / "src", hidden=128, vocab_size=320, tokenizer=False)
+    r = fuyu("convert", src, tmp_path / "out", "--shard-size", "200KB",
+             env={"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "120"})
+    assert r.code == 0, r.err
+    total = memory.weight_bytes(src, "bfloat16") / 1e6
+    assert f"{total:.1f}/{total:.1f} MB" in r.err and "wrote shard 2" in r.err
+    r = fuyu("convert", src, tmp_path / "out2", "--shard-size", "200KB")  # not a terminal: no bar
+    assert r.code == 0 and "MB/s" not in r.err and "wrote shard 2" in r.err
