@@ -18,21 +18,25 @@ from model.config import FuyuConfig
 
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
-    """positions (B, T) → cos, sin (B, 1, T, R), computed in float32 then cast (as the reference)."""
+    """positions (B, T) → cos, sin (B, T, 1, R/2), computed in float32 then cast (as the reference).
+
+    Dims i and i + R/2 of a head share frequency i (rotate-half pairing), so half a table is enough.
+    """
     exponent = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.int64).float() / rotary_dim
     inv_freq = 1.0 / (base ** exponent)  # (R/2,)
-    theta = positions[..., None].float() * inv_freq  # (B, T, R/2)
-    emb = torch.cat((theta, theta), dim=-1)[:, None]  # (B, 1, T, R): dim i pairs with i + R/2
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    theta = (positions[..., None].float() * inv_freq)[:, :, None]  # (B, T, 1, R/2)
+    return theta.cos().to(dtype), theta.sin().to(dtype)
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first R dims of x (B, H, T, D); the rest pass through (GPT-NeoX rotate_half)."""
-    R = cos.shape[-1]
-    rot, rest = x[..., :R], x[..., R:]
-    half1, half2 = rot[..., : R // 2], rot[..., R // 2:]
-    rotated = torch.cat((-half2, half1), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+    """Rotate the first R dims of x (B, T, H, D) in pairs (i, i + R/2); the rest pass through.
+
+    (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin): GPT-NeoX's rotate_half written out, with one
+    concatenation instead of three and no negated copy.
+    """
+    h = cos.shape[-1]
+    x1, x2 = x[..., :h], x[..., h: 2 * h]
+    return torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin), x[..., 2 * h:]), -1)
 
 
 class Attention(nn.Module):
@@ -45,18 +49,33 @@ class Attention(nn.Module):
         self.q_layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.k_layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, layer: int, read_cache: bool = True):
         B, T, D = x.shape
         qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim)
-        q, k, v = qkv.unbind(dim=3)  # (B, T, H, 3, d) → q, k, v each (B, T, H, d)
-        q, k = self.q_layernorm(q), self.k_layernorm(k)  # over the head dim, before rotary
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        # LayerNorm over the head dim, before rotary; everything stays (B, T, H, d) until SDPA.
+        q = apply_partial_rotary(self.q_layernorm(qkv[:, :, :, 0]), cos, sin)
+        k = apply_partial_rotary(self.k_layernorm(qkv[:, :, :, 1]), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)  # (B, H, T, d) views
         if cache is not None:  # cache holds post-LayerNorm, post-rotary keys
-            k, v = cache.update(layer, slots, k, v)
-        # mask None: plain causal (no padding, nothing cached); scale 1/sqrt(d) as the reference.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            cached_k, cached_v = cache.update(layer, slots, k, v)
+            if read_cache:  # else (a prefill into an empty cache) the new keys are all there is
+                k, v = cached_k, cached_v
+        if T == 1 and mask is not None and q.device.type == "cpu":
+            y = attend_one(q, k, v, mask)
+        else:  # mask None: plain causal over the new tokens; scale 1/sqrt(d) as the reference.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))  # (B, H, T, d) → (B, T, D)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row (B, H, 1, d) over cached keys (B, H, S, d), mask (B, 1, 1, S).
+
+    The reference's eager attention: scores from a matmul in the activation dtype, softmax in
+    float32. On CPU this is 3-5× faster than SDPA's flash kernel for a single query (decode).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 class MLP(nn.Module):
@@ -66,7 +85,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
-        return self.dense_4h_to_h(torch.relu(self.dense_h_to_4h(x)).square())
+        h = self.dense_h_to_4h(x)
+        if torch.is_grad_enabled():  # autograd needs h itself for relu²'s backward
+            return self.dense_4h_to_h(torch.relu(h).square())
+        return self.dense_4h_to_h(h.relu_().square_())  # in place: no (T, 4D) temporaries
 
 
 class Block(nn.Module):
@@ -77,8 +99,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, slots, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, layer)
+    def forward(self, x, cos, sin, mask, cache, slots, layer, read_cache=True):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, layer, read_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -104,6 +126,14 @@ class Fuyu(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def requires_grad_(self, requires_grad: bool = True):
+        """As nn.Module's; making the model trainable first restores packed CPU weights (kernels.py)."""
+        if requires_grad:
+            from model.kernels import unpack_linears
+
+            unpack_linears(self)
+        return super().requires_grad_(requires_grad)
+
     def embed(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
         """Word embeddings (B, T, D) with the k-th |SPEAKER| slot (row-major) holding patch k's projection."""
         x = self.embed_tokens(input_ids)
@@ -127,22 +157,28 @@ class Fuyu(nn.Module):
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         x = self.embed(input_ids, patches)
-        if cache is None:
-            slots = torch.arange(T, device=x.device)
-            mask = None if bool(valid.all()) else attention_mask(valid.bool(), slots)
-        else:
-            slots = cache.next_slots(T)
-            mask = attention_mask(cache.mark_valid(slots, valid.bool()), slots)
-        h = self.layers_forward(x, positions, mask, cache, slots)
+        valid = valid.bool()
+        slots = torch.arange(T, device=x.device) if cache is None else cache.next_slots(T)
+        read_cache = cache is not None and cache.pos > 0
+        if read_cache:  # earlier tokens are cached: attend over the whole buffer
+            mask = attention_mask(cache.mark_valid(slots, valid), slots)
+        else:  # only these T tokens: plain causal unless there is padding
+            if cache is not None:
+                cache.mark_valid(slots, valid)
+            mask = None if bool(valid.all()) else attention_mask(valid, torch.arange(T, device=x.device))
+        h = self.layers_forward(x, positions, mask, cache, slots, read_cache)
         if cache is not None:
             cache.advance(T)
         return h
 
-    def layers_forward(self, x, positions, mask, cache, slots):
-        """The decoder stack on embeddings x (B, T, D); mask None means plain causal attention."""
+    def layers_forward(self, x, positions, mask, cache, slots, read_cache: bool = True):
+        """The decoder stack on embeddings x (B, T, D); mask None means plain causal attention.
+
+        read_cache: attend over the cache's whole buffer (decode) rather than the new keys only.
+        """
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, slots, i)
+            x = block(x, cos, sin, mask, cache, slots, i, read_cache)
         return self.final_layernorm(x)
 
     def forward(self, input_ids, positions, valid=None, cache: KVCache | None = None, patches=None):

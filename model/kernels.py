@@ -1,9 +1,9 @@
 """Faster kernels for hot spots, each equivalent to the plain PyTorch op it replaces.
 
-On CPU, torch's bf16 GEMV (F.linear at batch 1) reads weights at roughly half the memory
-bandwidth; an inductor-compiled multiply-and-reduce with float32 accumulation streams them at
-close to the bandwidth limit. The LM head (262,144 × hidden) is most of the bytes a decode step
-reads, so it is where this pays.
+On CPU, torch's bf16 GEMV (F.linear at batch 1-2) reads weights at roughly half the memory
+bandwidth. Two remedies: an inductor-compiled multiply-and-reduce with float32 accumulation, which
+streams the LM head (262,144 × hidden, most of the bytes a decode step reads) at close to the
+bandwidth limit; and oneDNN's pre-packed weights for the layer Linears (PackedLinear).
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ _shapes: set = set()
 _failed: list = []  # non-empty once compiling failed (no C compiler, inductor error)
 
 
+_MAX_ROWS = 2  # one multiply-reduce per row, fused by inductor into one pass over the weight
+
+
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, D) @ w (V, D)ᵀ with float32 accumulation, rounded to x's dtype as a bf16 GEMM does."""
-    return (w.float() * x.float()[:, None, :]).sum(-1).to(x.dtype)
+    """x (B, D) @ w (V, D)ᵀ with float32 accumulation, rounded to x's dtype as a bf16 GEMM does.
+
+    Written row by row (B is static): inductor then reads w once for all rows. Measured on the
+    262,144 × 1024 head: 16.6 ms at 1 row, 18.9 ms at 2 (F.linear: 27.5 ms); at 4 rows the loop
+    spills and F.linear wins, hence _MAX_ROWS.
+    """
+    wf = w.float()
+    return torch.stack([(wf * x[i].float()).sum(-1) for i in range(x.shape[0])]).to(x.dtype)
 
 
 @functools.cache
@@ -39,19 +48,94 @@ def wants_fast_head(weight: torch.Tensor) -> bool:
 
 def head_logits(h: torch.Tensor, head: torch.nn.Module | torch.Tensor, fast: bool) -> torch.Tensor:
     """Logits (B, V) from hidden states h (B, D) through `head` (the LM head module, or a weight);
-    `fast` picks the compiled GEMV at batch 1 (only for a plain Linear's 16-bit weight).
-
-    Only one row: for several rows the generated reduction re-reads the weights (measured 2× slower
-    than F.linear at 4 rows), while a GEMM reads them once for all rows.
+    `fast` picks the compiled GEMV for up to _MAX_ROWS rows (only for a plain Linear's 16-bit weight).
     """
     if isinstance(head, torch.nn.Module) and not fast:
         return head(h)
     weight = head.weight if isinstance(head, torch.nn.Module) else head
-    key = (tuple(weight.shape), weight.dtype, h.dtype)
-    if fast and h.shape[0] == 1 and not _failed and (key in _shapes or len(_shapes) < _MAX_SHAPES):
+    key = (tuple(weight.shape), weight.dtype, h.dtype, h.shape[0])
+    if fast and h.shape[0] <= _MAX_ROWS and not _failed and (key in _shapes or len(_shapes) < _MAX_SHAPES):
         _shapes.add(key)
         try:
             return _compiled_gemv()(h.contiguous(), weight)
         except Exception as exc:  # the plain op below is always right
             _failed.append(exc)
     return F.linear(h, weight)
+
+
+class PackedLinear(torch.nn.Module):
+    """An inference-only nn.Linear for CPU whose weight is kept in oneDNN's blocked layout.
+
+    Results are bit for bit those of F.linear (checked in tests), but the packed GEMM skips the
+    per-call weight reorder: on a 2-core AVX-512 machine a bf16 decode step (batch 1-4) streams
+    layer weights about twice as fast, and prefill GEMMs run ~5% faster. The weight can always be
+    restored exactly (`unpack`), which `Fuyu.requires_grad_(True)` does before training.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise RuntimeError("this Fuyu's Linear weights are packed for CPU inference; call "
+                               "model.requires_grad_(True) first to train it (that unpacks them)")
+        if torch.compiler.is_compiling():  # the custom op keeps a compiled graph whole
+            return _packed_linear(x, self.packed, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # ~20 µs less a call
+
+    def unpack(self) -> torch.nn.Linear:
+        with torch.device("meta"):
+            linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                     dtype=self.bias.dtype if self.bias is not None else None)
+        linear.weight = torch.nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}"
+
+
+@torch.library.custom_op("fuyu::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An opaque op to torch.compile (inductor cannot lower a pre-packed weight itself), so a
+    compiled decode step calls it in place without breaking its graph."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether PackedLinear serves this weight: CPU, bfloat16, and a oneDNN build that has bf16."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head", "vision_embed_tokens")) -> int:
+    """Swap every plain CPU bf16 nn.Linear (not quantized, not offloaded, not in `skip`) for a
+    PackedLinear; returns how many. Skipped by default: the LM head (at batch 1 head_logits' compiled
+    GEMV reads its plain weight, faster still) and the patch projection (once per prefill)."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if (type(module) is torch.nn.Linear and name not in skip and not hasattr(module, "_hf_hook")
+                and can_pack(module.weight)):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, PackedLinear(module))
+            count += 1
+    return count
+
+
+def unpack_linears(model: torch.nn.Module) -> int:
+    """Undo pack_linears (exactly); returns how many modules were restored."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedLinear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module.unpack())
+            count += 1
+    return count

@@ -17,6 +17,7 @@ from model.config import FuyuConfig
 from model.devices import dispatch, plan_placement
 from model.errors import CheckpointError
 from model.fuyu import Fuyu
+from model.kernels import pack_linears
 from model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -102,7 +103,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str = torch.bfloat16, *, quantization=None,
-                    device_map=None, max_memory=None, offload_folder: str | Path | None = None) -> Fuyu:
+                    device_map=None, max_memory=None, offload_folder: str | Path | None = None,
+                    pack: bool | None = None) -> Fuyu:
     """Load a checkpoint directory into an eval-mode Fuyu on `device`, weights cast to `dtype`.
 
     quantization: None, "int8"/"int4" (torch) or "8bit"/"4bit"/"nf4"/"fp4" (bitsandbytes), applied
@@ -110,6 +112,8 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     device_map: "auto" (with optional max_memory {0: "20GiB", "cpu": "30GiB"}) or {module: device}
     (model/devices.py); it overrides `device`. Offloaded modules stay unquantized; disk-offloaded
     tensors are read from the checkpoint's own files, or from offload_folder when they must change.
+    pack: keep CPU bf16 Linear weights in oneDNN's layout (same results, faster; model/kernels.py);
+    None = whenever nothing is quantized or mapped. `model.requires_grad_(True)` unpacks them.
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
@@ -170,7 +174,10 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{ckpt}: tensor {missing[0]!r}{more} missing from the checkpoint; "
                               "a shard is incomplete or the checkpoint does not match config.json")
     dispatch(model, placement, offload_folder, offload_index)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if pack or (pack is None and not scheme and not stored and device_map is None):
+        pack_linears(model)
+    return model
 
 
 def _plan(model, scheme, stored_modules, device, device_map, max_memory, dtype):

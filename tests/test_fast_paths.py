@@ -36,3 +36,51 @@ def test_fast_head_equals_linear_up_to_output_rounding():
     # Both accumulate in float32 and round once; only the summation order differs.
     assert torch.allclose(fast.float(), plain.float(), atol=0.07, rtol=0.01)
     assert (fast.argmax(-1) == plain.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (4, 1, 96), (2, 37, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_is_f_linear_bit_for_bit(shape, bias):
+    from model.kernels import PackedLinear, can_pack
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160, bias=bias).bfloat16().requires_grad_(False)
+    if not can_pack(linear.weight):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    x = torch.randn(shape).bfloat16()
+    packed = PackedLinear(linear)
+    assert torch.equal(packed(x), linear(x))
+    restored = packed.unpack()
+    assert torch.equal(restored.weight, linear.weight) and restored.bias is linear.bias
+
+
+def test_bf16_load_packs_layer_linears_with_identical_logits_and_ids(ckpt):
+    from model.kernels import PackedLinear
+
+    packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
+    kinds = {type(m).__name__ for m in packed.layers.modules() if isinstance(m, (PackedLinear, torch.nn.Linear))}
+    if kinds != {"PackedLinear"}:
+        pytest.skip("no oneDNN bf16 on this CPU")
+    assert type(packed.lm_head) is torch.nn.Linear  # the compiled batch-1 GEMV reads its plain weight
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    batch = make_batch([(3, 4, 5), (1, 2, 3)], VOCAB, seed=9)
+    with torch.inference_mode():
+        assert torch.equal(packed.logits(batch), plain.logits(batch))
+    assert packed.generate(batch, 12, eos_id=-1).tolist() == plain.generate(batch, 12, eos_id=-1).tolist()
+
+
+def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
+    from model.kernels import PackedLinear
+
+    packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
+    layer = packed.layers[0].mlp.dense_h_to_4h
+    if isinstance(layer, PackedLinear):
+        x = torch.ones(1, 96, dtype=torch.bfloat16, requires_grad=True)
+        with pytest.raises(RuntimeError, match="requires_grad_"):
+            layer(x)
+    packed.requires_grad_(True)
+    assert not any(isinstance(m, PackedLinear) for m in packed.modules())
+    want = plain.state_dict()
+    got = packed.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(p.requires_grad for p in packed.parameters())
