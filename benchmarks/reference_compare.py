@@ -28,23 +28,36 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
     out = {"version": transformers.__version__}
     for name, images, n_new in (("batch1_32tok", [photo], 32), ("batch8_mixed_20tok", mixed, 20)):
         def ours():
-            for group in bench.group_by_size(images):
-                bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1)
+            return [bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in bench.group_by_size(images)]
 
         def theirs():
             inputs = ref_proc(text=[prompt] * len(images), images=images, return_tensors="pt").to(device)
-            ref.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                         pad_token_id=net.config.eos_token_id)
+            out = ref.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                               pad_token_id=net.config.eos_token_id)
+            return out[:, inputs["input_ids"].shape[1]:]
 
-        ours(), theirs()  # warm-up both
+        same = _same_tokens(ours(), theirs(), images)  # also the warm-up of both
         a, b = [], []
         for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
             a.append(_once(ours, device))
             b.append(_once(theirs, device))
         sa, sb = bench.Stat.of(a), bench.Stat.of(b)
         out[name] = {"ours_s": round(sa.median, 3), "reference_s": round(sb.median, 3),
-                     "speedup": round(sb.median / sa.median, 2)}
+                     "speedup": round(sb.median / sa.median, 2), "same_tokens": same}
     return out
+
+
+def _same_tokens(ours: list, theirs, images: list) -> str:
+    """How many generated tokens equal the reference's, as "k/n" (ours come grouped by size)."""
+    position = {id(item): i for i, item in enumerate(images)}
+    order = [position[id(item)] for group in bench.group_by_size(images) for item in group]
+    mine = [row for ids in ours for row in ids.tolist()]
+    equal = total = 0
+    for row, index in zip(mine, order):
+        ref_row = theirs[index].tolist()
+        equal += sum(x == y for x, y in zip(row, ref_row))
+        total += len(ref_row)
+    return f"{equal}/{total}"
 
 
 def _once(fn, device) -> float:

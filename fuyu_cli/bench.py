@@ -17,6 +17,7 @@ import torch
 
 from model import Fuyu, FuyuConfig, load_pretrained
 from model.generate import generate
+from model.kernels import pack_linears
 from preprocess import FuyuProcessor
 from preprocess.tokenizer import Tokenizer
 
@@ -80,7 +81,9 @@ def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    pack_linears(model)  # as load_pretrained does
+    return model
 
 
 def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype):
@@ -106,22 +109,58 @@ def test_image(width: int, height: int, seed: int = 0):
 
 
 def bandwidth(device: torch.device) -> float:
-    """Streaming read rate in GB/s: the sum of a 1 GiB buffer, median of 5."""
+    """Streaming read rate in GB/s: the sum of a 1 GiB buffer, fastest of 7 (decode steps are
+    taken at their fastest too, so the two compare like with like on a noisy machine)."""
     x = torch.ones(256 * 1024 * 1024, device=device)
-    s = timed(lambda: x.sum(), 5, device)
-    return x.numel() * 4 / s.median / 1e9
+    s = timed(lambda: x.sum(), 7, device)
+    return x.numel() * 4 / s.min / 1e9
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
-    s = timed(lambda: torch.nn.functional.linear(a, b), 5, device)
-    return 2 * m * k * n / s.median / 1e12
+def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of one decoder layer's four Linear GEMMs over `tokens` rows."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]]) -> float:
+    """Plain F.linear throughput over these GEMM shapes: total FLOPs / summed median times."""
+    flops = seconds = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+        seconds += timed(lambda: torch.nn.functional.linear(a, b), 5, device).median
+        flops += 2 * m * k * n
+    return flops / seconds / 1e12
+
+
+def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
+    """Matmul FLOPs of a prefill: layer GEMMs, causal attention (QKᵀ and PV over the lower
+    triangle, 2·T²·D a layer) and the patch projection. The LM head is not part of it."""
+    gemms = sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    attention = 2 * tokens * tokens * cfg.hidden_size
+    return cfg.num_hidden_layers * (gemms + attention) + 2 * patches * cfg.patch_dim * cfg.hidden_size
+
+
+@torch.inference_mode()
+def prefill(model: Fuyu, batch) -> torch.Tensor:
+    """Hidden states of a prompt written into a fresh KV cache, as generate's first step does."""
+    from model.fuyu import position_ids
+    from model.generate import new_cache
+
+    device = model.embed_tokens.weight.device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    cache = new_cache(model, ids.shape[0], ids.shape[1])
+    return model.hidden(ids, position_ids(mask), mask.bool(), cache, batch.image_patches.to(device))
 
 
 def decode_bytes(model: Fuyu) -> int:
-    """Bytes of weights one decode step reads: all but the input embedding and patch projection."""
+    """Bytes of weights one decode step reads: all but the input embedding and patch projection
+    (packed CPU Linear weights included: they are not parameters)."""
+    from model.kernels import PackedLinear
+
     skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
+    return params + packed
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -158,10 +197,14 @@ def group_by_size(images: list) -> list[list]:
 
 
 def run_ours(model, proc, images, prompt: str, new_tokens: int, **kw):
-    batch = proc(images=images, prompts=[prompt] * len(images))
-    return generate(model, batch.input_ids.to(model.lm_head.weight.device),
-                    batch.attention_mask.to(model.lm_head.weight.device),
-                    batch.image_patches.to(model.lm_head.weight.device), new_tokens, **kw)
+    """Preprocess and generate, end to end."""
+    return generate_on(model, proc(images=images, prompts=[prompt] * len(images)), new_tokens, **kw)
+
+
+def generate_on(model, batch, new_tokens: int, **kw):
+    device = model.embed_tokens.weight.device
+    return generate(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                    batch.image_patches.to(device), new_tokens, **kw)
 
 
 def tmpdir() -> Path:

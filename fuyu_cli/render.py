@@ -97,20 +97,23 @@ def benchmark_table(console: Console, res: dict) -> None:
     pre = res["prefill"]
     rows = [("load", f"{res['load_s']:.2f} s"),
             ("memory read bandwidth (1 GiB sum)", f"{res['bandwidth_gbs']} GB/s"),
-            ("matmul throughput", f"{res['matmul_tflops']} TFLOP/s"),
+            ("matmul throughput (F.linear, prefill shapes)", f"{res['matmul_tflops']} TFLOP/s"),
             ("preprocess 1920×1080", f"{res['preprocess_ms_1920x1080']} ms"),
             ("preprocess 640×480", f"{res['preprocess_ms_640x480']} ms"),
             (f"prefill {pre['tokens']} tokens (min/median/max)",
              f"{pre['ms']['min']}/{pre['ms']['median']}/{pre['ms']['max']} ms"),
             ("prefill throughput", f"{pre['tokens_per_s']} tok/s, {pre['tflops']} TFLOP/s "
-                                   f"({pre['fraction_of_matmul']:.0%} of matmul)")]
+                                   f"({pre['fraction_of_matmul']:.0%} of matmul)"),
+            ("first token: preprocess + prefill + head (min/median/max)",
+             "/".join(str(res["first_token_ms"][k]) for k in ("min", "median", "max")) + " ms")]
     for B, d in res["decode"].items():
         rows.append((f"decode batch {B}", f"{d['ms_per_step']} ms/step, {d['tokens_per_s']} tok/s, "
                                           f"{d['weight_gbs']} GB/s ({d['fraction_of_bandwidth']:.0%})"))
     rows.append(("caption run, 8 mixed images, 20 tokens", f"{res['caption_images_per_s']} images/s"))
     for name, r in res.get("reference", {}).items():
         if isinstance(r, dict):
-            rows.append((f"vs reference {name}", f"{r['ours_s']} s vs {r['reference_s']} s: {r['speedup']}×"))
+            rows.append((f"vs reference {name}", f"{r['ours_s']} s vs {r['reference_s']} s: {r['speedup']}×, "
+                                                   f"same tokens {r['same_tokens']}"))
     rows.append(("peak RSS", f"{res['peak_rss_gb']:.2f} GB"))
     for label, value in rows:
         table.add_row(label, value)

@@ -42,3 +42,5 @@ def test_benchmark_compare_reference_times_both_on_a_checkpoint(tmp_path):
     assert ref["version"] == "4.57.6"
     for case in ("batch1_32tok", "batch8_mixed_20tok"):
         assert ref[case]["ours_s"] > 0 and ref[case]["reference_s"] > 0
+        equal, total = map(int, ref[case]["same_tokens"].split("/"))
+        assert total > 0 and equal == total  # float32 on the tiny checkpoint: the greedy ids agree
