@@ -57,7 +57,10 @@ def head_logits(h: torch.Tensor, head: torch.nn.Module | torch.Tensor, fast: boo
     if fast and h.shape[0] <= _MAX_ROWS and not _failed and (key in _shapes or len(_shapes) < _MAX_SHAPES):
         _shapes.add(key)
         try:
-            return _compiled_gemv()(h.contiguous(), weight)
+            # A fresh buffer: h[:, -1] of a prefill is "contiguous" with a row stride of T·D, and
+            # compiled code guards on strides, so each prompt length would recompile.
+            x = torch.empty_like(h, memory_format=torch.contiguous_format).copy_(h)
+            return _compiled_gemv()(x, weight)
         except Exception as exc:  # the plain op below is always right
             _failed.append(exc)
     return F.linear(h, weight)

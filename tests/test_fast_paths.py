@@ -84,3 +84,19 @@ def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
     got = packed.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert all(p.requires_grad for p in packed.parameters())
+
+
+def test_fast_head_compiles_once_per_row_count_whatever_the_prompt_length():
+    import torch._dynamo
+
+    from model import kernels
+
+    torch._dynamo.reset()
+    kernels._compiled_gemv.cache_clear()
+    w = torch.randn(512, 64).bfloat16()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    for T in (5, 9, 17, 33, 65, 129, 257, 513, 1025, 3):  # more lengths than dynamo's recompile limit
+        h = torch.randn(1, T, 64).bfloat16()[:, -1]  # as a prefill's last position: row stride T·64
+        assert torch.allclose(head_logits(h, w, fast=True).float(), (h @ w.T).float(), atol=0.07, rtol=0.01)
+    assert counts["stats"]["unique_graphs"] == 1
