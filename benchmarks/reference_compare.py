@@ -21,6 +21,7 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
         raise FuyuError("--compare reference needs transformers==4.57.6",
                         "pip install -e '.[test]'") from None
     ref = FuyuForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    default_attention = ref.config._attn_implementation  # what a user of the reference gets (sdpa)
     ref_proc = FuyuProcessor(image_processor=FuyuImageProcessor(), tokenizer=AutoTokenizer.from_pretrained(model_dir))
     from PIL import Image
 
@@ -36,14 +37,19 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
                                pad_token_id=net.config.eos_token_id)
             return out[:, inputs["input_ids"].shape[1]:]
 
-        same = _same_tokens(ours(), theirs(), images)  # also the warm-up of both
+        mine = ours()  # also the warm-up of both
+        same = _same_tokens(mine, theirs(), images)
+        ref.set_attn_implementation("eager")  # the reference maths per fuyu-spec §6.3, untimed
+        same_eager = _same_tokens(mine, theirs(), images)
+        ref.set_attn_implementation(default_attention)
         a, b = [], []
         for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
             a.append(_once(ours, device))
             b.append(_once(theirs, device))
         sa, sb = bench.Stat.of(a), bench.Stat.of(b)
         out[name] = {"ours_s": round(sa.median, 3), "reference_s": round(sb.median, 3),
-                     "speedup": round(sb.median / sa.median, 2), "same_tokens": same}
+                     "speedup": round(sb.median / sa.median, 2), "same_tokens": same,
+                     "same_tokens_eager": same_eager, "reference_attention": default_attention}
     return out
 
 

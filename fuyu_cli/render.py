@@ -113,7 +113,8 @@ def benchmark_table(console: Console, res: dict) -> None:
     for name, r in res.get("reference", {}).items():
         if isinstance(r, dict):
             rows.append((f"vs reference {name}", f"{r['ours_s']} s vs {r['reference_s']} s: {r['speedup']}×, "
-                                                   f"same tokens {r['same_tokens']}"))
+                                                   f"same tokens {r['same_tokens']} "
+                                                   f"({r['same_tokens_eager']} vs eager)"))
     rows.append(("peak RSS", f"{res['peak_rss_gb']:.2f} GB"))
     for label, value in rows:
         table.add_row(label, value)

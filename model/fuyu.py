@@ -31,12 +31,13 @@ def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, dtype:
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first R dims of x (B, T, H, D) in pairs (i, i + R/2); the rest pass through.
 
-    (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin): GPT-NeoX's rotate_half written out, with one
-    concatenation instead of three and no negated copy.
+    (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin): the reference's x·cos + rotate_half(x)·sin
+    with the same roundings in 16-bit (each product, then the sum), minus its two concatenations
+    and the negated copy.
     """
     h = cos.shape[-1]
     x1, x2 = x[..., :h], x[..., h: 2 * h]
-    return torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin), x[..., 2 * h:]), -1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * h:]), -1)
 
 
 class Attention(nn.Module):

@@ -100,3 +100,16 @@ def test_fast_head_compiles_once_per_row_count_whatever_the_prompt_length():
         h = torch.randn(1, T, 64).bfloat16()[:, -1]  # as a prefill's last position: row stride T·64
         assert torch.allclose(head_logits(h, w, fast=True).float(), (h @ w.T).float(), atol=0.07, rtol=0.01)
     assert counts["stats"]["unique_graphs"] == 1
+
+
+def test_rotary_rounds_like_the_reference_formula_in_bf16():
+    from model.fuyu import apply_partial_rotary, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 4, 64, generator=g).bfloat16()
+    cos, sin = rotary_cos_sin(torch.arange(7).expand(2, 7) * 37, 32, 25000.0, torch.bfloat16)
+    # fuyu-spec §6.3: x_rot·cos + rotate_half(x_rot)·sin with cos/sin over all 32 rotary dims
+    c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    rot, rest = x[..., :32], x[..., 32:]
+    rotate_half = torch.cat((-rot[..., 16:], rot[..., :16]), -1)
+    assert torch.equal(apply_partial_rotary(x, cos, sin), torch.cat((rot * c + rotate_half * s, rest), -1))
