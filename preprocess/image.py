@@ -155,29 +155,30 @@ def bilinear(im: Image.Image, new_w: int, new_h: int) -> Image.Image:
     wide, so those keep the single-threaded call (tests compare both ways on many sizes).
     """
     W, H = im.size
-    workers = _cpu_count()
+    workers = cpu_count()
     if workers < 2 or W * H < _PARALLEL_MIN_PIXELS or H > W or new_w == W or new_h == H:
         return im.resize((new_w, new_h), _BILINEAR)
-    pool = _pool(workers)
+    pool = worker_pool()
     mid = Image.new(im.mode, (new_w, H), None)  # None: not filled, every pixel is pasted over
-    rows = _strips(H, workers)
+    rows = strips(H, workers)
     for (top, _), part in zip(rows, pool.map(
             lambda r: im.crop((0, r[0], W, r[1])).resize((new_w, r[1] - r[0]), _BILINEAR), rows)):
         mid.paste(part, (0, top))
     out = Image.new(im.mode, (new_w, new_h), None)
-    cols = _strips(new_w, workers)
+    cols = strips(new_w, workers)
     for (left, _), part in zip(cols, pool.map(
             lambda c: mid.crop((c[0], 0, c[1], H)).resize((c[1] - c[0], new_h), _BILINEAR), cols)):
         out.paste(part, (left, 0))
     return out
 
 
-def _strips(n: int, parts: int) -> list[tuple[int, int]]:
+def strips(n: int, parts: int) -> list[tuple[int, int]]:
+    """[a, b) ranges splitting range(n) into at most `parts` near-equal non-empty pieces."""
     cuts = [n * i // parts for i in range(parts + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -185,5 +186,6 @@ def _cpu_count() -> int:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fuyu-resize")
+def worker_pool() -> ThreadPoolExecutor:
+    """Threads for pixel work that releases the GIL (Pillow passes, numpy loops); never nested."""
+    return ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="fuyu-pixels")
