@@ -177,7 +177,7 @@ class Runner:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
         new_ids = self.model.generate(batch, max_new_tokens=gen.max_new_tokens,
                                       temperature=gen.temperature, top_p=gen.top_p,
-                                      generator=generator).cpu()
+                                      generator=generator, compile=gen.compile).cpu()
         texts = self.processor.decode(new_ids)
         boxes = None
         if any(job.task == "bbox" for job, *_ in items):

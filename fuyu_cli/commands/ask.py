@@ -10,7 +10,8 @@ from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, Dtyp
                               FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
                               ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
                               OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
-                              RecursiveOpt, SeedOpt, SidecarOpt, TemperatureOpt, TopPOpt)
+                              RecursiveOpt, SeedOpt, SidecarOpt, TemperatureOpt, TopPOpt,
+                              CompileOpt)
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -41,6 +42,7 @@ def ask(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
+    compile: CompileOpt = False,
     fmt: FormatOpt = Format.jsonl,
     output: OutputOpt = None,
     sidecar: SidecarOpt = False,
@@ -61,7 +63,7 @@ def ask(
              InputSpec(paths, recursive, null),
              ModelSpec(model, device, dtype.value, quantize.value, batch_size,
                        device_map, max_memory, offload_folder),
-             GenOptions(max_new_tokens, temperature, top_p, seed),
+             GenOptions(max_new_tokens, temperature, top_p, seed, compile),
              OutputSpec(fmt.value, output, sidecar, overwrite, quiet))
 
 
