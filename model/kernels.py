@@ -97,6 +97,11 @@ class PackedLinear(torch.nn.Module):
         linear.bias = self.bias
         return linear
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # state_dict() keeps nn.Linear's keys, so saving or converting a loaded model just works
+        destination[prefix + "weight"] = self.packed.to_dense()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}"
 

@@ -73,6 +73,9 @@ def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
     from model.kernels import PackedLinear
 
     packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
+    want = plain.state_dict()
+    got = packed.state_dict()  # packed weights come out under nn.Linear's keys, exactly
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     layer = packed.layers[0].mlp.dense_h_to_4h
     if isinstance(layer, PackedLinear):
         x = torch.ones(1, 96, dtype=torch.bfloat16, requires_grad=True)
@@ -80,7 +83,6 @@ def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
             layer(x)
     packed.requires_grad_(True)
     assert not any(isinstance(m, PackedLinear) for m in packed.modules())
-    want = plain.state_dict()
     got = packed.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert all(p.requires_grad for p in packed.parameters())
@@ -113,3 +115,13 @@ def test_rotary_rounds_like_the_reference_formula_in_bf16():
     rot, rest = x[..., :32], x[..., 32:]
     rotate_half = torch.cat((-rot[..., 16:], rot[..., :16]), -1)
     assert torch.equal(apply_partial_rotary(x, cos, sin), torch.cat((rot * c + rotate_half * s, rest), -1))
+
+
+def test_a_packed_model_saves_like_the_plain_one(ckpt, tmp_path):
+    from model.convert import save_pretrained
+
+    packed = load_pretrained(ckpt, dtype=torch.bfloat16)
+    save_pretrained(packed, tmp_path / "saved", packed.config, dtype=torch.bfloat16)
+    want = load_pretrained(ckpt, dtype=torch.bfloat16, pack=False).state_dict()
+    got = load_pretrained(tmp_path / "saved", dtype=torch.bfloat16, pack=False).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
