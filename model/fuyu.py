@@ -135,6 +135,14 @@ class Fuyu(nn.Module):
             unpack_linears(self)
         return super().requires_grad_(requires_grad)
 
+    def _apply(self, fn, recurse=True):
+        """.to() / .cuda() / .float() and friends: packed CPU weights are restored first (exactly),
+        since a packed weight is bound to its CPU dtype and layout."""
+        from model.kernels import unpack_linears
+
+        unpack_linears(self)
+        return super()._apply(fn, recurse)
+
     def embed(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
         """Word embeddings (B, T, D) with the k-th |SPEAKER| slot (row-major) holding patch k's projection."""
         x = self.embed_tokens(input_ids)

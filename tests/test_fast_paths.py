@@ -125,3 +125,14 @@ def test_a_packed_model_saves_like_the_plain_one(ckpt, tmp_path):
     want = load_pretrained(ckpt, dtype=torch.bfloat16, pack=False).state_dict()
     got = load_pretrained(tmp_path / "saved", dtype=torch.bfloat16, pack=False).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_moving_or_casting_a_packed_model_restores_plain_weights(ckpt):
+    from model.kernels import PackedLinear
+
+    model = load_pretrained(ckpt, dtype=torch.bfloat16).float()
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    want = load_pretrained(ckpt, dtype=torch.bfloat16, pack=False).float()
+    batch = make_batch([(3, 4, 5)], VOCAB, seed=2)
+    with torch.inference_mode():
+        assert torch.equal(model.logits(batch), want.logits(batch))
