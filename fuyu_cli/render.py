@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.text import Text
 
 
@@ -47,6 +48,20 @@ class Reporter:
             return
         with self.console.status(message):
             yield
+
+    @contextmanager
+    def byte_progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
+        """Yields an on_bytes(done, total) callback drawing bytes done out of the total, on a
+        terminal only (None otherwise). It pulses until the total is known; notes print above."""
+        if self.quiet or not self.console.is_terminal:
+            yield None
+            return
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
+                       transient=True)
+        with bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
 
     @contextmanager
     def progress(self, total: int, label: str) -> Iterator[Callable[[dict], None]]:

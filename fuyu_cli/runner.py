@@ -1,6 +1,7 @@
 """Load the model once and turn jobs into result records.
 
-The only CLI module that imports model/, preprocess/ and torch, and only inside functions, so
+The CLI module that loads and runs the model (options.py only borrows model.devices' parsers for
+--device-map/--max-memory), importing model/, preprocess/ and torch inside functions, so
 `fuyu --help` never pays for them. Images are grouped by size so a batch wastes little padding;
 the next batch is preprocessed on a worker thread while the model runs the current one. An item
 that fails (unreadable image, over-long prompt, box outside the image) becomes an error record;

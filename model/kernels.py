@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 _MIN_HEAD_ELEMENTS = 1 << 25  # below ~32 M weights the plain op is already fast enough
-# Each head shape compiles once. They share one code object, whose recompile limit (8) must never
+# Each (head shape, dtype, row count) compiles once. They share one code object, whose recompile limit (8) must never
 # be reached: past it dynamo would run the multiply-reduce eagerly, materialising V×D floats.
 _MAX_SHAPES = 4
 _shapes: set = set()

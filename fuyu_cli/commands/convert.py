@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -70,30 +69,11 @@ def convert(
     except ValueError as e:
         raise FuyuError(str(e), "e.g. --shard-size 2GB") from None
     reporter = Reporter(quiet)
-    with _byte_bar(reporter, f"converting {src}") as on_bytes:
+    with reporter.byte_progress(f"converting {src}") as on_bytes:
         convert_checkpoint(src, out, tokenizer=tokenizer, dtype=dtype.value, shard_size=shard_size,
                            quantization=None if quantize is SaveQuantize.none else quantize.value,
                            progress=reporter.note, on_bytes=on_bytes)
     reporter.note(f"wrote {out}")
-
-
-@contextmanager
-def _byte_bar(reporter, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yields model.convert's on_bytes callback drawing a bar of bytes converted out of the total,
-    on a terminal only (None otherwise). It pulses until the source is read and the total known;
-    notes print above it."""
-    if reporter.quiet or not reporter.console.is_terminal:
-        yield None
-        return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TimeRemainingColumn(), console=reporter.console,
-                   transient=True)
-    with bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def register(app: typer.Typer) -> None:
