@@ -8,7 +8,7 @@ import torch
 
 from model.cache import KVCache
 from model.fuyu import Fuyu, position_ids
-from model.kernels import head_logits, wants_fast_head
+from model.kernels import exact_argmax, head_logits, wants_fast_head
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -29,22 +29,26 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def new_cache(model: Fuyu, batch: int, max_len: int) -> KVCache:
+def new_cache(model: Fuyu, batch: int, max_len: int, static: bool = False) -> KVCache:
     cfg, w = model.config, model.embed_tokens.weight
     return KVCache(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim,
-                   w.device, w.dtype)
+                   w.device, w.dtype, static=static)
 
 
 def decode_step(model: Fuyu, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, padded: bool = True) -> torch.Tensor:
     """Last hidden state (B, D) for one new token per row (B, 1) written at cache slot `slot` (1,).
 
-    Every shape is fixed for a given cache, so this compiles once (torch.compile) and replays.
+    On a static cache every shape is fixed, so this compiles once (torch.compile) and replays:
+    the whole buffer is attended over, unwritten and pad slots masked. Otherwise attention reads
+    the slots written so far, unmasked unless the prompts were padded: the reference's decode.
     """
     x = model.embed_tokens(tokens)
     valid = cache.mark_valid(slot, torch.ones_like(tokens, dtype=torch.bool))
-    mask = valid[:, None, None, :]  # unwritten (future) slots are invalid, so no causal term needed
-    return model.layers_forward(x, positions, mask, cache, slot)[:, -1]
+    if cache.static:
+        return model.layers_forward(x, positions, valid[:, None, None, :], cache, slot)[:, -1]
+    mask = valid[:, None, None, :cache.pos + 1] if padded else None
+    return model.layers_forward(x, positions, mask, cache)[:, -1]
 
 
 @functools.cache
@@ -79,16 +83,23 @@ def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # The compiled GEMV needs a plain 16-bit weight; a quantized or offloaded head runs as itself.
     fast = type(head) is torch.nn.Linear and (wants_fast_head(head.weight) if fast_head is None else fast_head)
     step = compiled_decode_step() if compile else decode_step
-    cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens)
+    cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens, static=compile)
+    padded = not bool(attention_mask.all())  # decided once per batch: generated tokens are all real
     positions = position_ids(attention_mask)
     # Prefill: only the last position's logits are ever needed (the vocabulary is 262,144 wide).
     h = model.hidden(input_ids, positions, attention_mask.bool(), cache, patches)
-    logits = head_logits(h[:, -1], head, fast)
+
+    def next_ids(h: torch.Tensor) -> torch.Tensor:
+        logits = head_logits(h, head, fast)
+        if fast and temperature <= 0:  # the fast head sums in another order: greedy ids stay exact
+            return exact_argmax(h, head.weight, logits)
+        return sample(logits, temperature, top_k, top_p, generator)
+
+    nxt = next_ids(h[:, -1])
     pos = positions[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for i in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, generator)
         nxt = nxt.masked_fill(done, eos)
         out.append(nxt)
         done |= nxt == eos
@@ -96,7 +107,7 @@ def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             break
         pos = pos + 1
         slot = torch.tensor([cache.pos], device=input_ids.device)
-        h = step(model, nxt[:, None], pos, slot, cache)
+        h = step(model, nxt[:, None], pos, slot, cache, padded)
         cache.advance(1)
-        logits = head_logits(h, head, fast)
+        nxt = next_ids(h)
     return torch.stack(out, dim=1)

@@ -25,14 +25,14 @@ _MAX_ROWS = 2  # one multiply-reduce per row, fused by inductor into one pass ov
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, D) @ w (V, D)ᵀ with float32 accumulation, rounded to x's dtype as a bf16 GEMM does.
+    """x (B, D) @ w (V, D)ᵀ accumulated and returned in float32 (not rounded: see exact_argmax).
 
     Written row by row (B is static): inductor then reads w once for all rows. Measured on the
     262,144 × 1024 head: 16.6 ms at 1 row, 18.9 ms at 2 (F.linear: 27.5 ms); at 4 rows the loop
     spills and F.linear wins, hence _MAX_ROWS.
     """
     wf = w.float()
-    return torch.stack([(wf * x[i].float()).sum(-1) for i in range(x.shape[0])]).to(x.dtype)
+    return torch.stack([(wf * x[i].float()).sum(-1) for i in range(x.shape[0])])
 
 
 @functools.cache
@@ -48,7 +48,8 @@ def wants_fast_head(weight: torch.Tensor) -> bool:
 
 def head_logits(h: torch.Tensor, head: torch.nn.Module | torch.Tensor, fast: bool) -> torch.Tensor:
     """Logits (B, V) from hidden states h (B, D) through `head` (the LM head module, or a weight);
-    `fast` picks the compiled GEMV for up to _MAX_ROWS rows (only for a plain Linear's 16-bit weight).
+    `fast` picks the compiled GEMV for up to _MAX_ROWS rows (only for a plain Linear's 16-bit weight),
+    whose float32 logits differ from F.linear's rounded ones by a summation order and the rounding.
     """
     if isinstance(head, torch.nn.Module) and not fast:
         return head(h)
@@ -64,6 +65,44 @@ def head_logits(h: torch.Tensor, head: torch.nn.Module | torch.Tensor, fast: boo
         except Exception as exc:  # the plain op below is always right
             _failed.append(exc)
     return F.linear(h, weight)
+
+
+_MAX_CANDIDATES = 4096  # more near-ties than this (a degenerate head): recompute every logit
+
+
+def exact_argmax(h: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """Greedy ids (B,): argmax of F.linear(h, weight) in h's dtype, first index on ties, exactly as
+    the reference picks them, from `approx` (B, V), logits summed in another order (head_logits'
+    fast path). Only the logits that could be the maximum are recomputed with F.linear (on those
+    weight rows alone, which gives bit for bit the full op's values: tested).
+
+    Candidates: within two 16-bit rounding steps of the approximate maximum plus twice the float32
+    summation error bound γ_K·Σ|w·h| ≤ K·2⁻²⁴·max|w|·Σ|h| for each of the two orders.
+    """
+    approx = approx.float()
+    top = approx.max(-1, keepdim=True).values
+    K = weight.shape[1]
+    summation = 1.01 * K * 2.0 ** -24 * _max_abs(weight) * h.float().abs().sum(-1, keepdim=True)
+    tol = 4 * torch.finfo(h.dtype).eps * top.abs() + 4 * summation
+    near = approx >= top - tol  # (B, V)
+    idx = near.any(0).nonzero().squeeze(1)  # ascending, so the first maximum stays first
+    if idx.numel() > _MAX_CANDIDATES:
+        return F.linear(h, weight).float().argmax(-1)
+    exact = F.linear(h, weight[idx]).float().masked_fill(~near[:, idx], float("-inf"))
+    return idx[exact.argmax(-1)]
+
+
+def _max_abs(weight: torch.Tensor) -> float:
+    """max |w|, measured once per weight (a pass over 0.5 GB) and again only if it was modified."""
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor: it cannot be modified in place
+        version = None
+    cached = getattr(weight, "_fuyu_max_abs", None)
+    if cached is None or cached[0] != version:
+        cached = (version, weight.abs().max().float().item())
+        weight._fuyu_max_abs = cached
+    return cached[1]
 
 
 class PackedLinear(torch.nn.Module):

@@ -1,5 +1,7 @@
 """Our model against the reference (transformers 4.57.6) on tiny random checkpoints, float32, CPU."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -90,3 +92,42 @@ def test_loss_matches_reference(pair):
                    image_patches=batch.per_sample_patches, labels=labels,
                    position_ids=position_ids(batch.attention_mask)).loss
     assert abs(got.item() - want.item()) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("bf16"), hidden=96, heads=6, layers=3, layout="hub",
+                           shards=2, vocab_size=VOCAB, tokenizer=False, seed=7)
+    ours = load_pretrained(ckpt, dtype=torch.bfloat16)  # as users load it: packed layer Linears on CPU
+    ref = transformers.FuyuForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    assert ref.config._attn_implementation == "sdpa"  # what a user of the reference gets
+    return ours, ref
+
+
+@pytest.mark.parametrize("shapes", [
+    [(3, 4, 6)],                            # one image
+    [(3, 4, 6), (3, 4, 6), (3, 4, 6)],      # a same-size group, as the CLI batches
+    [(4, 5, 3), (2, 3, 7), (1, 6, 2)],      # left-padded: masked prefill and decode
+    [(0, 0, 9)],                            # text only
+])
+def test_bf16_generation_is_the_reference_default_bit_for_bit(bf16_pair, shapes, monkeypatch):
+    """In bfloat16 a logit's last bit decides near-ties, so ids only match if every step's logits
+    are identical: same kernels (SDPA over exactly the keys the reference's cache holds), same
+    roundings. The fast LM head must then give the same ids (exact_argmax)."""
+    ours, ref = bf16_pair
+    batch = make_batch(shapes, VOCAB, seed=5)
+    seen = []
+    generate_module = importlib.import_module("model.generate")  # the module, not model.generate()
+    real_sample = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample",
+                        lambda logits, *a, **kw: (seen.append(logits.clone()), real_sample(logits, *a, **kw))[1])
+    got = ours.generate(batch, max_new_tokens=16, fast_head=False)
+    with torch.no_grad():
+        out = ref.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           image_patches=batch.per_sample_patches, max_new_tokens=16, do_sample=False,
+                           pad_token_id=ours.config.eos_token_id, output_logits=True, return_dict_in_generate=True)
+    assert got.tolist() == out.sequences[:, batch.input_ids.shape[1]:].tolist()
+    assert len(seen) == len(out.logits)
+    for step, (mine, theirs) in enumerate(zip(seen, out.logits)):
+        assert torch.equal(mine.float(), theirs.float()), f"step {step}"
+    assert ours.generate(batch, max_new_tokens=16, fast_head=True).tolist() == got.tolist()
