@@ -2,7 +2,9 @@
 
 Times are wall-clock medians (with min/max) over repeats after one warm-up, synchronised on GPU.
 Decode bandwidth is the weight bytes one step reads (everything but the input embedding and the
-patch projection) divided by the step time, compared with a streaming read measured here.
+patch projection) divided by the step time, compared with a streaming read of as many bytes;
+prefill is compared with plain F.linear doing the same GEMMs. Each pair is timed in alternating
+rounds and compared round by round, since a shared machine's speed drifts by ±10% over minutes.
 """
 
 from __future__ import annotations
@@ -108,12 +110,30 @@ def test_image(width: int, height: int, seed: int = 0):
     return Image.fromarray(img)
 
 
-def bandwidth(device: torch.device) -> float:
-    """Streaming read rate in GB/s: the sum of a 1 GiB buffer, fastest of 7 (decode steps are
-    taken at their fastest too, so the two compare like with like on a noisy machine)."""
+def rounds(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, called in turn: one warm-up round, then `repeats` timed rounds."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if r:
+                out[name].append(time.perf_counter() - start)
+    return out
+
+
+def stream_read(device: torch.device, nbytes: float):
+    """(fn, bytes): fn sums a 1 GiB buffer as many times as it takes to read about `nbytes`, the
+    machine's streaming read rate over as much data as the measurement it is compared with."""
     x = torch.ones(256 * 1024 * 1024, device=device)
-    s = timed(lambda: x.sum(), 7, device)
-    return x.numel() * 4 / s.min / 1e9
+    n = max(1, round(nbytes / (x.numel() * 4)))
+
+    def read():
+        for _ in range(n):
+            x.sum()
+    return read, n * x.numel() * 4
 
 
 def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
@@ -122,14 +142,17 @@ def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]]) -> float:
-    """Plain F.linear throughput over these GEMM shapes: total FLOPs / summed median times."""
-    flops = seconds = 0.0
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
-        seconds += timed(lambda: torch.nn.functional.linear(a, b), 5, device).median
-        flops += 2 * m * k * n
-    return flops / seconds / 1e12
+def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype):
+    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs, the
+    matrix-multiply rate a prefill of this shape could reach."""
+    ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
+           for m, k, n in layer_gemms(cfg, tokens)]
+
+    def gemms():
+        for _ in range(cfg.num_hidden_layers):
+            for a, b in ops:
+                torch.nn.functional.linear(a, b)
+    return gemms, cfg.num_hidden_layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
 
 
 def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:

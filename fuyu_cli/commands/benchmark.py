@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from statistics import median
 from typing import Annotated, Optional
 
 import typer
@@ -58,7 +59,6 @@ def benchmark(
     net, proc = bench.load(model, random or "", dev, dt)
     load_s = bench.time.perf_counter() - start
     res["load_s"] = round(load_s, 3)
-    res["bandwidth_gbs"] = round(bench.bandwidth(dev), 1)
 
     photo, shot = bench.test_image(640, 480), bench.test_image(1920, 1080, seed=1)
     for name, img in (("1920x1080", shot), ("640x480", photo)):
@@ -67,26 +67,40 @@ def benchmark(
     one = proc(images=[photo], prompts=[CAPTION])
     T = one.input_ids.shape[1]
     kw = dict(eos_id=-1, compile=compile)
-    # Prefill: the forward over the prompt (compute-bound), against plain F.linear on its own GEMM shapes.
-    res["matmul_tflops"] = round(bench.matmul_tflops(dev, dt, bench.layer_gemms(net.config, T)), 3)
-    prefill = bench.timed(lambda: bench.prefill(net, one), repeats, dev)
+    # Prefill: the forward over the prompt (compute-bound), against plain F.linear doing its GEMMs.
+    gemms, gemm_flops = bench.gemm_work(net.config, T, dev, dt)
+    t = bench.rounds({"gemm": gemms, "prefill": lambda: bench.prefill(net, one)}, repeats, dev)
     flops = bench.prefill_flops(net.config, T, one.image_patches.shape[0])
+    matmul = [gemm_flops / s / 1e12 for s in t["gemm"]]
+    achieved = [flops / s / 1e12 for s in t["prefill"]]
+    prefill = bench.Stat.of(t["prefill"])
+    res["matmul_tflops"] = round(median(matmul), 3)
     res["prefill"] = dict(tokens=T, ms=_ms(prefill), tokens_per_s=round(T / prefill.median),
-                          tflops=round(flops / prefill.median / 1e12, 3))
-    res["prefill"]["fraction_of_matmul"] = round(res["prefill"]["tflops"] / res["matmul_tflops"], 3)
+                          tflops=round(median(achieved), 3),
+                          fraction_of_matmul=round(median(a / m for a, m in zip(achieved, matmul)), 3))
     # Time to first token: preprocessing, prefill, LM head on the last position and sampling.
     first = bench.timed(lambda: bench.run_ours(net, proc, [photo], CAPTION, 1, **kw), repeats, dev)
     res["first_token_ms"] = _ms(first)
 
-    res["decode"] = {}
-    for B in sizes:  # a step's time: (N + 1 tokens) − (1 token) on the same batch, fastest of the repeats
+    # Decode: a step's time is (N + 1 tokens) − (1 token) on the same batch, round by round, each
+    # round also reading as many bytes as its N steps read, for the bandwidth to compare with.
+    res["decode"], read_rates = {}, []
+    weight_bytes = bench.decode_bytes(net)
+    read, read_bytes = bench.stream_read(dev, new_tokens * weight_bytes)
+    for B in sizes:
         batch = proc(images=[photo] * B, prompts=[CAPTION] * B)
-        full = bench.timed(lambda: bench.generate_on(net, batch, new_tokens + 1, **kw), repeats, dev)
-        first = bench.timed(lambda: bench.generate_on(net, batch, 1, **kw), repeats, dev)
-        step = (full.min - first.min) / new_tokens
-        gbs = bench.decode_bytes(net) / step / 1e9
-        res["decode"][B] = dict(ms_per_step=round(step * 1e3, 2), tokens_per_s=round(B / step, 1),
-                                weight_gbs=round(gbs, 1), fraction_of_bandwidth=round(gbs / res["bandwidth_gbs"], 3))
+        t = bench.rounds({"read": read, "first": lambda: bench.generate_on(net, batch, 1, **kw),
+                          "full": lambda: bench.generate_on(net, batch, new_tokens + 1, **kw)}, repeats, dev)
+        steps = [(full - first) / new_tokens for full, first in zip(t["full"], t["first"])]
+        rates = [read_bytes / s / 1e9 for s in t["read"]]
+        read_rates += rates
+        step = bench.Stat.of(steps)
+        res["decode"][B] = dict(ms_per_step=_ms(step), tokens_per_s=round(B / step.median, 1),
+                                weight_gbs=round(weight_bytes / step.median / 1e9, 1),
+                                fraction_of_bandwidth=round(median(weight_bytes / s / 1e9 / r
+                                                                   for s, r in zip(steps, rates)), 3))
+    del read
+    res["bandwidth_gbs"] = round(median(read_rates), 1)
 
     folder = bench.tmpdir()
     files = bench.caption_files(folder)
@@ -121,7 +135,7 @@ def _reference_module():
 
 
 def _ms(s) -> dict:
-    return {"min": round(s.min * 1e3, 1), "median": round(s.median * 1e3, 1), "max": round(s.max * 1e3, 1)}
+    return {"min": round(s.min * 1e3, 2), "median": round(s.median * 1e3, 2), "max": round(s.max * 1e3, 2)}
 
 
 def register(app: typer.Typer) -> None:
