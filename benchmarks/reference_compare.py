@@ -13,7 +13,10 @@ from fuyu_cli.errors import FuyuError
 
 
 def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, prompt: str, repeats: int) -> dict:
-    """End-to-end seconds (processor + generate) for ours and the reference, and their ratio."""
+    """End-to-end seconds (processor + generate) for ours and the reference, and their ratio, and
+    how many greedy tokens agree: with the reference run on the same batches as ours (one per
+    image size: bit for bit the same in any dtype), with its one padded batch of all the images
+    (the timed run: in 16-bit, padding changes its own roundings), and with its eager attention."""
     try:
         import transformers
         from transformers import AutoTokenizer, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
@@ -28,19 +31,25 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
     mixed = [Image.open(f).convert("RGB") for f in files]
     out = {"version": transformers.__version__}
     for name, images, n_new in (("batch1_32tok", [photo], 32), ("batch8_mixed_20tok", mixed, 20)):
-        def ours():
-            return [bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in bench.group_by_size(images)]
+        groups = bench.group_by_size(images)  # how we batch: one batch per image size, no padding
 
-        def theirs():
-            inputs = ref_proc(text=[prompt] * len(images), images=images, return_tensors="pt").to(device)
+        def ours():
+            return [bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in groups]
+
+        def theirs(batch=images):  # how a user of the reference batches: all at once, left-padded
+            inputs = ref_proc(text=[prompt] * len(batch), images=batch, return_tensors="pt").to(device)
             out = ref.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                                pad_token_id=net.config.eos_token_id)
             return out[:, inputs["input_ids"].shape[1]:]
 
         mine = ours()  # also the warm-up of both
-        same = _same_tokens(mine, theirs(), images)
+        same = _same_tokens(mine, [theirs(group) for group in groups])  # like for like: same batches
+        one_batch = theirs()
+        position = {id(item): i for i, item in enumerate(images)}
+        rows = [one_batch[[position[id(item)] for item in group]] for group in groups]
+        same_one_batch = _same_tokens(mine, rows)  # the reference's padded batch rounds otherwise
         ref.set_attn_implementation("eager")  # the reference maths per fuyu-spec §6.3, untimed
-        same_eager = _same_tokens(mine, theirs(), images)
+        same_eager = _same_tokens(mine, [theirs(group) for group in groups])
         ref.set_attn_implementation(default_attention)
         a, b = [], []
         for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
@@ -49,20 +58,17 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
         sa, sb = bench.Stat.of(a), bench.Stat.of(b)
         out[name] = {"ours_s": round(sa.median, 3), "reference_s": round(sb.median, 3),
                      "speedup": round(sb.median / sa.median, 2), "same_tokens": same,
-                     "same_tokens_eager": same_eager, "reference_attention": default_attention}
+                     "same_tokens_one_batch": same_one_batch, "same_tokens_eager": same_eager,
+                     "reference_attention": default_attention}
     return out
 
 
-def _same_tokens(ours: list, theirs, images: list) -> str:
-    """How many generated tokens equal the reference's, as "k/n" (ours come grouped by size)."""
-    position = {id(item): i for i, item in enumerate(images)}
-    order = [position[id(item)] for group in bench.group_by_size(images) for item in group]
-    mine = [row for ids in ours for row in ids.tolist()]
+def _same_tokens(ours: list, theirs: list) -> str:
+    """How many generated tokens equal the reference's, as "k/n", over batches of equal shapes."""
     equal = total = 0
-    for row, index in zip(mine, order):
-        ref_row = theirs[index].tolist()
-        equal += sum(x == y for x, y in zip(row, ref_row))
-        total += len(ref_row)
+    for mine, ref in zip(ours, theirs):
+        equal += int((mine.cpu() == ref.cpu()).sum())
+        total += ref.numel()
     return f"{equal}/{total}"
 
 
