@@ -97,6 +97,7 @@ def benchmark(
         step = bench.Stat.of(steps)
         res["decode"][B] = dict(ms_per_step=_ms(step), tokens_per_s=round(B / step.median, 1),
                                 weight_gbs=round(weight_bytes / step.median / 1e9, 1),
+                                read_gbs=round(median(rates), 1),  # in the same rounds
                                 fraction_of_bandwidth=round(median(weight_bytes / s / 1e9 / r
                                                                    for s, r in zip(steps, rates)), 3))
     del read
