@@ -1,7 +1,7 @@
 """Will the model fit in memory? Weight bytes from safetensors headers against MemAvailable.
 
-Only file headers are read (a few KB per shard, no tensors) and nothing imports torch, so the
-check costs nothing next to loading.
+Only file headers are read (a few KB per shard, no tensors), so the check costs nothing next to
+loading; it runs once torch and the model package are imported anyway.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
-def shard_paths(ckpt: Path) -> list[Path]:
-    """The checkpoint's safetensors files: from its index when there is one, else model*.safetensors."""
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        return [ckpt / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return sorted(ckpt.glob("model*.safetensors"))
-
-
 def read_header(path: Path) -> dict:
     """A safetensors file's JSON header: {name: {"dtype", "shape", "data_offsets"}, ...}."""
     with open(path, "rb") as f:
@@ -38,8 +30,10 @@ def read_header(path: Path) -> dict:
 def weight_bytes(ckpt: Path, dtype: str) -> int:
     """Bytes the checkpoint's tensors take once loaded in `dtype`: floating tensors scaled from
     their stored size, others (pre-quantized int8 weights) as stored."""
+    from model.weights import shard_files  # the loader's own list (torch is loaded by then)
+
     total = 0
-    for shard in shard_paths(ckpt):
+    for shard in shard_files(ckpt):
         for name, info in read_header(shard).items():
             if name == "__metadata__":
                 continue

@@ -36,19 +36,16 @@ def new_cache(model: Fuyu, batch: int, max_len: int, static: bool = False) -> KV
 
 
 def decode_step(model: Fuyu, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                cache: KVCache, padded: bool = True) -> torch.Tensor:
-    """Last hidden state (B, D) for one new token per row (B, 1) written at cache slot `slot` (1,).
+                cache: KVCache) -> torch.Tensor:
+    """Last hidden state (B, D) for one new token per row (B, 1) written at cache slot `slot` (1,),
+    attending over the whole buffer of a static cache, unwritten and pad slots masked.
 
-    On a static cache every shape is fixed, so this compiles once (torch.compile) and replays:
-    the whole buffer is attended over, unwritten and pad slots masked. Otherwise attention reads
-    the slots written so far, unmasked unless the prompts were padded: the reference's decode.
+    Every shape is fixed for a given cache, so this compiles once (torch.compile) and replays.
+    Eager decoding goes through Fuyu.hidden instead, which attends over the written slots only.
     """
     x = model.embed_tokens(tokens)
     valid = cache.mark_valid(slot, torch.ones_like(tokens, dtype=torch.bool))
-    if cache.static:
-        return model.layers_forward(x, positions, valid[:, None, None, :], cache, slot)[:, -1]
-    mask = valid[:, None, None, :cache.pos + 1] if padded else None
-    return model.layers_forward(x, positions, mask, cache)[:, -1]
+    return model.layers_forward(x, positions, valid[:, None, None, :], cache, slot)[:, -1]
 
 
 @functools.cache
@@ -82,9 +79,7 @@ def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     head = model.lm_head
     # The compiled GEMV needs a plain 16-bit weight; a quantized or offloaded head runs as itself.
     fast = type(head) is torch.nn.Linear and (wants_fast_head(head.weight) if fast_head is None else fast_head)
-    step = compiled_decode_step() if compile else decode_step
     cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens, static=compile)
-    padded = not bool(attention_mask.all())  # decided once per batch: generated tokens are all real
     positions = position_ids(attention_mask)
     # Prefill: only the last position's logits are ever needed (the vocabulary is 262,144 wide).
     h = model.hidden(input_ids, positions, attention_mask.bool(), cache, patches)
@@ -106,8 +101,11 @@ def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         if i == max_new_tokens - 1 or bool(done.all()):
             break
         pos = pos + 1
-        slot = torch.tensor([cache.pos], device=input_ids.device)
-        h = step(model, nxt[:, None], pos, slot, cache, padded)
-        cache.advance(1)
+        if compile:  # fixed shapes: the slot goes in as a tensor, the whole buffer is attended over
+            slot = torch.tensor([cache.pos], device=input_ids.device)
+            h = compiled_decode_step()(model, nxt[:, None], pos, slot, cache)
+            cache.advance(1)
+        else:  # the reference's decode: the slots written so far, masked only where prompts were padded
+            h = model.hidden(nxt[:, None], pos, None, cache)[:, -1]
         nxt = next_ids(h)
     return torch.stack(out, dim=1)
