@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
+# (fuyu is installed: pip install -e .)
 
-from preprocess import FuyuProcessor  # noqa: E402
+from fuyu.preprocess import FuyuProcessor  # noqa: E402
 
 PROMPT = "Generate a coco-style caption.\n"
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     ckpt = args.checkpoint
     if ckpt is None:
-        from tests.tiny_tokenizer import write_tokenizer
+        from fuyu.testing.tokenizer import write_tokenizer
 
         ckpt = Path(tempfile.mkdtemp(prefix="fuyu-bench-"))
         write_tokenizer(ckpt)

@@ -44,7 +44,7 @@ def worker(args) -> None:
     """One scheme in this fresh process: load (peak RSS), logits, teacher-forced argmax, decode speed."""
     import torch
 
-    from model import load_pretrained
+    from fuyu.model import load_pretrained
     from tests.model_batches import make_batch
 
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def worker(args) -> None:
 def build(d: Path) -> dict[str, Path]:
     import torch
 
-    from model.convert import convert
-    from tests.tiny_checkpoint import make_checkpoint
+    from fuyu.model.convert import convert
+    from fuyu.testing.checkpoint import make_checkpoint
 
     paths = {"bf16": d / "bf16", "int8": d / "int8", "nf4": d / "nf4"}
     if not paths["bf16"].is_dir():

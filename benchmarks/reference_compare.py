@@ -1,15 +1,15 @@
 """`fuyu benchmark --compare reference`: the same inputs through transformers 4.57.6, alternating.
 
 The reference is the test oracle (`pip install -e .[test]`); it lives outside the packages so that
-fuyu_cli never imports transformers. Loaded by path from fuyu_cli/commands/benchmark.py.
+the fuyu package never imports transformers. Loaded by path from fuyu_cli/commands/benchmark.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fuyu_cli import bench
-from fuyu_cli.errors import FuyuError
+from fuyu import bench
+from fuyu.errors import FuyuError
 
 
 def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, prompt: str, repeats: int) -> dict:

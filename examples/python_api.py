@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from model import load_pretrained
-from preprocess import TASK_PROMPTS, FuyuProcessor, ask_prompt, text_to_box_prompt
+from fuyu.model import load_pretrained
+from fuyu.preprocess import TASK_PROMPTS, FuyuProcessor, ask_prompt, text_to_box_prompt
 
 ckpt = sys.argv[1]
 assets = Path(__file__).parent / "assets"

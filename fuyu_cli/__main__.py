@@ -1,3 +1,3 @@
-from fuyu_cli.app import main
+from fuyu.app import main
 
 main()

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from fuyu_cli import __version__
-from fuyu_cli.commands import ask, bbox, benchmark, caption, convert
-from fuyu_cli.errors import explain
+from fuyu import __version__
+from fuyu.commands import ask, bbox, benchmark, caption, convert
+from fuyu.errors import explain
 
 # `fuyu convert` and `fuyu benchmark` plug in here, one module each under fuyu_cli/commands/.
 COMMANDS = (caption, ask, bbox, benchmark, convert)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(exc: Exception) -> int:
     """One line `error: what — what to do` on stderr (plus the traceback with --debug); the exit code."""
-    from fuyu_cli.render import error_line, stderr_console
+    from fuyu.render import error_line, stderr_console
 
     debug = _debug or os.environ.get("FUYU_DEBUG", "") not in ("", "0")
     if debug:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from model import Fuyu, FuyuConfig, load_pretrained
-from model.generate import generate
-from model.kernels import pack_linears
-from preprocess import FuyuProcessor
-from preprocess.tokenizer import Tokenizer
+from fuyu.model import Fuyu, FuyuConfig, load_pretrained
+from fuyu.model.generate import generate
+from fuyu.model.kernels import pack_linears
+from fuyu.preprocess import FuyuProcessor
+from fuyu.preprocess.tokenizer import Tokenizer
 
 SIZES = {  # --random: named shapes; "mid" is the issue's reference workload (0.74 GB per token)
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
@@ -166,8 +166,8 @@ def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
 @torch.inference_mode()
 def prefill(model: Fuyu, batch) -> torch.Tensor:
     """Hidden states of a prompt written into a fresh KV cache, as generate's first step does."""
-    from model.fuyu import position_ids
-    from model.generate import new_cache
+    from fuyu.model.fuyu import position_ids
+    from fuyu.model.generate import new_cache
 
     device = model.embed_tokens.weight.device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -178,7 +178,7 @@ def prefill(model: Fuyu, batch) -> torch.Tensor:
 def decode_bytes(model: Fuyu) -> int:
     """Bytes of weights one decode step reads: all but the input embedding and patch projection
     (packed CPU Linear weights included: they are not parameters)."""
-    from model.kernels import PackedLinear
+    from fuyu.model.kernels import PackedLinear
 
     skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
     params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)

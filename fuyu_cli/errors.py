@@ -28,7 +28,7 @@ def explain(exc: BaseException) -> tuple[str, str, int] | None:
     if isinstance(exc, FuyuError):
         return str(exc), exc.hint, exc.exit_code
     # The libraries' messages already name the file and say what to do.
-    if _library_error(exc, "model", "CheckpointError") or _library_error(exc, "preprocess", "PreprocessError"):
+    if _library_error(exc, "fuyu.model", "CheckpointError") or _library_error(exc, "fuyu.preprocess", "PreprocessError"):
         return str(exc), "", USAGE
     if _library_error(exc, "torch", "OutOfMemoryError") or isinstance(exc, MemoryError):
         return ("out of memory while loading or running the model",

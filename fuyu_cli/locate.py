@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fuyu_cli.errors import FuyuError
+from fuyu.errors import FuyuError
 
 HUB_REPO = "adept/fuyu-8b"
 

@@ -30,7 +30,7 @@ def read_header(path: Path) -> dict:
 def weight_bytes(ckpt: Path, dtype: str) -> int:
     """Bytes the checkpoint's tensors take once loaded in `dtype`: floating tensors scaled from
     their stored size, others (pre-quantized int8 weights) as stored."""
-    from model.weights import shard_files  # the loader's own list (torch is loaded by then)
+    from fuyu.model.weights import shard_files  # the loader's own list (torch is loaded by then)
 
     total = 0
     for shard in shard_files(ckpt):

@@ -13,7 +13,7 @@ from typing import Annotated, Optional, Union
 
 import typer
 
-from fuyu_cli.errors import FuyuError
+from fuyu.errors import FuyuError
 
 INPUT, MODEL, GEN, OUT = "Inputs", "Model", "Generation", "Output"
 
@@ -59,7 +59,7 @@ def _parse_device_map(value: Optional[str]):
     line and exit 2 (a FuyuError, not typer's boxed usage message)."""
     if value is None:
         return None
-    from model.devices import parse_device_map  # imports torch: only when the option is given
+    from fuyu.model.devices import parse_device_map  # imports torch: only when the option is given
 
     try:
         return parse_device_map(value)
@@ -71,7 +71,7 @@ def _parse_max_memory(value: Optional[str]):
     """--max-memory → {device: size}; sizes are checked here, not deep inside accelerate."""
     if value is None:
         return None
-    from model.devices import parse_max_memory
+    from fuyu.model.devices import parse_max_memory
 
     hint = f"e.g. {MAX_MEMORY_EXAMPLE}"
     try:

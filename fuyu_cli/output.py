@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from fuyu_cli.options import OutputSpec
-from fuyu_cli.resume import sidecar_path
+from fuyu.options import OutputSpec
+from fuyu.resume import sidecar_path
 
 FIELDS = ("path", "task", "prompt", "text", "boxes", "width", "height",
           "prompt_tokens", "new_tokens", "seconds", "error")

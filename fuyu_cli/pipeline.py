@@ -9,13 +9,13 @@ from typing import Callable
 
 import typer
 
-from fuyu_cli import inputs as inputs_mod
-from fuyu_cli import resume
-from fuyu_cli.errors import FuyuError
-from fuyu_cli.options import GenOptions, InputSpec, ModelSpec, OutputSpec
-from fuyu_cli.output import open_sinks
-from fuyu_cli.render import Reporter
-from fuyu_cli.runner import Job, Runner
+from fuyu import inputs as inputs_mod
+from fuyu import resume
+from fuyu.errors import FuyuError
+from fuyu.options import GenOptions, InputSpec, ModelSpec, OutputSpec
+from fuyu.output import open_sinks
+from fuyu.render import Reporter
+from fuyu.runner import Job, Runner
 
 
 def load_runner(spec: ModelSpec) -> Runner:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuyu_cli.errors import FuyuError
+from fuyu.errors import FuyuError
 
 
 def sidecar_path(image: str) -> Path:

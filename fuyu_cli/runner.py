@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from fuyu_cli.errors import FuyuError
-from fuyu_cli.options import GenOptions, ModelSpec
+from fuyu.errors import FuyuError
+from fuyu.options import GenOptions, ModelSpec
 
 DEFAULT_BATCH = {"cpu": 2, "cuda": 8}  # a 1920×1080 screenshot needs ~1.3 GiB of KV cache
 
@@ -33,7 +33,7 @@ class Job:
     @property
     def prompt(self) -> str:
         """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
-        from preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
+        from fuyu.preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
 
         if self.task == "ocr":
             return box_to_text_prompt(self.box)
@@ -56,7 +56,7 @@ def image_size(path: str) -> tuple[int, int] | None:
 
 
 def _error(job: Job, exc: BaseException, size=None) -> dict:
-    from preprocess import PreprocessError
+    from fuyu.preprocess import PreprocessError
 
     known = isinstance(exc, (PreprocessError, FuyuError))
     rec = {"path": job.path, "task": job.task, "prompt": job.prompt}
@@ -78,12 +78,12 @@ class Runner:
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "Runner":
-        from fuyu_cli.locate import HUB_REPO, find_checkpoint
+        from fuyu.locate import HUB_REPO, find_checkpoint
 
         ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
         import torch
-        from model import CheckpointError, load_pretrained
-        from preprocess import FuyuProcessor
+        from fuyu.model import CheckpointError, load_pretrained
+        from fuyu.preprocess import FuyuProcessor
 
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
@@ -101,7 +101,7 @@ class Runner:
         except ValueError as e:  # a map naming no module, a pinned module offloaded, too little memory
             if spec.device_map is None:
                 raise
-            from fuyu_cli.options import DEVICE_MAP_EXAMPLE
+            from fuyu.options import DEVICE_MAP_EXAMPLE
 
             message = " ".join(str(e).split())
             hint = ("add --offload-folder DIR" if "offload_folder" in message
@@ -217,11 +217,11 @@ def _quiet_logger(name: str):
 def warn_if_too_big(ckpt, name: str, dtype: str) -> None:
     """One `warning:` line on stderr, before loading, when the weights at `dtype` exceed the
     memory available: the run goes on, but int8/int4 would fit (CPU, no --quantize or map)."""
-    from fuyu_cli import memory
+    from fuyu import memory
 
     message = memory.checkpoint_fit_warning(ckpt, name, dtype, memory.available_memory())
     if message:
-        from fuyu_cli.render import stderr_console
+        from fuyu.render import stderr_console
 
         # The console looks sys.stderr up when printing, so this lands above a running spinner.
         stderr_console().print(f"warning: {message}", markup=False)

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.errors import CheckpointError
+from fuyu.model.errors import CheckpointError
 
 # Keys that only matter to other libraries (training, hub bookkeeping, generation defaults).
 _BOOKKEEPING = {

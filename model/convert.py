@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import FuyuConfig
-from model.errors import CheckpointError
-from model.fuyu import Fuyu
-from model.quantize import quantizable, resolve_scheme, scheme_config
-from model.weights import iter_tensors, read_config, resolve_dtype, shard_files, to_hub_key, to_local_key
+from fuyu.model.config import FuyuConfig
+from fuyu.model.errors import CheckpointError
+from fuyu.model.fuyu import Fuyu
+from fuyu.model.quantize import quantizable, resolve_scheme, scheme_config
+from fuyu.model.weights import iter_tensors, read_config, resolve_dtype, shard_files, to_hub_key, to_local_key
 
 # Megatron name → hub name, substring replacements applied in this order (fuyu-spec.md §9).
 ADEPT_RENAMES = (

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.cache import KVCache
-from model.config import FuyuConfig
+from fuyu.model.cache import KVCache
+from fuyu.model.config import FuyuConfig
 
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
@@ -116,7 +116,7 @@ class Fuyu(nn.Module):
     def requires_grad_(self, requires_grad: bool = True):
         """As nn.Module's; making the model trainable first restores packed CPU weights (kernels.py)."""
         if requires_grad:
-            from model.kernels import unpack_linears
+            from fuyu.model.kernels import unpack_linears
 
             unpack_linears(self)
         return super().requires_grad_(requires_grad)
@@ -124,7 +124,7 @@ class Fuyu(nn.Module):
     def _apply(self, fn, recurse=True):
         """.to() / .cuda() / .float() and friends: packed CPU weights are restored first (exactly),
         since a packed weight is bound to its CPU dtype and layout."""
-        from model.kernels import unpack_linears
+        from fuyu.model.kernels import unpack_linears
 
         unpack_linears(self)
         return super()._apply(fn, recurse)
@@ -198,7 +198,7 @@ class Fuyu(nn.Module):
 
     def generate(self, batch, max_new_tokens: int = 32, **sampling) -> torch.Tensor:
         """New token ids (B, N), N ≤ max_new_tokens; rows that finished early are padded with EOS."""
-        from model.generate import generate
+        from fuyu.model.generate import generate
 
         ids, mask, patches = _unpack(batch, self.embed_tokens.weight.device)
         return generate(self, ids, mask, patches, max_new_tokens, **sampling)

@@ -6,9 +6,9 @@ import functools
 
 import torch
 
-from model.cache import KVCache
-from model.fuyu import Fuyu, position_ids
-from model.kernels import exact_argmax, head_logits, wants_fast_head
+from fuyu.model.cache import KVCache
+from fuyu.model.fuyu import Fuyu, position_ids
+from fuyu.model.kernels import exact_argmax, head_logits, wants_fast_head
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.config import FuyuConfig
-from model.devices import dispatch, plan_placement
-from model.errors import CheckpointError
-from model.fuyu import Fuyu
-from model.kernels import pack_linears
-from model.quantize import quantizable, resolve_scheme, swap_linears
+from fuyu.model.config import FuyuConfig
+from fuyu.model.devices import dispatch, plan_placement
+from fuyu.model.errors import CheckpointError
+from fuyu.model.fuyu import Fuyu
+from fuyu.model.kernels import pack_linears
+from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
 # adept/fuyu-8b ships) and the module layout transformers ≥4.52 writes (fuyu-spec.md §8).

@@ -1,11 +1,11 @@
 """Everything between user input and (token ids, patches), and back: see README "Python API"."""
 
-from preprocess.batch import FuyuBatch, Sample
-from preprocess.boxes import Box
-from preprocess.errors import ImageError, PreprocessError, PromptError
-from preprocess.processor import FuyuProcessor
-from preprocess.prompt import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
-from preprocess.tokenizer import Tokenizer
+from fuyu.preprocess.batch import FuyuBatch, Sample
+from fuyu.preprocess.boxes import Box
+from fuyu.preprocess.errors import ImageError, PreprocessError, PromptError
+from fuyu.preprocess.processor import FuyuProcessor
+from fuyu.preprocess.prompt import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
+from fuyu.preprocess.tokenizer import Tokenizer
 
 __all__ = ["FuyuProcessor", "FuyuBatch", "Sample", "Box", "Tokenizer", "PreprocessError", "ImageError",
            "PromptError", "TASK_PROMPTS", "ask_prompt", "box_to_text_prompt", "text_to_box_prompt"]

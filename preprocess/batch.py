@@ -7,8 +7,8 @@ from typing import Sequence
 
 import torch
 
-from preprocess.errors import PreprocessError
-from preprocess.patches import PATCH_DIM
+from fuyu.preprocess.errors import PreprocessError
+from fuyu.preprocess.patches import PATCH_DIM
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Sequence
 
-from preprocess.errors import PromptError
+from fuyu.preprocess.errors import PromptError
 
 
 class Box(NamedTuple):

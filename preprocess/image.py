@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from preprocess.errors import ImageError
+from fuyu.preprocess.errors import ImageError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 MAX_H, MAX_W = 1080, 1920

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from preprocess.image import cpu_count, strips, worker_pool
+from fuyu.preprocess.image import cpu_count, strips, worker_pool
 
 PATCH = 30
 PATCH_DIM = PATCH * PATCH * 3  # 2700

@@ -9,13 +9,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from preprocess.batch import FuyuBatch, Sample, collate
-from preprocess.boxes import Box, find_spans, to_pixels
-from preprocess.errors import PreprocessError, PromptError
-from preprocess.image import ImageInput, describe, fit_size, load_image, resize_to_fit
-from preprocess.patches import PATCH_DIM, grid, image_token_ids, patchify
-from preprocess.prompt import encode_prompt
-from preprocess.tokenizer import Tokenizer
+from fuyu.preprocess.batch import FuyuBatch, Sample, collate
+from fuyu.preprocess.boxes import Box, find_spans, to_pixels
+from fuyu.preprocess.errors import PreprocessError, PromptError
+from fuyu.preprocess.image import ImageInput, describe, fit_size, load_image, resize_to_fit
+from fuyu.preprocess.patches import PATCH_DIM, grid, image_token_ids, patchify
+from fuyu.preprocess.prompt import encode_prompt
+from fuyu.preprocess.tokenizer import Tokenizer
 
 MAX_LENGTH = 16384  # Fuyu-8B's max_position_embeddings
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from preprocess.boxes import Box, to_model_coords
-from preprocess.errors import PromptError
-from preprocess.tokenizer import Tokenizer
+from fuyu.preprocess.boxes import Box, to_model_coords
+from fuyu.preprocess.errors import PromptError
+from fuyu.preprocess.tokenizer import Tokenizer
 
 # "\n" is a real newline, as on the model card (the HF tests spell it as backslash-n, which
 # tokenises differently: fuyu-spec §5.6).

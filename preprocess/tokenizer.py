@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from preprocess.errors import PreprocessError
+from fuyu.preprocess.errors import PreprocessError
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # Round-trips only under the reference's normalisation: no whitespace collapsing, no NFKC.

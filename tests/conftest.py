@@ -1,6 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
+
+from fuyu.testing.checkpoint import make_checkpoint
+from fuyu.testing.tokenizer import vocab_size
 
 
 @pytest.fixture(autouse=True)
@@ -14,7 +18,7 @@ def _isolate_fuyu_env(monkeypatch):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A directory holding only the tiny tokenizer files (tests/tiny_tokenizer.py)."""
-    from tests.tiny_tokenizer import write_tokenizer
+    from fuyu.testing.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     write_tokenizer(d)
@@ -23,7 +27,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proc(ckpt):
-    from preprocess import FuyuProcessor
+    from fuyu.preprocess import FuyuProcessor
 
     return FuyuProcessor.from_pretrained(ckpt)
 
@@ -31,3 +35,9 @@ def proc(ckpt):
 @pytest.fixture(scope="module")
 def tok(proc):
     return proc.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """One tiny random checkpoint (hub layout, tokenizer files) shared by the whole session."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-fuyu"), vocab_size=vocab_size())

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tests.tiny_checkpoint import PLAIN_IDS
+from fuyu.testing.checkpoint import PLAIN_IDS
 
 
 def sample_ids(rows: int, cols: int, n_text: int, g: torch.Generator, vocab: int, ids=PLAIN_IDS):

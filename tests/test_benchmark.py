@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_benchmark_on_a_random_tiny_model_prints_one_json_line():
-    proc = subprocess.run([sys.executable, "-m", "fuyu_cli", "benchmark", "--random", "tiny", "--repeats", "1",
+    proc = subprocess.run([sys.executable, "-m", "fuyu", "benchmark", "--random", "tiny", "--repeats", "1",
                            "--batch-sizes", "1,2", "--new-tokens", "2", "--device", "cpu", "--dtype", "float32"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -22,7 +22,7 @@ def test_benchmark_on_a_random_tiny_model_prints_one_json_line():
 
 
 def test_benchmark_refuses_compare_without_a_checkpoint():
-    proc = subprocess.run([sys.executable, "-m", "fuyu_cli", "benchmark", "--random", "tiny", "--compare", "reference"],
+    proc = subprocess.run([sys.executable, "-m", "fuyu", "benchmark", "--random", "tiny", "--compare", "reference"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--compare reference needs --model DIR" in proc.stderr
@@ -31,10 +31,10 @@ def test_benchmark_refuses_compare_without_a_checkpoint():
 @pytest.mark.slow
 @pytest.mark.parity
 def test_benchmark_compare_reference_times_both_on_a_checkpoint(tmp_path):
-    from tests.tiny_checkpoint import make_checkpoint
+    from fuyu.testing.checkpoint import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "tiny")
-    proc = subprocess.run([sys.executable, "-m", "fuyu_cli", "benchmark", "--model", str(ckpt), "--compare", "reference",
+    proc = subprocess.run([sys.executable, "-m", "fuyu", "benchmark", "--model", str(ckpt), "--compare", "reference",
                            "--repeats", "1", "--batch-sizes", "1", "--new-tokens", "2", "--device", "cpu",
                            "--dtype", "float32"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -17,63 +17,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fuyu_cli import app as app_module
-from fuyu_cli import pipeline
-from fuyu_cli.errors import FuyuError
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.out.splitlines()]
-
-
-def fuyu(*args: str, input: str | None = None, env: dict | None = None) -> Run:
-    """Run `fuyu ARGS` through the real entry point (main(): the error boundary) with captured streams."""
-    with CliRunner().isolation(input=input, env=env) as (out, err, _):
-        try:
-            app_module.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            app_module._debug = False
-        return Run(code, out.getvalue().decode(), err.getvalue().decode())
-
-
-def png(path: Path, size=(40, 30), color=(200, 30, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-class FakeRunner:
-    """Captions every readable image with its file name; unreadable ones become error records."""
-
-    def __init__(self):
-        self.calls = []
-
-    def default_batch_size(self) -> int:
-        return 3
-
-    def run(self, jobs, batch_size, gen):
-        self.calls.append((list(jobs), batch_size, gen))
-        for job in jobs:
-            rec = {"path": job.path, "task": job.task, "prompt": job.text or "P"}
-            try:
-                with Image.open(job.path) as im:
-                    w, h = im.size
-            except Exception as exc:
-                yield {**rec, "error": f"cannot read image ({type(exc).__name__})"}
-                continue
-            boxes = {"bbox": [[1, 2, 3, 4]], "ocr": [list(job.box or ())]}.get(job.task)
-            yield {**rec, "text": f"a picture named {Path(job.path).stem}",
-                   **({"boxes": boxes} if boxes else {}), "width": w, "height": h,
-                   "prompt_tokens": 10, "new_tokens": 5, "seconds": 0.01}
+from fuyu import pipeline
+from fuyu.errors import FuyuError
+from tests.helpers import FakeRunner, fuyu, png
 
 
 @pytest.fixture
@@ -341,7 +287,7 @@ def test_no_weights_anywhere_says_how_to_get_them(monkeypatch, tmp_path, shots):
 
 
 def test_hf_cache_snapshot_is_found(monkeypatch, tmp_path):
-    from fuyu_cli.locate import find_checkpoint
+    from fuyu.locate import find_checkpoint
 
     repo = tmp_path / "hub" / "models--adept--fuyu-8b"
     for rev in ("old", "abc123"):
@@ -358,7 +304,7 @@ def test_hf_cache_snapshot_is_found(monkeypatch, tmp_path):
 def test_progress_bar_shows_on_a_terminal_and_stdout_stays_data(fake, monkeypatch, shots):
     from rich.console import Console
 
-    from fuyu_cli import render
+    from fuyu import render
 
     monkeypatch.setattr(render, "stderr_console",
                         lambda: Console(stderr=True, force_terminal=True, soft_wrap=True))
@@ -384,7 +330,7 @@ def test_version_and_help_with_examples_for_every_command():
 
 
 def test_sidecar_path_never_overwrites_a_txt_input():
-    from fuyu_cli.resume import sidecar_path
+    from fuyu.resume import sidecar_path
 
     assert sidecar_path("a/b.png") == Path("a/b.txt")
     assert sidecar_path("notes.TXT") == Path("notes.TXT.txt")

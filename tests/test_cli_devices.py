@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fuyu_cli import memory, pipeline
-from tests.test_cli import FakeRunner, fuyu, png
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu import memory, pipeline
+from tests.helpers import FakeRunner, fuyu, png
+from fuyu.testing.checkpoint import make_checkpoint
 
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6"]
 # hidden 64, vocab 1460 (the tiny tokenizer), float32: embeddings + patch projection + LM head
@@ -85,7 +85,7 @@ def test_explicit_map_spelling_places_layer_ranges(tiny, images, plain, loaded):
 
 
 def test_a_prequantized_checkpoint_sent_to_disk_needs_the_offload_folder(tiny, images, tmp_path):
-    from model.convert import convert
+    from fuyu.model.convert import convert
 
     int8 = convert(tiny, tmp_path / "int8", quantization="int8")
     r = fuyu("caption", images[0], "-m", int8, *FAST, "--device-map", EXPLICIT)
@@ -180,7 +180,7 @@ def test_weight_bytes_come_from_headers_scaled_to_the_dtype(tmp_path):
 def test_weight_bytes_of_a_real_tiny_checkpoint(tiny):
     from safetensors import safe_open
 
-    from model.weights import shard_files
+    from fuyu.model.weights import shard_files
 
     stored = 0
     for shard in shard_files(tiny):
@@ -228,7 +228,7 @@ def test_no_warning_when_quantized_mapped_fitting_or_unknown(args, available, ti
 # --- fuyu convert ----------------------------------------------------------------------------------
 
 def test_convert_reports_bytes_up_to_the_total(tmp_path):
-    from model.convert import convert
+    from fuyu.model.convert import convert
 
     src = make_checkpoint(tmp_path / "src", hidden=128, vocab_size=320, tokenizer=False)
     calls = []

@@ -18,28 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.test_cli import fuyu, png
-from tests.tiny_checkpoint import make_checkpoint
-from tests.tiny_tokenizer import vocab_size
+from tests.helpers import ASSETS, REPO, cli_env, fuyu, fuyu_cmd, png
+from fuyu.testing.checkpoint import make_checkpoint
+from fuyu.testing.tokenizer import vocab_size
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "examples" / "assets"
 FAST = ["--dtype", "float32", "--max-new-tokens", "6"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """One tiny random checkpoint (hub layout, tokenizer files) shared by the whole session."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny-fuyu"), vocab_size=vocab_size())
-
-
-def cli_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUYU_")}
-    return {**env, "PYTHONPATH": str(REPO), "NO_COLOR": "1", **extra}
-
-
-def fuyu_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "fuyu_cli", *map(str, args)]
 
 
 @pytest.fixture
@@ -158,15 +141,15 @@ def test_model_options_fail_cleanly_or_work(tiny_model, shots):
 
 @pytest.fixture(scope="session")
 def runner(tiny_model):
-    from fuyu_cli.options import ModelSpec
-    from fuyu_cli.runner import Runner
+    from fuyu.options import ModelSpec
+    from fuyu.runner import Runner
 
     return Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
 
 
 def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
-    from fuyu_cli.options import GenOptions
-    from fuyu_cli.runner import Job
+    from fuyu.options import GenOptions
+    from fuyu.runner import Job
 
     paths = [str(png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)))
              for i, name in enumerate(["good1", "bad", "good2"])]
@@ -187,8 +170,8 @@ def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
 def test_a_prompt_too_long_for_the_model_is_an_error_record(runner, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from fuyu_cli.options import GenOptions
-    from fuyu_cli.runner import Job
+    from fuyu.options import GenOptions
+    from fuyu.runner import Job
 
     small, big = png(tmp_path / "small.png", (30, 30)), png(tmp_path / "big.png", (300, 300))
     monkeypatch.setattr(runner.model, "config", replace(runner.model.config, max_position_embeddings=40))
@@ -282,9 +265,9 @@ def test_progress_shows_on_a_terminal_while_stdout_stays_json(tiny_model, shots)
 
 
 def test_help_path_imports_no_torch_model_or_preprocess():
-    code = ("import sys, fuyu_cli.app; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'model', 'preprocess', 'numpy', 'PIL', 'safetensors'}))")
+    code = ("import sys, fuyu.app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'PIL', 'safetensors'} "
+            "| {m for m in sys.modules if m.startswith(('fuyu.model', 'fuyu.preprocess'))}))")
     r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stderr
     r = subprocess.run(fuyu_cmd("--help"), env=cli_env(), capture_output=True, text=True)
@@ -300,7 +283,7 @@ def test_examples_run_on_the_tiny_model(tiny_model, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "fuyu"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fuyu_cli "$@"\n')
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fuyu "$@"\n')
     shim.chmod(0o755)
     env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FUYU_MODEL=str(tiny_model))
     folder = tmp_path / "assets"
@@ -320,9 +303,9 @@ def test_compile_flag_gives_the_eager_text(tiny_model, tmp_path):
     assert eager.code == compiled.code == 0, compiled.err
     assert [r["text"] for r in compiled.records()] == [r["text"] for r in eager.records()]
     # and the flag really reaches generate(): count calls of the compiled step's factory
-    spy = ("import sys, model.generate; g = sys.modules['model.generate']; f = g.compiled_decode_step; "
+    spy = ("import sys, fuyu.model.generate; g = sys.modules['fuyu.model.generate']; f = g.compiled_decode_step; "
            "calls = []; g.compiled_decode_step = lambda: calls.append(1) or f(); "
-           "from fuyu_cli.app import main; sys.argv = ['fuyu', *sys.argv[1:]]\n"
+           "from fuyu.app import main; sys.argv = ['fuyu', *sys.argv[1:]]\n"
            "try: main()\nexcept SystemExit: pass\nprint('calls', len(calls), file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", spy, *map(str, args), "--compile", "-q"],
                        capture_output=True, text=True, timeout=300)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import fuyu, png
-from tests.test_cli_e2e import cli_env, fuyu_cmd
-from tests.tiny_checkpoint import BREAKAGES, break_checkpoint, copy_checkpoint, make_checkpoint
-from tests.tiny_tokenizer import vocab_size
+from tests.helpers import cli_env, fuyu, fuyu_cmd, png
+from fuyu.testing.checkpoint import BREAKAGES, break_checkpoint, copy_checkpoint, make_checkpoint
+from fuyu.testing.tokenizer import vocab_size
 
 FAST = ["--dtype", "float32", "--max-new-tokens", "6"]
 
@@ -118,6 +117,6 @@ def test_debug_adds_the_traceback_to_a_broken_checkpoint_error(tmp_path, tiny):
     r = _run_cli("--debug", "caption", png(tmp_path / "a.png"), "--model", broken)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("Traceback (most recent call last):")
-    assert "model.errors.CheckpointError" in r.stderr and "load_pretrained" in r.stderr
+    assert "fuyu.model.errors.CheckpointError" in r.stderr and "load_pretrained" in r.stderr
     last = r.stderr.splitlines()[-1]
     assert last.startswith(f"error: {broken / 'model.safetensors'}: tensor 'vision_embed_tokens.bias'")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import CheckpointError, FuyuConfig, load_pretrained
-from model.convert import convert, load_megatron, parse_size
-from model.fuyu import Fuyu
-from model.quantize import Int8
+from fuyu.model import CheckpointError, FuyuConfig, load_pretrained
+from fuyu.model.convert import convert, load_megatron, parse_size
+from fuyu.model.fuyu import Fuyu
+from fuyu.model.quantize import Int8
 from tests.model_batches import make_batch
-from tests.tiny_checkpoint import make_checkpoint, random_state_dict
-from tests.tiny_tokenizer import special_ids, vocab_size, write_tokenizer
+from fuyu.testing.checkpoint import make_checkpoint, random_state_dict
+from fuyu.testing.tokenizer import special_ids, vocab_size, write_tokenizer
 
 
 def megatron_key(name: str) -> str:

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from model import load_pretrained
-from tests.test_cli import fuyu
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu.model import load_pretrained
+from tests.helpers import fuyu
+from fuyu.testing.checkpoint import make_checkpoint
 
 
 def test_convert_writes_a_prequantized_checkpoint(tmp_path):

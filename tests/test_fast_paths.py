@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from model import load_pretrained
-from model.kernels import head_logits
+from fuyu.model import load_pretrained
+from fuyu.model.kernels import head_logits
 from tests.model_batches import make_batch
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu.testing.checkpoint import make_checkpoint
 
 VOCAB = 300
 
@@ -39,7 +39,7 @@ def test_fast_head_equals_linear_up_to_output_rounding():
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_exact_argmax_picks_the_plain_heads_id_even_on_ties(rows):
-    from model.kernels import exact_argmax
+    from fuyu.model.kernels import exact_argmax
 
     g = torch.Generator().manual_seed(rows)
     # Coarse weights and inputs make many logits tie in bf16; the plain argmax takes the first.
@@ -56,7 +56,7 @@ def test_exact_argmax_picks_the_plain_heads_id_even_on_ties(rows):
 @pytest.mark.parametrize("shape", [(1, 96), (4, 1, 96), (2, 37, 96)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_is_f_linear_bit_for_bit(shape, bias):
-    from model.kernels import PackedLinear, can_pack
+    from fuyu.model.kernels import PackedLinear, can_pack
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160, bias=bias).bfloat16().requires_grad_(False)
@@ -70,7 +70,7 @@ def test_packed_linear_is_f_linear_bit_for_bit(shape, bias):
 
 
 def test_bf16_load_packs_layer_linears_with_identical_logits_and_ids(ckpt):
-    from model.kernels import PackedLinear
+    from fuyu.model.kernels import PackedLinear
 
     packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
     kinds = {type(m).__name__ for m in packed.layers.modules() if isinstance(m, (PackedLinear, torch.nn.Linear))}
@@ -85,7 +85,7 @@ def test_bf16_load_packs_layer_linears_with_identical_logits_and_ids(ckpt):
 
 
 def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
-    from model.kernels import PackedLinear
+    from fuyu.model.kernels import PackedLinear
 
     packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
     want = plain.state_dict()
@@ -106,7 +106,7 @@ def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
 def test_fast_head_compiles_once_per_row_count_whatever_the_prompt_length():
     import torch._dynamo
 
-    from model import kernels
+    from fuyu.model import kernels
 
     torch._dynamo.reset()
     kernels._compiled_gemv.cache_clear()
@@ -121,7 +121,7 @@ def test_fast_head_compiles_once_per_row_count_whatever_the_prompt_length():
 
 
 def test_rotary_rounds_like_the_reference_formula_in_bf16():
-    from model.fuyu import apply_partial_rotary, rotary_cos_sin
+    from fuyu.model.fuyu import apply_partial_rotary, rotary_cos_sin
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 7, 64, generator=g).bfloat16()  # (B, H, T, d)
@@ -134,7 +134,7 @@ def test_rotary_rounds_like_the_reference_formula_in_bf16():
 
 
 def test_a_packed_model_saves_like_the_plain_one(ckpt, tmp_path):
-    from model.convert import save_pretrained
+    from fuyu.model.convert import save_pretrained
 
     packed = load_pretrained(ckpt, dtype=torch.bfloat16)
     save_pretrained(packed, tmp_path / "saved", packed.config, dtype=torch.bfloat16)
@@ -144,7 +144,7 @@ def test_a_packed_model_saves_like_the_plain_one(ckpt, tmp_path):
 
 
 def test_moving_or_casting_a_packed_model_restores_plain_weights(ckpt):
-    from model.kernels import PackedLinear
+    from fuyu.model.kernels import PackedLinear
 
     model = load_pretrained(ckpt, dtype=torch.bfloat16).float()
     assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 
-from model import load_pretrained, position_ids
+from fuyu.model import load_pretrained, position_ids
 from tests.model_batches import make_batch
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu.testing.checkpoint import make_checkpoint
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.parity
@@ -117,7 +117,7 @@ def test_bf16_generation_is_the_reference_default_bit_for_bit(bf16_pair, shapes,
     ours, ref = bf16_pair
     batch = make_batch(shapes, VOCAB, seed=5)
     seen = []
-    generate_module = importlib.import_module("model.generate")  # the module, not model.generate()
+    generate_module = importlib.import_module("fuyu.model.generate")  # the module, not model.generate()
     real_sample = generate_module.sample
     monkeypatch.setattr(generate_module, "sample",
                         lambda logits, *a, **kw: (seen.append(logits.clone()), real_sample(logits, *a, **kw))[1])

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import FuyuBatch, PreprocessError
-from preprocess.patches import patchify
+from fuyu.preprocess import FuyuBatch, PreprocessError
+from fuyu.preprocess.patches import patchify
 
 CAPTION_BACKSLASH = "Generate a coco-style caption.\\n"  # as in the HF processor tests
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +163,7 @@ def test_preprocess_never_imports_transformers_or_model():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.split(".")[0] in ("transformers", "model") for n in names), (path, names)
-    code = "import sys, preprocess; bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'model')]; assert not bad, bad"
+            assert not any(n.split(".")[0] == "transformers" or n.startswith("fuyu.model") or n in ("model", ".model")
+                           for n in names), (path, names)
+    code = "import sys, fuyu.preprocess; bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m.startswith('fuyu.model')]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

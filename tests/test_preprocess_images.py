@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import FuyuProcessor, ImageError, PreprocessError
-from preprocess.image import MAX_H, MAX_W, fit_size
-from tests.tiny_tokenizer import write_tokenizer
+from fuyu.preprocess import FuyuProcessor, ImageError, PreprocessError
+from fuyu.preprocess.image import MAX_H, MAX_W, fit_size
+from fuyu.testing.tokenizer import write_tokenizer
 
 PROMPT = "Generate a coco-style caption.\n"
 WHITE, BLACK = 1.0, -1.0  # normalised values
@@ -233,7 +233,7 @@ def test_image_errors_are_value_errors_and_name_the_file(proc, tmp_path):
 @pytest.mark.parametrize("size", [(4000, 3000), (2001, 2000), (5000, 2100), (1921, 1081), (6000, 1000),
                                   (2900, 2899), (3000, 4000), (2500, 1500)])
 def test_threaded_bilinear_is_pillows_resize_bit_for_bit(size):
-    from preprocess.image import bilinear
+    from fuyu.preprocess.image import bilinear
 
     w, h = size
     s = min(MAX_H / h, MAX_W / w)

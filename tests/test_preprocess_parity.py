@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import FuyuProcessor, box_to_text_prompt
-from tests.tiny_tokenizer import special_ids
+from fuyu.preprocess import FuyuProcessor, box_to_text_prompt
+from fuyu.testing.tokenizer import special_ids
 
 pytestmark = pytest.mark.parity
 transformers = pytest.importorskip("transformers")

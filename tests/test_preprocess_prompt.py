@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import (TASK_PROMPTS, Box, FuyuProcessor, PromptError, ask_prompt, box_to_text_prompt,
+from fuyu.preprocess import (TASK_PROMPTS, Box, FuyuProcessor, PromptError, ask_prompt, box_to_text_prompt,
                         text_to_box_prompt)
-from preprocess.boxes import find_spans, to_model_coords
-from preprocess.prompt import encode_prompt
+from fuyu.preprocess.boxes import find_spans, to_model_coords
+from fuyu.preprocess.prompt import encode_prompt
 
 INSTRUCTION = ("When presented with a box, perform OCR to extract text contained within it. "
                "If provided with text, generate the corresponding bounding box.\n")

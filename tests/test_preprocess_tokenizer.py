@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from preprocess import FuyuProcessor, PreprocessError, Tokenizer
-from tests.tiny_tokenizer import special_ids, vocab_size
+from fuyu.preprocess import FuyuProcessor, PreprocessError, Tokenizer
+from fuyu.testing.tokenizer import special_ids, vocab_size
 
 TEXTS = ["|SPEAKER|", "Generate a coco-style caption.\n", " ", "  a  b ", "x\n\ny", "in 2018 is 80.7.\n",
          "Héllo wörld ☃ 日本", "tab\there", "What color is the bus?\n", "ﬁ Ａ"]

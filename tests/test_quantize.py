@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from model import CheckpointError, load_pretrained
-from model.quantize import (Int4, Int8, Int8Linear, dequantize_int4, quantize_int4,
+from fuyu.model import CheckpointError, load_pretrained
+from fuyu.model.quantize import (Int4, Int8, Int8Linear, dequantize_int4, quantize_int4,
                             quantize_int8, resolve_scheme, scheme_config)
 from tests.model_batches import make_batch
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu.testing.checkpoint import make_checkpoint
 
 VOCAB = 320  # multiple of 32: bitsandbytes could pack lm_head, so keeping it 16-bit is a choice
 # Measured on this checkpoint (logits std ≈ 1.2), max |Δ| vs bf16: int8 0.15, 8bit 0.18,

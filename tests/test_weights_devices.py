@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from model import load_pretrained
-from model.convert import convert
-from model.devices import PINNED, parse_device_map, parse_max_memory
+from fuyu.model import load_pretrained
+from fuyu.model.convert import convert
+from fuyu.model.devices import PINNED, parse_device_map, parse_max_memory
 from tests.model_batches import make_batch
-from tests.tiny_checkpoint import make_checkpoint
+from fuyu.testing.checkpoint import make_checkpoint
 
 VOCAB = 320
 # hidden 128: embeddings + patch projection + head ≈ 1.7 MB, one block ≈ 0.8 MB in float32.

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
+from fuyu.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
                               FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
                               ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
                               OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
@@ -57,7 +57,7 @@ def ask(
         *paths, question = paths
     if not question.strip():
         raise typer.BadParameter("the question is empty", param_hint="--question")
-    from fuyu_cli.pipeline import run_task
+    from fuyu.pipeline import run_task
 
     run_task("ask", question,
              InputSpec(paths, recursive, null),

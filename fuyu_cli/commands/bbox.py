@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
+from fuyu.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
                               FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
                               ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
                               OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
@@ -80,7 +80,7 @@ def bbox(
             raise typer.BadParameter("give the text to find after the image, or use --find/--box",
                                      param_hint="PATHS")
         *paths, find = paths
-    from fuyu_cli.pipeline import run_task
+    from fuyu.pipeline import run_task
 
     run_task("ocr" if box else "bbox", find,
              InputSpec(paths, recursive, null),
@@ -93,7 +93,7 @@ def bbox(
 
 def _drawer(target: Path):
     """`on_record` for --draw: one image → the file `target`; several → files in folder `target`."""
-    from fuyu_cli.render import draw_boxes
+    from fuyu.render import draw_boxes
 
     as_folder = target.is_dir() or not target.suffix
     drawn: list[str] = []

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import DeviceOpt, Dtype, DtypeOpt, ModelOpt
+from fuyu.options import DeviceOpt, Dtype, DtypeOpt, ModelOpt
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -35,10 +35,10 @@ def benchmark(
     """Measure speed and memory: Rich table on stderr, one JSON line on stdout."""
     import torch
 
-    from fuyu_cli import bench
-    from fuyu_cli.errors import FuyuError
-    from fuyu_cli.render import benchmark_table, stderr_console
-    from fuyu_cli.runner import resolve_device, resolve_dtype
+    from fuyu import bench
+    from fuyu.errors import FuyuError
+    from fuyu.render import benchmark_table, stderr_console
+    from fuyu.runner import resolve_device, resolve_dtype
 
     if (model is None) == (random is None):
         raise typer.BadParameter("give exactly one of --model DIR or --random tiny|mid|8b")
@@ -119,11 +119,11 @@ def benchmark(
 
 def _reference_module():
     """benchmarks/reference_compare.py from the source checkout: transformers (the test oracle)
-    is never imported by the fuyu_cli package itself."""
+    is never imported by the fuyu package itself."""
     import importlib.util
     from pathlib import Path
 
-    from fuyu_cli.errors import FuyuError
+    from fuyu.errors import FuyuError
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_compare.py"
     if not path.is_file():

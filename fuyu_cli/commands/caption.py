@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
+from fuyu.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
                               FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
                               ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
                               OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
@@ -53,7 +53,7 @@ def caption(
     quiet: QuietOpt = False,
 ) -> None:
     """Caption images: one JSON line per image on stdout."""
-    from fuyu_cli.pipeline import run_task
+    from fuyu.pipeline import run_task
 
     run_task("caption", prompt,
              InputSpec(paths, recursive, null),

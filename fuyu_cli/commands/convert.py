@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from fuyu_cli.errors import FuyuError
-from fuyu_cli.options import QuietOpt
+from fuyu.errors import FuyuError
+from fuyu.options import QuietOpt
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -57,12 +57,12 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a checkpoint folder: config, sharded safetensors, tokenizer and preprocessor files."""
-    from fuyu_cli.render import Reporter
+    from fuyu.render import Reporter
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuyuError(f"{out}: already exists", "choose a new output folder or remove it")
-    from model.convert import convert as convert_checkpoint  # imports torch
-    from model.convert import parse_size
+    from fuyu.model.convert import convert as convert_checkpoint  # imports torch
+    from fuyu.model.convert import parse_size
 
     try:
         parse_size(shard_size)

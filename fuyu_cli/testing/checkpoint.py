@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import FuyuConfig
-from model.fuyu import Fuyu
+from fuyu.model.config import FuyuConfig
+from fuyu.model.fuyu import Fuyu
 
 # Our parameter prefix → checkpoint key prefix, per layout (the inverse of model.weights).
 _LAYOUTS = {
@@ -96,7 +96,7 @@ def make_checkpoint(ckpt: Path, *, hidden: int = 64, heads: int = 4, layers: int
     ckpt.mkdir(parents=True, exist_ok=True)
     ids = dict(PLAIN_IDS)
     if tokenizer:
-        from tests import tiny_tokenizer
+        from fuyu.testing import tokenizer as tiny_tokenizer
 
         tiny_tokenizer.write_tokenizer(ckpt)
         ids = tiny_tokenizer.special_ids(ckpt)

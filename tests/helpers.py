@@ -1,0 +1,82 @@
+"""Helpers the test modules share: running `fuyu` in-process or as a subprocess, making images,
+and a fake Runner for CLI tests that need no model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from fuyu import app as app_module
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "examples" / "assets"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+def fuyu(*args: str, input: str | None = None, env: dict | None = None) -> Run:
+    """Run `fuyu ARGS` through the real entry point (main(): the error boundary) with captured streams."""
+    with CliRunner().isolation(input=input, env=env) as (out, err, _):
+        try:
+            app_module.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            app_module._debug = False
+        return Run(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def png(path: Path, size=(40, 30), color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+class FakeRunner:
+    """Captions every readable image with its file name; unreadable ones become error records."""
+
+    def __init__(self):
+        self.calls = []
+
+    def default_batch_size(self) -> int:
+        return 3
+
+    def run(self, jobs, batch_size, gen):
+        self.calls.append((list(jobs), batch_size, gen))
+        for job in jobs:
+            rec = {"path": job.path, "task": job.task, "prompt": job.text or "P"}
+            try:
+                with Image.open(job.path) as im:
+                    w, h = im.size
+            except Exception as exc:
+                yield {**rec, "error": f"cannot read image ({type(exc).__name__})"}
+                continue
+            boxes = {"bbox": [[1, 2, 3, 4]], "ocr": [list(job.box or ())]}.get(job.task)
+            yield {**rec, "text": f"a picture named {Path(job.path).stem}",
+                   **({"boxes": boxes} if boxes else {}), "width": w, "height": h,
+                   "prompt_tokens": 10, "new_tokens": 5, "seconds": 0.01}
+
+
+
+def cli_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUYU_")}
+    return {**env, "NO_COLOR": "1", **extra}
+
+
+def fuyu_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "fuyu", *map(str, args)]
