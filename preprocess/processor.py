@@ -71,6 +71,32 @@ class FuyuProcessor:
                               f"limit of {self.max_length}; shorten the prompt")
         return Sample(ids, patches, size, scale, name)
 
+    def prepare_many(self, image: ImageInput, prompts: Sequence[str | Exception]) -> list[Sample | Exception]:
+        """prepare_one for several prompts about one image: the image is loaded, resized and cut
+        into patches once (the samples share its patches tensor). A prompt that cannot be encoded
+        gives its exception in its place; an Exception given as a prompt is passed through."""
+        out: list[Sample | Exception] = []
+        base = None
+        for prompt in prompts:
+            if isinstance(prompt, Exception):
+                out.append(prompt)
+                continue
+            if base is None:
+                base = self.prepare_one(image, "")  # raises ImageError for an unreadable image
+            try:
+                text_ids = encode_prompt(prompt, 1.0 if base.scale is None else base.scale, self.tokenizer)
+            except PromptError as e:
+                out.append(PromptError(f"{base.name}: {e}"))
+                continue
+            head = base.ids[:-1]  # image rows and <s>, without the empty prompt's <0x04>
+            ids = head + text_ids + [self.tokenizer.boa_id]
+            if len(ids) > self.max_length:
+                out.append(PromptError(f"{base.name}: {len(ids)} tokens ({len(text_ids)} of prompt), "
+                                       f"over the limit of {self.max_length}; shorten the prompt"))
+                continue
+            out.append(Sample(ids, base.patches, base.size, base.scale, base.name))
+        return out
+
     def collate(self, samples: Sequence[Sample]) -> FuyuBatch:
         return collate(samples, self.tokenizer.pad_id)
 
