@@ -1,82 +1,147 @@
-"""Turn command-line paths into the list of images to process.
+"""Turn command-line paths into the stream of input files, as they are found.
 
-Arguments may be files, folders, globs the shell did not expand, or `-` (paths on stdin, one per
-line or NUL-separated). Files named explicitly are always taken; inside folders only image
-extensions are, and the rest is reported as skipped.
+Arguments may be files, folders, globs the shell did not expand, URIs, or `-` (paths on stdin,
+one per line or NUL-separated, read as they arrive). Files named explicitly are always taken;
+inside folders only image and document extensions are, and the rest is reported. Each file is
+taken once, by its real path. Hidden files and folders inside folders are skipped and counted;
+dangling links and special files (FIFOs, sockets, devices) found in folders are named in the
+summary and never opened. Named explicitly, they become error records instead.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, Iterator
 
 from fuyu.errors import FuyuError
+from fuyu.records import is_uri, resolve
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+def folder_extensions() -> frozenset[str]:
+    """What folders contribute: images and documents the preprocessing can read here."""
+    from fuyu.preprocess.pages import INPUT_EXTENSIONS
+
+    return INPUT_EXTENSIONS
 
 
 @dataclass
-class Inputs:
-    images: list[str] = field(default_factory=list)  # in the order found, each file once
+class Found:
+    """What listing the input saw besides the files it yields (for the summary)."""
+
     skipped: list[str] = field(default_factory=list)  # folder entries with other extensions
+    hidden: int = 0  # hidden files and folders inside folders
+    special: list[str] = field(default_factory=list)  # dangling links, FIFOs, sockets, devices in folders
+    duplicates: int = 0  # the same file reached twice (another spelling, a symlink)
+    own_sidecars: int = 0  # .txt files fuyu wrote itself (--sidecar), not inputs
 
-    def skipped_summary(self, show: int = 3) -> str:
-        """'2 skipped (.txt ×2: a.txt, b.txt)' or '' when nothing was skipped."""
-        if not self.skipped:
-            return ""
-        exts = Counter(Path(p).suffix.lower() or "(none)" for p in self.skipped)
-        kinds = ", ".join(f"{e} ×{n}" for e, n in exts.most_common())
-        names = ", ".join(self.skipped[:show]) + (", …" if len(self.skipped) > show else "")
-        return f"{len(self.skipped)} skipped, not images ({kinds}: {names})"
+    def summary(self, show: int = 3) -> list[str]:
+        """Summary phrases: '2 skipped, not images (.txt ×2: a.txt, b.txt)', …"""
+        out = []
+        if self.skipped:
+            exts = Counter(Path(p).suffix.lower() or "(none)" for p in self.skipped)
+            kinds = ", ".join(f"{e} ×{n}" for e, n in exts.most_common())
+            out.append(f"{len(self.skipped)} skipped, not images ({kinds}: {_names(self.skipped, show)})")
+        if self.special:
+            out.append(f"{len(self.special)} skipped, not regular files ({_names(self.special, show)})")
+        if self.hidden:
+            out.append(f"{self.hidden} hidden skipped")
+        if self.duplicates:
+            out.append(f"{self.duplicates} duplicates taken once")
+        return out
 
 
-def _read_stdin(stdin: TextIO, null: bool) -> list[str]:
-    text = stdin.read()
-    parts = text.split("\0") if null else text.splitlines()
-    return [p for p in parts if p.strip()]
+def _names(paths: list[str], show: int) -> str:
+    from fuyu.records import printable
+
+    return ", ".join(printable(p)[0] for p in paths[:show]) + (", …" if len(paths) > show else "")
 
 
-def _folder(root: Path, recursive: bool) -> list[Path]:
-    entries = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in entries if p.is_file() and not p.name.startswith("."))
+def read_paths(stdin: BinaryIO, null: bool) -> Iterator[str]:
+    """Paths from stdin as they arrive (not after EOF), decoded like file names (os.fsdecode)."""
+    if null:
+        pending = b""
+        while chunk := stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536):
+            pending += chunk
+            *parts, pending = pending.split(b"\0")
+            yield from (os.fsdecode(p) for p in parts if p.strip())
+        if pending.strip():
+            yield os.fsdecode(pending)
+        return
+    for line in iter(stdin.readline, b""):
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield os.fsdecode(line)
 
 
-def collect(args: list[str], stdin: TextIO, *, recursive: bool = False, null: bool = False) -> Inputs:
-    """Expand `args`; a named path that does not exist is a usage error (exit 2) before any work."""
-    found = Inputs()
-    seen: set[str] = set()
-
-    def add(path: str, explicit: bool) -> None:
-        key = os.path.abspath(path)
-        if key in seen:
-            return
-        seen.add(key)
-        if explicit or Path(path).suffix.lower() in IMAGE_EXTENSIONS:
-            found.images.append(path)
+def _walk(root: str, recursive: bool, found: Found, is_own_sidecar) -> Iterator[str]:
+    """Folder entries in sorted order (depth-first with -r), skipping hidden ones."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        raise FuyuError(f"cannot list folder {root} ({e.strerror or e})", "check its permissions") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            found.hidden += 1
+            continue
+        path = os.path.join(root, entry.name)
+        try:
+            mode = entry.stat().st_mode  # follows links
+        except OSError:
+            found.special.append(path)  # a dangling link, or gone since listing
+            continue
+        if stat.S_ISDIR(mode):
+            if recursive and not entry.is_symlink():  # a linked folder would be an alias or a loop
+                yield from _walk(path, recursive, found, is_own_sidecar)
+        elif not stat.S_ISREG(mode):
+            found.special.append(path)
+        elif Path(entry.name).suffix.lower() in folder_extensions():
+            yield path
+        elif is_own_sidecar(path):
+            found.own_sidecars += 1
         else:
             found.skipped.append(path)
 
+
+def iter_files(args: list[str], stdin: BinaryIO | None, found: Found, *, recursive: bool = False,
+               null: bool = False, is_own_sidecar=lambda path: False) -> Iterator[str]:
+    """Every input file once, in the order found. A named path that does not exist is a usage
+    error (exit 2) raised when it is reached; paths from stdin are taken as given (a stale one
+    becomes an error record)."""
     if args.count("-") > 1:
         raise FuyuError("'-' given more than once", "read stdin once: pass - a single time")
     for arg in args:
+        if arg != "-" and not is_uri(arg) and not os.path.lexists(arg) and not glob.has_magic(arg):
+            raise FuyuError(f"no such file or folder ({arg})", "check the path; quote globs so fuyu can expand them")
+    seen: set[str] = set()
+
+    def once(path: str) -> bool:
+        key = resolve(path)
+        if key in seen:
+            found.duplicates += 1
+            return False
+        seen.add(key)
+        return True
+
+    for arg in args:
         if arg == "-":
-            # Paths from a pipeline are taken as given: a stale one becomes an error record.
-            for line in _read_stdin(stdin, null):
-                add(line, explicit=True)
+            yield from filter(once, read_paths(stdin, null))
+        elif is_uri(arg):
+            if once(arg):
+                yield arg
         elif os.path.isdir(arg):
-            for p in _folder(Path(arg), recursive):
-                add(str(p), explicit=False)
-        elif os.path.exists(arg):
-            add(arg, explicit=True)
-        elif glob.has_magic(arg) and (matches := sorted(glob.glob(arg, recursive=True))):
+            yield from filter(once, _walk(arg, recursive, found, is_own_sidecar))
+        elif os.path.lexists(arg):
+            if once(arg):
+                yield arg
+        else:  # an unexpanded glob
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise FuyuError(f"no such file or folder ({arg})", "check the path; quote globs so fuyu can expand them")
+            exts = folder_extensions()
             for m in matches:
-                if os.path.isfile(m):
-                    add(m, explicit=False)
-        else:
-            raise FuyuError(f"no such file or folder ({arg})",
-                            "check the path; quote globs so fuyu can expand them")
-    return found
+                if os.path.isfile(m) and Path(m).suffix.lower() in exts and once(m):
+                    yield m

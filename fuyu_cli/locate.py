@@ -22,9 +22,9 @@ def hub_cache() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def cached_snapshot(cache: Path) -> Path | None:
+def cached_snapshot(cache: Path, repo_id: str = HUB_REPO) -> Path | None:
     """The snapshot `refs/main` points to, else the newest one holding a config.json."""
-    repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
         snap = repo / "snapshots" / ref.read_text().strip()
@@ -34,13 +34,22 @@ def cached_snapshot(cache: Path) -> Path | None:
     return max(snaps, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def find_checkpoint(model: Path | None) -> Path:
+def find_checkpoint(model: str | Path | None, download: bool = False) -> Path:
+    """The checkpoint folder for --model: a folder, or a hub repo id found in the local cache."""
     if model is not None:
-        if not model.is_dir():
+        path = Path(model)
+        if path.is_dir():
+            return path
+        if path.exists():
+            raise FuyuError(f"--model {model}: is a file, not a checkpoint folder",
+                            "pass the folder holding config.json and the *.safetensors files")
+        if str(model).count("/") != 1 or str(model).startswith((".", "/")):
             raise FuyuError(f"model folder not found ({model})", NO_WEIGHTS_HINT)
-        return model
-    snap = cached_snapshot(hub_cache())
+        repo_id = str(model)
+    else:
+        repo_id = HUB_REPO
+    snap = cached_snapshot(hub_cache(), repo_id)
     if snap is None:
-        raise FuyuError(f"no Fuyu checkpoint given and none in the Hugging Face cache ({hub_cache()})",
-                        NO_WEIGHTS_HINT)
+        what = "no Fuyu checkpoint given and none" if model is None else f"{repo_id}: not a folder, and not"
+        raise FuyuError(f"{what} in the Hugging Face cache ({hub_cache()})", NO_WEIGHTS_HINT)
     return snap

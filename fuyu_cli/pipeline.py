@@ -1,72 +1,179 @@
-"""What every command does: find the images, skip finished ones, load the model, run, write each
-record as it comes, and end with a summary and the exit code."""
+"""What caption, ask and bbox do: stream the input, skip what is finished, load the model when
+there is work, run, write each record as it comes, and end with a summary and the exit code.
+--output-dir (parts, --shard, --ray) goes through fuyu/parts.py on the same pieces."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import typer
 
-from fuyu import inputs as inputs_mod
-from fuyu import resume
-from fuyu.errors import FuyuError
-from fuyu.options import GenOptions, InputSpec, ModelSpec, OutputSpec
-from fuyu.output import open_sinks
+from fuyu import inputs, sources
+from fuyu.errors import ITEMS_FAILED, FuyuError, OutputError
+from fuyu.options import ModelSpec, RunOptions
+from fuyu.output import STDOUT_SINKS, Sidecars
+from fuyu.records import Ask, Item, Record, Unit, record_key
 from fuyu.render import Reporter
-from fuyu.runner import Job, Runner
+from fuyu.resume import OutputFile
+from fuyu.runner import Runner
 
 
-def load_runner(spec: ModelSpec) -> Runner:
-    return Runner.load(spec)
+def load_runner(spec: ModelSpec, max_new_tokens: int | None = None,
+                sources_options: sources.Options | None = None) -> Runner:
+    return Runner.load(spec, max_new_tokens=max_new_tokens, sources_options=sources_options)
 
 
-def run_task(task: str, text: str | None, inputs: InputSpec, model: ModelSpec, gen: GenOptions,
-             out: OutputSpec, *, box=None, on_record: Callable[[dict], None] | None = None) -> None:
-    """Run `task` (with the user's prompt, question or text to find) over the images; exit 1 if
-    any item failed."""
-    if out.output is not None and out.format != "jsonl":
-        raise FuyuError(f"--format {out.format} applies to stdout, and --output always writes "
-                        "JSON lines", "drop one of --format and --output")
-    ui = Reporter(out.quiet)
-    found = inputs_mod.collect(inputs.paths, sys.stdin, recursive=inputs.recursive, null=inputs.null)
-    plan = resume.plan(found.images, out.output, out.sidecar, out.overwrite)
-    notes = [f"{len(plan.done)} already done" if plan.done else "", found.skipped_summary()]
-    if not plan.todo:
-        ui.note(", ".join(["nothing to do" if found.images else "no images found", *filter(None, notes)]))
-        return
+@dataclass
+class Tally:
+    """What a run did, for the summary and the exit code."""
 
-    with ui.status("loading the model…"):
-        runner = load_runner(model)
-    jobs = [Job(path, task, text, box) for path in plan.todo]
-    ok = failed = tokens = 0
-    start = time.perf_counter()
-    try:
-        with open_sinks(out) as sinks, ui.progress(len(jobs), task) as advance:
-            for rec in runner.run(jobs, model.batch_size or runner.default_batch_size(), gen):
-                if not rec.get("error") and on_record is not None:
-                    try:
-                        on_record(rec)
-                    except Exception as exc:  # e.g. --draw cannot write: this item failed
-                        rec["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-                for sink in sinks:
-                    sink.write(rec)
-                if rec.get("error"):
-                    ui.error(rec["path"], rec["error"])
-                    failed += 1
+    ok: int = 0
+    failed: int = 0
+    tokens: int = 0
+    already: int = 0  # records an earlier run finished
+    inputs_listed: bool = False  # the whole input has been seen (the total is known)
+    total: int = 0  # records to produce, as far as listed
+    load_seconds: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, rec: Record) -> None:
+        if rec.ok:
+            self.ok += 1
+            self.tokens += rec.new_tokens or 0
+        else:
+            self.failed += 1
+
+
+def source_options(opts: RunOptions) -> sources.Options:
+    return sources.Options(opts.inputs.pages, opts.inputs.dpi, opts.inputs.all_frames)
+
+
+def plan(files: Iterable[str], asks: list[Ask], src: sources.Options, tally: Tally,
+         done: Callable[[Item, Ask], bool] = lambda item, ask: False,
+         conflict: Callable[[Item], str | None] = lambda item: None) -> Iterator[Unit | Record]:
+    """Units still to do, in input order: each file expanded into its items (pages), each item
+    with the asks not done yet; files that cannot be expanded (a broken PDF, a FIFO) and items
+    whose output would clobber a user's file become error records."""
+    for path in files:
+        try:
+            items = sources.expand(path, src)
+        except Exception as exc:
+            item = Item(path)
+            tally.total += len(asks)
+            for ask in asks:
+                yield Record.failed(item, ask, _message(exc))
+            continue
+        for item in items:
+            todo = []
+            for ask in asks:
+                if done(item, ask):
+                    tally.already += 1
                 else:
-                    ok += 1
-                    tokens += rec.get("new_tokens") or 0
-                advance(rec)
-    except KeyboardInterrupt:
-        resumable = out.output is not None or out.sidecar
-        ui.note(f"interrupted after {ok + failed} of {len(jobs)} images; finished results are "
-                + ("saved: rerun the same command to continue" if resumable else "above"))
-        raise
-    secs = max(time.perf_counter() - start, 1e-6)
-    counts = [f"{ok} done", f"{failed} failed" if failed else "", *notes]
-    ui.note(f"{task}: " + ", ".join(filter(None, counts))
-            + f" in {secs:.1f} s ({ok / secs:.2f} images/s, {tokens / secs:.1f} tokens/s)")
-    if failed:
-        raise typer.Exit(1)
+                    todo.append(ask)
+            if not todo:
+                continue
+            tally.total += len(todo)
+            problem = conflict(item)
+            if problem is not None:
+                for ask in todo:
+                    yield Record.failed(item, ask, problem)
+                continue
+            yield Unit(item, tuple(todo))
+    tally.inputs_listed = True
+
+
+def _message(exc: BaseException) -> str:
+    from fuyu.preprocess import PreprocessError
+
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, (PreprocessError, FuyuError)) else f"{type(exc).__name__}: {text}"
+
+
+def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record], None] | None = None) -> None:
+    """Run `asks` over every input; exit 1 if any record failed (errors exit 2/3 by exception)."""
+    if opts.out.output_dir is not None:
+        from fuyu import parts
+
+        return parts.run_task(asks, opts, on_record=on_record)
+    out = opts.out
+    if out.sidecar and len(asks) > 1:
+        raise FuyuError("--sidecar holds one answer per image, and there are several prompts",
+                        "use --output FILE (or --output-dir) for several questions")
+    ui = Reporter(out.quiet)
+    tally = Tally()
+    sidecars = Sidecars()  # also tells fuyu's own sidecars apart from inputs when listing folders
+    with contextlib.ExitStack() as stack:
+        outfile = None
+        if out.output is not None:  # locked before anything is read from it
+            outfile = OutputFile(out.output)
+            stack.callback(lambda: outfile.close(compact=outfile.fd >= 0 and not failed_write))
+        failed_write = False
+        found = inputs.Found()
+        files = inputs.iter_files(opts.inputs.paths, _stdin(), found, recursive=opts.inputs.recursive,
+                                  null=opts.inputs.null, is_own_sidecar=sidecars.is_own)
+
+        def done(item: Item, ask: Ask) -> bool:
+            if out.overwrite or (outfile is None and not out.sidecar):
+                return False
+            in_file = outfile is None or outfile.done(record_key(item.path, item.page, ask.task, ask.prompt))
+            return in_file and (not out.sidecar or sidecars.done(item, ask))
+
+        src = source_options(opts)
+        work = plan(files, asks, src, tally, done, sidecars.conflict if out.sidecar else (lambda item: None))
+        first = next(work, None)
+        if first is None:
+            ui.note(", ".join(["nothing to do" if tally.already or found.own_sidecars or tally.total
+                               else "no images found", *_already(tally), *found.summary()]))
+            return
+        start = time.perf_counter()
+        with ui.status("loading the model…"):
+            runner = load_runner(opts.model, opts.gen.max_new_tokens, src)
+        tally.load_seconds = time.perf_counter() - start
+        tally.started = time.perf_counter()
+        sinks = [outfile] if outfile is not None else [STDOUT_SINKS[out.format]()]
+        batch = opts.model.batch_size or runner.default_batch_size()
+        try:
+            with ui.progress(tally, asks[0].task) as advance:
+                for rec in runner.run(_chain(first, work), batch, opts.gen):
+                    if rec.ok and on_record is not None:
+                        try:
+                            on_record(rec)
+                        except Exception as exc:  # e.g. --draw cannot write: this item failed
+                            rec.error = _message(exc)
+                    if out.sidecar:
+                        sidecars.write(rec)  # first: a sidecar that may not be written fails the record
+                    for sink in sinks:
+                        sink.write(rec)
+                    if not rec.ok:
+                        ui.error(rec.id, rec.error)
+                    tally.add(rec)
+                    advance()
+        except OutputError:
+            failed_write = True
+            raise
+        except KeyboardInterrupt:
+            resumable = out.output is not None or out.sidecar
+            ui.note(f"interrupted after {tally.ok + tally.failed} records; finished results are "
+                    + ("saved: rerun the same command to continue" if resumable else "above"))
+            raise
+    ui.summary(asks[0].task, tally, found.summary())
+    if tally.failed:
+        raise typer.Exit(ITEMS_FAILED)
+
+
+def _already(tally: Tally) -> list[str]:
+    return [f"{tally.already} already done"] if tally.already else []
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _stdin():
+    """stdin as bytes (file names need not be UTF-8)."""
+    return getattr(sys.stdin, "buffer", sys.stdin)

@@ -34,6 +34,9 @@ class Reporter:
         self.quiet = quiet
 
     def error(self, path: str, message: str) -> None:
+        from fuyu.records import printable
+
+        path = printable(path)[0]
         error_line(self.console, message if message.startswith(path) else f"{path}: {message}")
 
     def note(self, message: str) -> None:
@@ -64,36 +67,74 @@ class Reporter:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
     @contextmanager
-    def progress(self, total: int, label: str) -> Iterator[Callable[[dict], None]]:
-        """Yields `advance(record)`; draws images done, images/s, tokens/s and ETA on a terminal."""
-        if self.quiet or not self.console.is_terminal:
-            yield lambda rec: None
+    def progress(self, tally, label: str, every: float = 30.0) -> Iterator[Callable[[], None]]:
+        """Yields `advance()`, called after each record (counts live in `tally`, a pipeline.Tally).
+        On a terminal: a bar with records done, rate, tokens/s and ETA once the total is known.
+        Elsewhere (nohup, a log file): one plain line every `every` seconds."""
+        if self.quiet:
+            yield lambda: None
+            return
+        if not self.console.is_terminal:
+            last = time.perf_counter()
+
+            def advance_plain() -> None:
+                nonlocal last
+                now = time.perf_counter()
+                if now - last >= every:
+                    last = now
+                    self.note(progress_line(label, tally, now))
+            yield advance_plain
             return
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                        console=self.console, transient=True,
                        redirect_stdout=sys.stdout.isatty())  # data lines print above the bar
-        start, tokens = time.perf_counter(), 0
         with bar:
-            task = bar.add_task(label, total=total, rate="")
+            task = bar.add_task(label, total=None, rate="")
 
-            def advance(rec: dict) -> None:
-                nonlocal tokens
-                tokens += rec.get("new_tokens") or 0
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                done = bar.tasks[0].completed + 1
-                bar.update(task, advance=1,
-                           rate=f"{done / elapsed:.2f} img/s  {tokens / elapsed:.1f} tok/s")
+            def advance() -> None:
+                elapsed = max(time.perf_counter() - tally.started, 1e-9)
+                done = tally.ok + tally.failed
+                bar.update(task, completed=done, total=tally.total if tally.inputs_listed else None,
+                           rate=f"{done / elapsed:.2f} rec/s  {tally.tokens / elapsed:.1f} tok/s")
 
             yield advance
 
+    def summary(self, label: str, tally, extra: list[str]) -> None:
+        """`caption: 3 done, 1 failed in 2.0 s (…); model loaded in 4.1 s (not included)`."""
+        secs = max(time.perf_counter() - tally.started, 1e-6)
+        counts = [f"{tally.ok} done", f"{tally.failed} failed" if tally.failed else "",
+                  f"{tally.already} already done" if tally.already else "", *extra]
+        load = "" if tally.load_seconds is None else f"; model loaded in {tally.load_seconds:.1f} s (not included)"
+        self.note(f"{label}: " + ", ".join(filter(None, counts))
+                  + f" in {secs:.1f} s ({tally.ok / secs:.2f} records/s, {tally.tokens / secs:.1f} tokens/s){load}")
 
-def draw_boxes(src: str, boxes: list[list[int]], dst: Path) -> None:
-    """Copy of `src` with `boxes` (x0, y0, x1, y1 in image pixels) outlined in red."""
-    from PIL import Image, ImageDraw
 
-    with Image.open(src) as im:
-        im = im.convert("RGB")
+def progress_line(label: str, tally, now: float) -> str:
+    """One plain progress line: done/total, failures, rate, ETA (when the total is known)."""
+    elapsed = max(now - tally.started, 1e-9)
+    done = tally.ok + tally.failed
+    rate = done / elapsed
+    total = f"/{tally.total}" if tally.inputs_listed else ""
+    eta = ""
+    if tally.inputs_listed and rate > 0:
+        left = (tally.total - done) / rate
+        eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    failed = f" ({tally.failed} failed)" if tally.failed else ""
+    return f"{label}: {done}{total} done{failed}, {rate:.2f} records/s{eta}"
+
+
+def warning_line(message: str) -> None:
+    """`warning: …` on stderr, one line, even with --quiet (it tells of a problem)."""
+    console = stderr_console()
+    console.print(Text.assemble(("warning", "bold yellow"), ": ", " ".join(message.split())))
+
+
+def draw_boxes(image, boxes: list[list[int]], dst: Path) -> None:
+    """A copy of PIL `image` with `boxes` (x0, y0, x1, y1 in its pixels) outlined in red, saved to dst."""
+    from PIL import ImageDraw
+
+    im = image.convert("RGB")
     draw = ImageDraw.Draw(im)
     width = max(2, min(im.size) // 200)
     for x0, y0, x1, y1 in boxes:

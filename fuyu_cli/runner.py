@@ -1,11 +1,17 @@
-"""Load the model once and turn jobs into result records.
+"""Load the model once and turn units (an item and the prompts asked of it) into records.
 
-The CLI module that loads and runs the model (options.py only borrows model.devices' parsers for
---device-map/--max-memory), importing model/, preprocess/ and torch inside functions, so
-`fuyu --help` never pays for them. Images are grouped by size so a batch wastes little padding;
-the next batch is preprocessed on a worker thread while the model runs the current one. An item
-that fails (unreadable image, over-long prompt, box outside the image) becomes an error record;
-a batch that fails is retried one item at a time, so one bad item does not fail its neighbours.
+The CLI module that runs the model, importing torch, fuyu.model and fuyu.preprocess inside
+functions so `fuyu --help` never pays for them. Units are taken from the input a window at a time
+(never the whole input) and grouped by image size inside the window, so a batch wastes little
+padding; the next batch is preprocessed on a worker thread while the model runs the current one.
+
+One prompt per item: the items of a batch run as one left-padded batch. Several prompts: each
+image's prefix (its patch rows) is prefilled once and its keys and values are shared by all of
+its prompts, which then decode together (fuyu.model.encode_prefix / prefill(prefix=…)).
+
+An item that fails (unreadable image, over-long prompt, box outside the image) becomes an error
+record; a batch that fails is retried one unit at a time, so one bad item does not fail its
+neighbours.
 """
 
 from __future__ import annotations
@@ -17,79 +23,57 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from fuyu import sources
 from fuyu.errors import FuyuError
 from fuyu.options import GenOptions, ModelSpec
+from fuyu.records import Ask, Item, Record, Unit
 
 DEFAULT_BATCH = {"cpu": 2, "cuda": 8}  # a 1920×1080 screenshot needs ~1.3 GiB of KV cache
+WINDOW = 256  # units looked at together when grouping by size (stdout / --output)
 
 
-@dataclass(frozen=True)
-class Job:
-    path: str
-    task: str  # caption | ask | bbox (text → boxes) | ocr (box → text)
-    text: str | None = None  # caption: a prompt instead of the default; ask: the question; bbox: what to find
-    box: tuple[float, float, float, float] | None = None  # ocr: the box to read, in image pixels
+@dataclass
+class Prepared:
+    """A unit whose image and prompts are ready for the model."""
 
-    @property
-    def prompt(self) -> str:
-        """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
-        from fuyu.preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
-
-        if self.task == "ocr":
-            return box_to_text_prompt(self.box)
-        if self.task == "bbox":
-            return text_to_box_prompt(self.text)
-        if self.task == "caption" and not self.text:
-            return TASK_PROMPTS["caption"]
-        return ask_prompt(self.text)  # a question or custom prompt, ending in one newline
-
-
-def image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the file header, or None when it cannot be read (reported later)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:
-        return None
-
-
-def _error(job: Job, exc: BaseException, size=None) -> dict:
-    from fuyu.preprocess import PreprocessError
-
-    known = isinstance(exc, (PreprocessError, FuyuError))
-    rec = {"path": job.path, "task": job.task, "prompt": job.prompt}
-    if size:
-        rec["width"], rec["height"] = size
-    message = " ".join(str(exc).split())  # one line, whatever the exception printed
-    rec["error"] = message if known else f"{type(exc).__name__}: {message}"
-    return rec
-
-
-def _new_tokens(row, eos: int) -> int:
-    hits = (row == eos).nonzero()
-    return int(hits[0, 0]) + 1 if len(hits) else len(row)
+    unit: Unit
+    asks: list[Ask]  # the unit's asks that prepared well, in order
+    samples: list  # one fuyu.preprocess.Sample per ask (sharing the image's patches)
+    size: tuple[int, int]  # (width, height) in original pixels, after EXIF orientation
+    seconds: float  # preprocessing time
 
 
 class Runner:
-    def __init__(self, model, processor, device: str):
+    def __init__(self, model, processor, device: str, sources_options: sources.Options | None = None):
         self.model, self.processor, self.device = model, processor, device
+        self.sources = sources_options or sources.Options()
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> "Runner":
-        from fuyu.locate import HUB_REPO, find_checkpoint
+    def load(cls, spec: ModelSpec, ckpt=None, max_new_tokens: int | None = None,
+             sources_options: sources.Options | None = None) -> Runner:
+        """Load the checkpoint `ckpt` (default: resolved from spec). max_new_tokens past the
+        model's positions is a usage error before any weight is read."""
+        from fuyu import threads
+        from fuyu.locate import find_checkpoint
 
-        ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
+        if ckpt is None:
+            ckpt = find_checkpoint(spec.path, download=spec.download)  # before the heavy imports
+        threads.configure(spec.threads)
         import torch
+
         from fuyu.model import CheckpointError, load_pretrained
+        from fuyu.model.weights import read_config
         from fuyu.preprocess import FuyuProcessor
 
+        limit = read_config(ckpt).max_position_embeddings
+        if max_new_tokens is not None and max_new_tokens >= limit:
+            raise FuyuError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the "
+                            f"model has {limit} positions in all", "use a smaller --max-new-tokens")
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         quantization = None if spec.quantize == "none" else spec.quantize
         if device == "cpu" and quantization is None and spec.device_map is None:
-            warn_if_too_big(ckpt, str(spec.path) if spec.path else HUB_REPO, dtype)
+            warn_if_too_big(ckpt, spec.path or str(ckpt), dtype)
         processor = FuyuProcessor.from_pretrained(ckpt)
         try:
             with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
@@ -109,96 +93,207 @@ class Runner:
             raise FuyuError(message, hint) from None
         if spec.device_map is not None:  # the map decides: run where the embeddings live
             device = str(model.embed_tokens.weight.device)
-        return cls(model, processor, device)
+        return cls(model, processor, device, sources_options)
 
     def default_batch_size(self) -> int:
         return DEFAULT_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 
-    def run(self, jobs: Iterable[Job], batch_size: int, gen: GenOptions) -> Iterator[dict]:
-        """Records in completion order: same-size images run together, in their input order."""
-        sized = [(job, image_size(job.path)) for job in jobs]
-        groups: dict = {}
-        for item in sized:
-            groups.setdefault(item[1] or (0, 0), []).append(item)
-        ordered = [item for size in sorted(groups, key=lambda s: s[0] * s[1]) for item in groups[size]]
-        chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-        if not chunks:
-            return
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self, work: Iterable[Unit | Record], batch_size: int, gen: GenOptions,
+            window: int = WINDOW) -> Iterator[Record]:
+        """Records as they finish. `work` may mix units with ready records (failures found while
+        listing the input), which pass straight through. Units are grouped by image size and
+        number of prompts inside each window of `window` units, in input order otherwise."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyu-preprocess")
         try:
-            pending = pool.submit(self._prepare, chunks[0])
-            for i in range(len(chunks)):
-                ready, failed = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self._prepare, chunks[i + 1])
-                yield from failed
-                if ready:
-                    yield from self._generate(ready, gen)
+            pending = None  # the next chunk, being prepared while the model runs this one
+            for chunk in self._chunks(work, batch_size, window):
+                if isinstance(chunk, Record):
+                    yield chunk
+                    continue
+                future = pool.submit(self._prepare, chunk)
+                if pending is not None:
+                    yield from self._finish(pending.result(), gen)
+                pending = future
+            if pending is not None:
+                yield from self._finish(pending.result(), gen)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _prepare(self, chunk):
-        """Preprocess each item alone, so one unreadable image fails only itself."""
+    def _chunks(self, work, batch_size: int, window: int) -> Iterator[list[Unit] | Record]:
+        """Batches of same-size units (and pass-through records), one window at a time."""
+        it = iter(work)
+        while True:
+            units: list[Unit] = []
+            for w in it:
+                if isinstance(w, Record):
+                    yield w
+                    continue
+                units.append(w)
+                if len(units) == window:
+                    break
+            if not units:
+                return
+            groups: dict = {}
+            for unit in units:
+                size = sources.header_size(unit.item, self.sources) or (0, 0)
+                groups.setdefault((size, len(unit.asks)), []).append(unit)
+            for (size, n_asks), group in sorted(groups.items(), key=lambda g: (g[0][0][0] * g[0][0][1], g[0][1])):
+                per_batch = max(1, batch_size // n_asks)  # all of an image's prompts run together
+                for i in range(0, len(group), per_batch):
+                    yield group[i:i + per_batch]
+
+    def _prepare(self, units: list[Unit]) -> tuple[list[Prepared], list[Record]]:
+        """Preprocess each unit alone, so one unreadable image fails only itself."""
         ready, failed = [], []
-        for job, header_size in chunk:
+        for unit in units:
             start = time.perf_counter()
             try:
-                sample = self.processor.prepare_one(job.path, job.prompt)
-                size = sample.size[::-1]  # (width, height) after EXIF orientation
-                if job.box is not None:
-                    check_box(job.box, size)
-                ready.append((job, size, sample, time.perf_counter() - start))
+                image = sources.open_image(unit.item, self.sources)
             except Exception as exc:
-                failed.append(_error(job, exc, header_size))
+                failed += [_failure(unit.item, ask, exc) for ask in unit.asks]
+                continue
+            try:  # the image once, then each prompt on its own: a bad box fails only its record
+                prepared = self.processor.prepare_many(image, [_prompt(ask) for ask in unit.asks])
+            except Exception as exc:
+                failed += [_failure(unit.item, ask, exc) for ask in unit.asks]
+                continue
+            asks, samples = [], []
+            size = next(s.size[::-1] for s in prepared if not isinstance(s, Exception)) if any(
+                not isinstance(s, Exception) for s in prepared) else None  # (width, height), upright
+            for ask, sample in zip(unit.asks, prepared):
+                try:
+                    if isinstance(sample, Exception):
+                        raise sample
+                    if ask.box is not None:
+                        check_box(ask.box, size)
+                    asks.append(ask)
+                    samples.append(sample)
+                except Exception as exc:
+                    failed.append(_failure(unit.item, ask, exc, size))
+            if asks:
+                ready.append(Prepared(unit, asks, samples, size, time.perf_counter() - start))
         return ready, failed
 
-    def _generate(self, items, gen: GenOptions) -> Iterator[dict]:
+    def _finish(self, prepared: tuple[list[Prepared], list[Record]], gen: GenOptions) -> Iterator[Record]:
+        ready, failed = prepared
+        yield from failed
+        if ready:
+            yield from self._generate(ready, gen)
+
+    def _generate(self, items: list[Prepared], gen: GenOptions) -> Iterator[Record]:
         try:
             records = self._generate_batch(items, gen)
         except Exception as exc:
             if len(items) == 1:
-                yield _error(items[0][0], exc, items[0][1])
+                p = items[0]
+                yield from (_failure(p.unit.item, ask, exc, p.size) for ask in p.asks)
                 return
             for item in items:  # find the culprit; the others still get their result
                 yield from self._generate([item], gen)
             return
         yield from records
 
-    def _generate_batch(self, items, gen: GenOptions) -> list[dict]:
+    def _generate_batch(self, items: list[Prepared], gen: GenOptions) -> list[Record]:
         import torch
 
+        from fuyu.model import generate
+
         start = time.perf_counter()
-        batch = self.processor.collate([sample for _, _, sample, _ in items])
-        T, limit = batch.input_ids.shape[1], self.model.config.max_position_embeddings
+        samples = [s for p in items for s in p.samples]
+        T = max(len(s.ids) for s in samples)
+        limit = self.model.config.max_position_embeddings
         if T + gen.max_new_tokens > limit:
             raise FuyuError(f"prompt is {T} tokens; with --max-new-tokens {gen.max_new_tokens} "
                             f"it exceeds the model's {limit} positions")
         generator = None
         if gen.seed is not None:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
-        new_ids = self.model.generate(batch, max_new_tokens=gen.max_new_tokens,
-                                      temperature=gen.temperature, top_p=gen.top_p,
-                                      generator=generator, compile=gen.compile).cpu()
+        sampling = dict(temperature=gen.temperature, top_p=gen.top_p, generator=generator)
+        if all(len(p.samples) == 1 for p in items):  # one prompt per image: one padded batch
+            batch = self.processor.collate(samples).to(self.device)
+            new_ids = generate(self.model, batch, max_new_tokens=gen.max_new_tokens,
+                               compile=gen.compile, **sampling)
+        else:
+            batch, new_ids = self._shared_prefix(items, gen, sampling)
+        new_ids = new_ids.cpu()
         texts = self.processor.decode(new_ids)
-        boxes = None
-        if any(job.task == "bbox" for job, *_ in items):
-            # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
-            boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
-        share = (time.perf_counter() - start) / len(items)
-        eos, mask = self.model.config.eos_token_id, batch.attention_mask
-        records = []
-        for i, (job, size, _, prep_s) in enumerate(items):
-            rec = {"path": job.path, "task": job.task, "prompt": job.prompt, "text": texts[i].strip()}
-            if job.task == "bbox":
-                rec["boxes"] = [[round(v) for v in b] for b in boxes[i]]
-            elif job.task == "ocr":
-                rec["boxes"] = [[round(v) for v in job.box]]
-            rec["width"], rec["height"] = size
-            rec["prompt_tokens"] = int(mask[i].sum())
-            rec["new_tokens"] = _new_tokens(new_ids[i], eos)
-            rec["seconds"] = round(prep_s + share, 4)
-            records.append(rec)
+        # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
+        boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
+        share = (time.perf_counter() - start) / len(samples)
+        eos = self.model.config.eos_token_id
+        records, row = [], 0
+        for p in items:
+            for ask, sample in zip(p.asks, p.samples):
+                rec = Record(p.unit.item.path, ask.task, ask.prompt, p.unit.item.page,
+                             p.unit.item.pages, text=texts[row].strip())
+                if ask.task == "bbox":
+                    rec.boxes = [[round(v) for v in b] for b in boxes[row]]
+                elif ask.task == "ocr":
+                    rec.boxes = [[round(v) for v in ask.box]]
+                rec.width, rec.height = p.size
+                rec.prompt_tokens = len(sample.ids)
+                rec.new_tokens = _new_tokens(new_ids[row], eos)
+                rec.seconds = round(p.seconds / len(p.samples) + share, 4)
+                records.append(rec)
+                row += 1
         return records
+
+    def _shared_prefix(self, items: list[Prepared], gen: GenOptions, sampling: dict):
+        """Several prompts per image: every image's prefix (the same length for same-size images)
+        is prefilled once; each prompt continues from its image's keys and values."""
+        import torch
+
+        from fuyu.model import decode_step, encode_prefix, prefill, sample
+
+        bos = self.processor.tokenizer.bos_id
+        heads = [p.samples[0].ids[:p.samples[0].ids.index(bos)] for p in items]
+        prefix_ids = torch.tensor(heads, dtype=torch.long, device=self.device)  # (B, P)
+        patches = torch.cat([p.samples[0].patches for p in items]).to(self.device)
+        prefix = encode_prefix(self.model, prefix_ids, patches)
+        tails = [s for p in items for s in p.samples]
+        P = prefix_ids.shape[1]
+        # The continuations alone, as samples without patches: <s> prompt <0x04>, left-padded.
+        from dataclasses import replace as dc_replace
+
+        conts = [dc_replace(s, ids=s.ids[P:], patches=s.patches[:0]) for s in tails]
+        batch = self.processor.collate(conts).to(self.device)
+        rows = torch.tensor([b for b, p in enumerate(items) for _ in p.samples], device=self.device)
+        cache, logits = prefill(self.model, batch, max_new_tokens=gen.max_new_tokens, prefix=prefix, rows=rows)
+        eos = self.model.config.eos_token_id
+        done = torch.zeros(len(tails), dtype=torch.bool, device=self.device)
+        out = []
+        for i in range(gen.max_new_tokens):
+            nxt = sample(logits, gen.temperature, None, gen.top_p, sampling["generator"]).masked_fill(done, eos)
+            out.append(nxt)
+            done |= nxt == eos
+            if i == gen.max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = decode_step(self.model, cache, nxt)
+        # boxes() maps coordinates with each row's image size, so it gets the full samples' sizes
+        full = self.processor.collate([dc_replace(s, patches=s.patches[:0]) for s in tails])
+        return full, torch.stack(out, dim=1)
+
+
+def _failure(item: Item, ask: Ask, exc: BaseException, size=None) -> Record:
+    from fuyu.preprocess import PreprocessError
+
+    known = isinstance(exc, (PreprocessError, FuyuError))
+    message = " ".join(str(exc).split())  # one line, whatever the exception printed
+    return Record.failed(item, ask, message if known else f"{type(exc).__name__}: {message}", size)
+
+
+def _prompt(ask: Ask) -> str | Exception:
+    try:
+        return ask.prompt
+    except Exception as exc:  # e.g. a box whose numbers cannot be written as a prompt
+        return exc
+
+
+def _new_tokens(row, eos: int) -> int:
+    hits = (row == eos).nonzero()
+    return int(hits[0, 0]) + 1 if len(hits) else len(row)
 
 
 @contextmanager
@@ -221,10 +316,9 @@ def warn_if_too_big(ckpt, name: str, dtype: str) -> None:
 
     message = memory.checkpoint_fit_warning(ckpt, name, dtype, memory.available_memory())
     if message:
-        from fuyu.render import stderr_console
+        from fuyu.render import warning_line
 
-        # The console looks sys.stderr up when printing, so this lands above a running spinner.
-        stderr_console().print(f"warning: {message}", markup=False)
+        warning_line(message)
 
 
 def check_box(box, size) -> None:
@@ -256,3 +350,4 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     # On CPUs without native bf16 it is emulated and slower than float32.
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+

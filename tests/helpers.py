@@ -48,7 +48,8 @@ def png(path: Path, size=(40, 30), color=(200, 30, 30)) -> Path:
 
 
 class FakeRunner:
-    """Captions every readable image with its file name; unreadable ones become error records."""
+    """Answers every readable image with its file name, as the real runner would shape it (the
+    real Record type); unreadable ones become error records. Each call's work is kept in `calls`."""
 
     def __init__(self):
         self.calls = []
@@ -56,21 +57,37 @@ class FakeRunner:
     def default_batch_size(self) -> int:
         return 3
 
-    def run(self, jobs, batch_size, gen):
-        self.calls.append((list(jobs), batch_size, gen))
-        for job in jobs:
-            rec = {"path": job.path, "task": job.task, "prompt": job.text or "P"}
+    def run(self, work, batch_size, gen, window=256):
+        from fuyu.records import Record
+
+        work = list(work)
+        self.calls.append((work, batch_size, gen))
+        for unit in work:
+            if isinstance(unit, Record):
+                yield unit
+                continue
+            item = unit.item
             try:
-                with Image.open(job.path) as im:
+                with Image.open(item.path) as im:
                     w, h = im.size
             except Exception as exc:
-                yield {**rec, "error": f"cannot read image ({type(exc).__name__})"}
+                for ask in unit.asks:
+                    yield Record.failed(item, ask, f"cannot read image ({type(exc).__name__})")
                 continue
-            boxes = {"bbox": [[1, 2, 3, 4]], "ocr": [list(job.box or ())]}.get(job.task)
-            yield {**rec, "text": f"a picture named {Path(job.path).stem}",
-                   **({"boxes": boxes} if boxes else {}), "width": w, "height": h,
-                   "prompt_tokens": 10, "new_tokens": 5, "seconds": 0.01}
+            for ask in unit.asks:
+                boxes = {"bbox": [[1, 2, 3, 4]], "ocr": [list(ask.box or ())]}.get(ask.task)
+                yield Record(item.path, ask.task, ask.prompt, item.page, item.pages,
+                             text=f"a picture named {Path(item.path).stem}", boxes=boxes, width=w,
+                             height=h, prompt_tokens=10, new_tokens=5, seconds=0.01)
 
+    def units(self, call: int = -1) -> list:
+        """The units (not pass-through records) of one call."""
+        from fuyu.records import Unit
+
+        return [u for u in self.calls[call][0] if isinstance(u, Unit)]
+
+    def names(self, call: int = -1) -> list[str]:
+        return [Path(u.item.path).name for u in self.units(call)]
 
 
 def cli_env(**extra) -> dict:

@@ -26,7 +26,7 @@ from tests.helpers import FakeRunner, fuyu, png
 def fake(monkeypatch):
     runner = FakeRunner()
     specs = []
-    monkeypatch.setattr(pipeline, "load_runner", lambda spec: specs.append(spec) or runner)
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec, *args: specs.append(spec) or runner)
     runner.specs = specs
     return runner
 
@@ -120,7 +120,7 @@ def test_output_appends_and_rerun_skips_finished_and_retries_failed(fake, shots)
     assert first.code == 1 and first.out == ""  # --output replaces stdout
     assert len(out.read_text().splitlines()) == 6
     second = fuyu("caption", shots, "-o", out)
-    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["corrupt.png", "empty.png", "text.png"]
+    assert fake.names() == ["corrupt.png", "empty.png", "text.png"]
     assert "3 already done" in second.err
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(Path(x["path"]).name for x in recs) == sorted(
@@ -131,7 +131,7 @@ def test_overwrite_redoes_everything_and_keeps_one_record_per_image(fake, shots)
     out = Path("caps.jsonl")
     fuyu("caption", shots / "a.png", shots / "b.png", "-o", out)
     fuyu("caption", shots / "a.png", "-o", out, "--overwrite")
-    assert len(fake.calls[-1][0]) == 1
+    assert fake.names() == ["a.png"]
     assert sorted(Path(json.loads(x)["path"]).name for x in out.read_text().splitlines()) == ["a.png", "b.png"]
 
 
@@ -141,7 +141,7 @@ def test_truncated_last_line_from_a_crash_is_dropped_and_redone(fake, shots):
     lines = out.read_text().splitlines(keepends=True)
     out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write of b's record
     r = fuyu("caption", shots / "a.png", shots / "b.png", "-o", out)
-    assert r.code == 0 and [Path(j.path).name for j in fake.calls[-1][0]] == ["b.png"]
+    assert r.code == 0 and fake.names() == ["b.png"]
     text = out.read_text()
     assert text.endswith("\n")
     assert [Path(json.loads(x)["path"]).name for x in text.splitlines()] == ["a.png", "b.png"]
@@ -162,17 +162,20 @@ def test_sidecar_writes_text_next_to_image_and_rerun_skips(fake, shots):
     r = fuyu("caption", shots / "a.png", shots / "empty.png", "--sidecar")
     assert (shots / "a.txt").read_text() == "a picture named a\n"
     assert not (shots / "empty.txt").exists() and r.code == 1
-    assert not list(shots.glob(".*.tmp"))  # written through a temp file, renamed into place
+    assert not list(shots.glob(".*fuyu-tmp"))  # written through a temp file, renamed into place
     fuyu("caption", shots / "a.png", shots / "b.png", "--sidecar")
-    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["b.png"]
+    assert fake.names() == ["b.png"]
     fuyu("caption", shots / "a.png", "--sidecar", "--overwrite")
-    assert [Path(j.path).name for j in fake.calls[-1][0]] == ["a.png"]
+    assert fake.names() == ["a.png"]
+    assert "skipped" not in fuyu("caption", shots, "--sidecar").err.split("notes.txt")[0].split("skipped, not images")[-1]
 
 
-def test_sidecars_that_would_collide_are_refused(fake, tmp_path):
+def test_sidecars_that_would_collide_fail_the_second_image_only(fake, tmp_path):
     png(tmp_path / "d" / "x.png"), png(tmp_path / "d" / "x.jpg")
     r = fuyu("caption", tmp_path / "d", "--sidecar")
-    assert r.code == 2 and "would share the sidecar" in r.err
+    recs = {Path(x["path"]).name: x for x in r.records()}
+    assert r.code == 1 and "error" not in recs["x.jpg"] and "share a name" in recs["x.png"]["error"]
+    assert (tmp_path / "d" / "x.txt").read_text() == "a picture named x\n"
 
 
 def test_options_reach_the_runner(fake, shots, monkeypatch):
@@ -182,40 +185,58 @@ def test_options_reach_the_runner(fake, shots, monkeypatch):
          "--seed", "3")
     spec = fake.specs[0]
     assert (spec.path, spec.device, spec.dtype, spec.quantize, spec.batch_size) == (
-        shots, "cpu", "float32", "8bit", 5)
-    jobs, batch_size, gen = fake.calls[0]
+        str(shots), "cpu", "float32", "8bit", 5)
+    units, batch_size, gen = fake.calls[0]
     assert batch_size == 5 and (gen.max_new_tokens, gen.temperature, gen.top_p, gen.seed) == (7, 0.7, 0.9, 3)
     fuyu("caption", shots / "b.png", "-m", shots / "sub")
-    assert fake.specs[1].path == shots / "sub" and fake.calls[1][1] == 3  # runner's default batch
+    assert fake.specs[1].path == str(shots / "sub") and fake.calls[1][1] == 3  # runner's default batch
 
 
 @pytest.mark.parametrize("args", [["--device", "gpu"], ["--dtype", "int3"], ["--quantize", "2bit"],
                                   ["--batch-size", "0"], ["--top-p", "0"], ["--format", "xml"],
-                                  ["--temperature", "-1"]])
-def test_bad_option_values_are_usage_errors(fake, shots, args):
+                                  ["--temperature", "-1"], ["--seed", "3"], ["--top-p", "0.5"],
+                                  ["--output", "x.jsonl", "--output-dir", "d"], ["--shard", "0/2"],
+                                  ["--shard", "2/2", "--output-dir", "d"], ["--pages", "3-1"]])
+def test_bad_option_values_are_one_line_usage_errors_before_loading(fake, shots, args):
     r = fuyu("caption", shots / "a.png", *args)
-    assert r.code == 2 and fake.specs == []
+    assert r.code == 2 and fake.specs == [] and len(r.err.splitlines()) == 1 and r.err.startswith("error: ")
 
 
 def test_caption_prompt_override_reaches_the_job(fake, shots):
     fuyu("caption", shots / "a.png", "--prompt", "Describe the UI.")
-    assert fake.calls[0][0][0].text == "Describe the UI." and fake.calls[0][0][0].task == "caption"
+    (ask,) = fake.units()[0].asks
+    assert (ask.task, ask.text, ask.prompt) == ("caption", "Describe the UI.", "Describe the UI.\n")
 
 
 def test_ask_takes_the_question_last_or_by_option(fake, shots):
     r = fuyu("ask", shots / "a.png", "What color?")
-    assert r.code == 0 and fake.calls[0][0][0].text == "What color?"
+    assert r.code == 0 and [a.text for a in fake.units(0)[0].asks] == ["What color?"]
     fuyu("ask", shots / "a.png", shots / "b.png", "--question", "Why?")
-    assert [j.text for j in fake.calls[1][0]] == ["Why?", "Why?"] and fake.calls[1][0][0].task == "ask"
+    assert [[a.text for a in u.asks] for u in fake.units(1)] == [["Why?"], ["Why?"]]
     assert fuyu("ask", shots / "a.png").code == 2
     assert fuyu("ask", shots / "a.png", "--question", " ").code == 2
+
+
+def test_ask_with_a_file_as_the_last_argument_is_a_usage_error(fake, shots):
+    r = fuyu("ask", shots / "a.png", shots / "b.png")
+    assert r.code == 2 and "is a file, not a question" in r.err and fake.specs == []
+
+
+def test_several_questions_give_one_record_each_and_run_together(fake, shots, tmp_path):
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("Date?\n\nVendor?\n")
+    r = fuyu("ask", shots / "a.png", shots / "b.png", "-q", "Total?", "--questions", qfile)
+    assert r.code == 0
+    assert [(Path(x["path"]).name, x["prompt"]) for x in r.records()] == [
+        (n, q) for n in ("a.png", "b.png") for q in ("Total?\n", "Date?\n", "Vendor?\n")]
+    assert [[a.text for a in u.asks] for u in fake.units()] == [["Total?", "Date?", "Vendor?"]] * 2
 
 
 def test_bbox_find_gives_boxes_and_draws_them(fake, shots):
     r = fuyu("bbox", shots / "a.png", "Total", "--draw", "found.png")
     (rec,) = r.records()
     assert r.code == 0 and rec["task"] == "bbox" and rec["boxes"] == [[1, 2, 3, 4]]
-    assert fake.calls[0][0][0].text == "Total"
+    assert fake.units()[0].asks[0].text == "Total"
     with Image.open("found.png") as im:
         assert im.size == (40, 30) and im.getpixel((1, 2)) != im.getpixel((20, 20))
 
@@ -226,18 +247,25 @@ def test_bbox_draw_into_a_folder_for_many_images(fake, shots):
     assert sorted(p.name for p in Path("drawn").iterdir()) == ["a.png", "b.png"]
 
 
-def test_bbox_draw_to_one_file_with_many_images_fails_the_extra_ones(fake, shots):
+def test_bbox_draw_to_one_file_with_many_images_is_a_usage_error_before_loading(fake, shots):
     r = fuyu("bbox", shots / "a.png", shots / "b.png", "--find", "x", "--draw", "one.png")
-    assert r.code == 1 and "give a folder" in r.err
+    assert r.code == 2 and "give a folder" in r.err and fake.specs == []
+    assert fuyu("bbox", shots, "--find", "x", "--draw", "one.png").code == 2
+
+
+def test_bbox_several_targets_and_boxes_give_one_record_each(fake, shots):
+    r = fuyu("bbox", shots / "a.png", "--find", "Save", "--find", "Cancel", "--box", "1,2,30,20")
+    assert [(x["task"], x["boxes"]) for x in r.records()] == [
+        ("bbox", [[1, 2, 3, 4]]), ("bbox", [[1, 2, 3, 4]]), ("ocr", [[1.0, 2.0, 30.0, 20.0]])]
+    assert [x["prompt"].rsplit("\n", 1)[1] for x in r.records()[:2]] == ["Save", "Cancel"]
 
 
 def test_bbox_box_reads_text_and_rejects_bad_boxes(fake, shots):
     r = fuyu("bbox", shots / "a.png", "--box", "1,2,30,20")
     (rec,) = r.records()
-    assert rec["task"] == "ocr" and fake.calls[0][0][0].box == (1.0, 2.0, 30.0, 20.0)
+    assert rec["task"] == "ocr" and fake.units()[0].asks[0].box == (1.0, 2.0, 30.0, 20.0)
     assert fuyu("bbox", shots / "a.png", "--box", "1,2,3").code == 2
     assert fuyu("bbox", shots / "a.png", "--box", "a,b,c,d").code == 2
-    assert fuyu("bbox", shots / "a.png", "--box", "1,2,3,4", "--find", "x").code == 2
     assert fuyu("bbox", shots / "a.png").code == 2
 
 
@@ -247,7 +275,7 @@ def test_quiet_keeps_only_error_lines_on_stderr(fake, shots):
 
 
 def test_known_error_is_one_line_exit_2_and_traceback_only_with_debug(fake, monkeypatch, shots):
-    def boom(spec):
+    def boom(spec, *args):
         raise FuyuError("model folder not found (x)", "pass --model DIR")
 
     monkeypatch.setattr(pipeline, "load_runner", boom)
@@ -258,18 +286,18 @@ def test_known_error_is_one_line_exit_2_and_traceback_only_with_debug(fake, monk
     assert "Traceback" in fuyu("caption", shots / "a.png", env={"FUYU_DEBUG": "1"}).err
 
 
-def test_unexpected_error_is_one_line_exit_1_with_a_debug_hint(fake, monkeypatch, shots):
-    monkeypatch.setattr(pipeline, "load_runner", lambda spec: 1 / 0)
+def test_unexpected_error_is_one_line_exit_70_with_a_debug_hint(fake, monkeypatch, shots):
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec, *args: 1 / 0)
     r = fuyu("caption", shots / "a.png")
-    assert r.code == 1 and len(r.err.splitlines()) == 1
+    assert r.code == 70 and len(r.err.splitlines()) == 1
     assert r.err.startswith("error: unexpected ZeroDivisionError") and "--debug" in r.err
 
 
 def test_ctrl_c_keeps_finished_results_and_exits_130(fake, monkeypatch, shots):
     real_run = fake.run
 
-    def run(jobs, batch_size, gen):
-        it = real_run(jobs, batch_size, gen)
+    def run(work, batch_size, gen, window=256):
+        it = real_run(work, batch_size, gen)
         yield next(it)
         raise KeyboardInterrupt
 
@@ -298,7 +326,8 @@ def test_hf_cache_snapshot_is_found(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert find_checkpoint(None) == repo / "snapshots" / "abc123"
-    assert find_checkpoint(tmp_path) == tmp_path
+    assert find_checkpoint("adept/fuyu-8b") == repo / "snapshots" / "abc123"
+    assert find_checkpoint(str(tmp_path)) == tmp_path
 
 
 def test_progress_bar_shows_on_a_terminal_and_stdout_stays_data(fake, monkeypatch, shots):
@@ -309,7 +338,7 @@ def test_progress_bar_shows_on_a_terminal_and_stdout_stays_data(fake, monkeypatc
     monkeypatch.setattr(render, "stderr_console",
                         lambda: Console(stderr=True, force_terminal=True, soft_wrap=True))
     r = fuyu("caption", shots / "a.png", shots / "b.png")
-    assert "img/s" in r.err and "tok/s" in r.err
+    assert "rec/s" in r.err and "tok/s" in r.err
     assert len(r.records()) == 2
 
 
@@ -329,9 +358,11 @@ def test_version_and_help_with_examples_for_every_command():
         assert r.code == 0 and "Examples" in r.out and f"fuyu {command} " in r.out
 
 
-def test_sidecar_path_never_overwrites_a_txt_input():
-    from fuyu.resume import sidecar_path
+def test_sidecar_names_never_collide_with_their_own_input():
+    from fuyu.output import sidecar_path
+    from fuyu.records import Item
 
-    assert sidecar_path("a/b.png") == Path("a/b.txt")
-    assert sidecar_path("notes.TXT") == Path("notes.TXT.txt")
-    assert os.sep not in sidecar_path("x.jpeg").name
+    assert sidecar_path(Item("a/b.png")) == Path("a/b.txt")
+    assert sidecar_path(Item("a/b.pdf", 2, 3)) == Path("a/b.page-2.txt")
+    for name in ("notes.txt", "notes.TXT", "b.png", "x.tar.gz"):
+        assert sidecar_path(Item(f"d/{name}")) != Path(f"d/{name}")

@@ -307,6 +307,6 @@ def test_compile_flag_gives_the_eager_text(tiny_model, tmp_path):
            "calls = []; g.compiled_decode_step = lambda: calls.append(1) or f(); "
            "from fuyu.app import main; sys.argv = ['fuyu', *sys.argv[1:]]\n"
            "try: main()\nexcept SystemExit: pass\nprint('calls', len(calls), file=sys.stderr)")
-    r = subprocess.run([sys.executable, "-c", spy, *map(str, args), "--compile", "-q"],
+    r = subprocess.run([sys.executable, "-c", spy, *map(str, args), "--compile", "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.stderr.strip().splitlines()[-1] != "calls 0", r.stderr

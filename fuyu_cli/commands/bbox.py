@@ -2,111 +2,109 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from fuyu.options import (BatchSizeOpt, DeviceMapOpt, DeviceOpt, Dtype, DtypeOpt, Format,
-                              FormatOpt, GenOptions, InputSpec, MaxMemoryOpt, MaxNewTokensOpt,
-                              ModelOpt, ModelSpec, NullOpt, OffloadFolderOpt, OutputOpt,
-                              OutputSpec, OverwriteOpt, PathsArg, Quantize, QuantizeOpt, QuietOpt,
-                              RecursiveOpt, SeedOpt, SidecarOpt, TemperatureOpt, TopPOpt,
-                              CompileOpt)
+from fuyu.errors import FuyuError
+from fuyu.options import PathsArg, RunOptions, run_command
 
 EXAMPLES = """[b]Examples[/b]
 
   fuyu bbox receipt.png 'Total'                         [dim]# → boxes x0,y0,x1,y1 in pixels[/dim]
   fuyu bbox receipt.png 'Total' --draw found.png        [dim]# a copy with the boxes drawn[/dim]
   fuyu bbox receipt.png --box 40,380,260,410            [dim]# → the text inside that box[/dim]
+  fuyu bbox shot.png --find Save --find Cancel          [dim]# one record per target[/dim]
   fuyu bbox forms/ --find 'Signature' --draw drawn/ --format text
 """
 
 
-def _parse_box(value: Optional[str]):
-    if value is None:
+def _parse_boxes(values: Optional[list[str]]):
+    if not values:
         return None
-    try:
-        box = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise typer.BadParameter("expected four numbers x0,y0,x1,y1 (pixels)")
-    return box
+    boxes = []
+    for value in values:
+        try:
+            box = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise typer.BadParameter(f"{value!r}: expected four numbers x0,y0,x1,y1 (pixels)")
+        boxes.append(box)
+    return boxes
 
 
-FindOpt = Annotated[Optional[str], typer.Option(
-    show_default=False, help="Text to locate, for many images (else the last argument).")]
-BoxOpt = Annotated[Optional[str], typer.Option(
-    callback=_parse_box, metavar="x0,y0,x1,y1", show_default=False,
-    help="Read the text inside this box (image pixels) instead of finding text.")]
+FindOpt = Annotated[Optional[list[str]], typer.Option(
+    "--find", metavar="TEXT", show_default=False,
+    help="Text to locate (else the last argument); give --find several times for several targets.")]
+BoxOpt = Annotated[Optional[list[str]], typer.Option(
+    "--box", callback=_parse_boxes, metavar="x0,y0,x1,y1", show_default=False,
+    help="Read the text inside this box (image pixels); may be given several times.")]
 DrawOpt = Annotated[Optional[Path], typer.Option(
-    show_default=False, help="Write a copy with the boxes drawn: a file for one image, "
-                             "or a folder (no extension) that gets one copy per image.")]
+    "--draw", metavar="FILE|DIR", show_default=False,
+    help="Write a copy with the boxes drawn: a file for one image, or a folder (no extension) "
+         "that gets one copy per image.")]
 
 
-def bbox(
-    paths: PathsArg,
-    find: FindOpt = None,
-    box: BoxOpt = None,
-    draw: DrawOpt = None,
-    *,
-    recursive: RecursiveOpt = False,
-    null: NullOpt = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    quantize: QuantizeOpt = Quantize.none,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadFolderOpt = None,
-    batch_size: BatchSizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 32,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
-    compile: CompileOpt = False,
-    fmt: FormatOpt = Format.jsonl,
-    output: OutputOpt = None,
-    sidecar: SidecarOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@run_command(default_max_new_tokens=32)
+def bbox(paths: PathsArg, find: FindOpt = None, box: BoxOpt = None, draw: DrawOpt = None, *,
+         run: RunOptions) -> None:
     """Locate text: IMAGE... TEXT (or --find TEXT) gives boxes; IMAGE --box x0,y0,x1,y1 gives text."""
-    if box is not None and find is not None:
-        raise typer.BadParameter("use either --find or --box", param_hint="--box")
-    if box is None and find is None:
-        if len(paths) < 2:
-            raise typer.BadParameter("give the text to find after the image, or use --find/--box",
-                                     param_hint="PATHS")
-        *paths, find = paths
     from fuyu.pipeline import run_task
+    from fuyu.records import Ask
 
-    run_task("ocr" if box else "bbox", find,
-             InputSpec(paths, recursive, null),
-             ModelSpec(model, device, dtype.value, quantize.value, batch_size,
-                       device_map, max_memory, offload_folder),
-             GenOptions(max_new_tokens, temperature, top_p, seed, compile),
-             OutputSpec(fmt.value, output, sidecar, overwrite, quiet),
-             box=box, on_record=_drawer(draw) if draw else None)
+    targets = list(find or [])
+    if not targets and not box:
+        if len(paths) < 2:
+            raise FuyuError("nothing to find", "fuyu bbox IMAGE 'text', --find TEXT or --box x0,y0,x1,y1")
+        *paths, last = paths
+        if last == "-" or os.path.exists(last):
+            raise FuyuError(f"the last argument ({last}) is a file, not the text to find",
+                            "give the text with --find, e.g. fuyu bbox a.png b.png --find Save")
+        targets = [last]
+    asks = [Ask("bbox", t) for t in dict.fromkeys(targets)] + [Ask("ocr", box=b) for b in dict.fromkeys(box or [])]
+    on_record = None
+    if draw is not None:
+        as_folder = draw.is_dir() or not draw.suffix
+        if not as_folder and not _one_image(paths):
+            raise FuyuError(f"--draw {draw} is one file, but the inputs can hold several images",
+                            "give a folder (no extension) to get one copy per image")
+        from fuyu.pipeline import source_options
+
+        on_record = _drawer(draw, as_folder, source_options(run))
+    run_task(asks, run.with_paths(paths), on_record=on_record)
 
 
-def _drawer(target: Path):
-    """`on_record` for --draw: one image → the file `target`; several → files in folder `target`."""
+def _one_image(paths: list[str]) -> bool:
+    """One argument naming one existing file (not a folder, glob or stdin)."""
+    return (len(paths) == 1 and paths[0] != "-" and not glob.has_magic(paths[0])
+            and os.path.isfile(paths[0]))
+
+
+def _drawer(target: Path, as_folder: bool, src):
+    """`on_record` for --draw: every box found in an image (all its targets) drawn on one copy."""
     from fuyu.render import draw_boxes
 
-    as_folder = target.is_dir() or not target.suffix
-    drawn: list[str] = []
+    drawn: dict[str, list] = {}
 
-    def draw(rec: dict) -> None:
-        if not as_folder and drawn:
-            raise ValueError(f"--draw {target} is one file but there are several images; "
-                             "give a folder")
-        drawn.append(rec["path"])
-        dst = target / Path(rec["path"]).name if as_folder else target
-        if dst.resolve() == Path(rec["path"]).resolve():
+    def draw(rec) -> None:
+        if not as_folder and drawn and rec.id not in drawn:
+            raise ValueError(f"--draw {target} is one file but there are several images; give a folder")
+        boxes = drawn.setdefault(rec.id, [])
+        boxes += rec.boxes or []
+        name = Path(rec.path).name if rec.page is None else f"{Path(rec.path).stem}.page-{rec.page}.png"
+        dst = target / name if as_folder else target
+        if dst.resolve() == Path(rec.path).resolve():
             raise ValueError(f"--draw would overwrite the image itself ({dst})")
-        draw_boxes(rec["path"], rec["boxes"], dst)
+        from fuyu import sources
+        from fuyu.preprocess.image import load_image
+        from fuyu.records import Item
+
+        # Boxes are pixels of the upright image (EXIF orientation applied) or of the rendered page.
+        draw_boxes(load_image(sources.open_image(Item(rec.path, rec.page, rec.pages), src)), boxes, dst)
 
     return draw
 

@@ -1,0 +1,176 @@
+"""What a run is made of: items (a file, or one page of a document), the prompts asked of each,
+and the record written for every (item, prompt). Every output (stdout, --output, --output-dir,
+sidecars) and every resume decision uses these types, so they cannot drift apart.
+
+Paths are kept as Python str. A file name that is not valid UTF-8 arrives with its stray bytes as
+lone surrogates (os.fsdecode); records show such bytes as `\\xNN` in `path` and carry the exact
+name in `path_bytes` (base64), which `original_path` turns back into the path.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+TASKS = ("caption", "ask", "bbox", "ocr")
+
+
+def is_uri(path: str) -> bool:
+    """s3://…, gs://…, hdfs://…, file://…: read through pyarrow, never through os."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isalnum() and len(scheme) > 1
+
+
+def resolve(path: str) -> str:
+    """The key a path is known by across runs and working directories: its real absolute path
+    (symlinks followed), or the URI itself."""
+    return path if is_uri(path) else os.path.realpath(path)
+
+
+def absolute(path: str) -> str:
+    """The absolute path as the user would recognise it (symlinks kept), or the URI itself."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def printable(path: str) -> tuple[str, str | None]:
+    """(text safe to print and to encode as UTF-8, base64 of the exact name or None when the
+    name is plain text): undecodable bytes become `\\xNN`."""
+    try:
+        path.encode("utf-8")
+        return path, None
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        return raw.decode("utf-8", "backslashreplace"), base64.b64encode(raw).decode("ascii")
+
+
+def page_id(path: str, page: int | None) -> str:
+    return path if page is None else f"{path}#page={page}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input the model sees: an image file, or page `page` (1-based) of `pages` of a document.
+    `source` is what listing learnt about it (a fuyu.preprocess.pages.Page: size, kind), if anything."""
+
+    path: str
+    page: int | None = None
+    pages: int | None = None
+    source: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        return page_id(self.path, self.page)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One prompt asked of every item: the task and the user's text (prompt, question, text to
+    find) or box (pixels x0, y0, x1, y1, for ocr)."""
+
+    task: str
+    text: str | None = None
+    box: tuple[float, float, float, float] | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
+        from fuyu.preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
+
+        if self.task == "ocr":
+            return box_to_text_prompt(self.box)
+        if self.task == "bbox":
+            return text_to_box_prompt(self.text)
+        if self.task == "caption" and not self.text:
+            return TASK_PROMPTS["caption"]
+        return ask_prompt(self.text)  # a question or custom prompt, ending in one newline
+
+
+@dataclass(frozen=True)
+class Unit:
+    """An item and everything asked of it: the image is prepared (and prefilled) once."""
+
+    item: Item
+    asks: tuple[Ask, ...]
+
+
+# Field order of every output; CSV columns are exactly these.
+FIELDS = ("path", "page", "pages", "id", "task", "prompt", "text", "boxes", "width", "height",
+          "prompt_tokens", "new_tokens", "seconds", "error", "path_bytes")
+
+
+@dataclass
+class Record:
+    path: str
+    task: str
+    prompt: str
+    page: int | None = None
+    pages: int | None = None
+    text: str | None = None
+    boxes: list[list[int]] | None = None
+    width: int | None = None
+    height: int | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+    path_bytes: str | None = field(default=None)  # set by `encoded` for non-UTF-8 names
+
+    @classmethod
+    def failed(cls, item: Item, ask: Ask, message: str, size=None, seconds=None) -> Record:
+        rec = cls(item.path, ask.task, _prompt_or_empty(ask), item.page, item.pages,
+                  error=" ".join(message.split()))
+        if size:
+            rec.width, rec.height = size
+        rec.seconds = seconds
+        return rec
+
+    @property
+    def id(self) -> str:
+        return page_id(self.path, self.page)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def key(self) -> tuple:
+        """Resume key: the same (file, page, task, prompt) is done once, whatever the working
+        directory or the spelling of the path."""
+        return record_key(original_path(self.path, self.path_bytes), self.page, self.task, self.prompt)
+
+    def with_path(self, path: str) -> Record:
+        return replace(self, path=path)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: None fields left out, the path made printable (path_bytes when needed)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        d["path"], raw = printable(self.path)
+        if raw is not None:
+            d["path_bytes"] = raw
+        d["id"] = page_id(d["path"], self.page)
+        return {k: d[k] for k in FIELDS if k in d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(", ", ": "))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Record:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def record_key(path: str, page: int | None, task: str, prompt: str) -> tuple:
+    return (resolve(path), page, task, prompt)
+
+
+def original_path(path: str, path_bytes: str | None) -> str:
+    """The path as the file system knows it, from a record's `path` and `path_bytes`."""
+    return os.fsdecode(base64.b64decode(path_bytes)) if path_bytes else path
+
+
+def _prompt_or_empty(ask: Ask) -> str:
+    try:
+        return ask.prompt
+    except Exception:  # a prompt that cannot even be built (bad box) still gets its record
+        return ask.text or ""
