@@ -11,3 +11,8 @@ class ImageError(PreprocessError):
 
 class PromptError(PreprocessError):
     """A prompt that cannot be encoded (bad <box>/<point> content, coordinates out of range, too long)."""
+
+
+class ImageWarning(UserWarning):
+    """An image that is read, but that the user should hear about (e.g. very large); the message is
+    one line naming the file. Emitted with warnings.warn, so an application can show it its own way."""

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import struct
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
-from fuyu.preprocess.errors import ImageError
+from fuyu.preprocess.errors import ImageError, ImageWarning
+
+try:  # HEIC/HEIF (phone photos) only with the optional extra: pip install "fuyu[heif]"
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF = False
+else:
+    register_heif_opener()  # Image.open reads .heic/.heif from here on
+    HEIF = True
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 MAX_H, MAX_W = 1080, 1920
@@ -27,7 +38,12 @@ _ORIENTATION = {  # EXIF tag 0x0112 -> the transpose that makes the image uprigh
     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
 }
-_BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+
+# Image files a folder contributes: what this Pillow can read (AVIF natively since Pillow 11.3).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+                             | ({".avif"} if features.check("avif") else set())
+                             | ({".heic", ".heif"} if HEIF else set()))
 
 
 def describe(src: ImageInput) -> str:
@@ -43,41 +59,83 @@ def load_image(src: ImageInput) -> Image.Image:
     """Path, PIL image or HWC uint8 array -> an upright image in mode "RGB" or "L" (grey)."""
     name = describe(src)
     if isinstance(src, np.ndarray):
-        return _flatten(_from_array(src, name), name)
+        return flatten(_from_array(src, name), name)
     if isinstance(src, Image.Image):
         try:
             src.load()  # a lazily opened file may still fail to decode
-        except _BROKEN as e:
-            raise _broken(name, e) from None
-        return _flatten(_upright(src), name)
+        except BROKEN as e:
+            raise broken(name, e) from None
+        return flatten(upright(src), name)
     if not isinstance(src, (str, Path)):
         raise ImageError(f"{name}: expected a path, a PIL image or a uint8 HxWxC array, "
                          f"got {type(src).__name__}")
     path = Path(src)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as e:
         raise ImageError(f"{path}: cannot open ({e.strerror or e}); check the path") from None
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{path}: is a directory, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait forever for a writer
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device); pass image files")
+    if st.st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); re-export or re-download it")
     try:
         with Image.open(path) as im:  # the first frame of animated files
+            check_pixels(name, *im.size)
             im.load()  # decode now, so truncated or corrupt data fails inside this try
-            return _flatten(_upright(im), name)
+            return flatten(upright(im), name)
+    except ImageError:
+        raise  # check_pixels' refusal; a ValueError, so it must pass before BROKEN
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({e}); downscale it, "
                          "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image format Pillow can read "
                          "(wrong extension, or not an image at all?)") from None
-    except _BROKEN as e:
-        raise _broken(name, e) from None
+    except BROKEN as e:
+        raise broken(name, e) from None
 
 
-def _broken(name: str, e: Exception) -> ImageError:
+@contextmanager
+def image_warnings_to(show: Callable[[str], None]) -> Iterator[None]:
+    """For an application, around a whole run: every ImageWarning goes to show(message), one line
+    each, and Pillow's DecompressionBombWarning (no file name, two lines; ours follows it) is
+    dropped. Other warnings are untouched. Warning state is process-wide: enter this on the main
+    thread before worker threads start, and leave it after they finish."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        warnings.filterwarnings("always", category=ImageWarning)
+        previous = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, ImageWarning):
+                show(str(message))
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning  # catch_warnings puts the previous one back
+        yield
+
+
+def broken(name: str, e: Exception) -> ImageError:
     return ImageError(f"{name}: corrupt or truncated image data ({e}); re-export or re-download it")
+
+
+def check_pixels(name: str, w: int, h: int, fix: str = "downscale it") -> None:
+    """Pillow's decompression-bomb rule, told in our words: an ImageError over twice
+    Image.MAX_IMAGE_PIXELS, one ImageWarning naming the file over it (Pillow's own warning has
+    no file name; an application can silence it and show ours)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit or w * h <= limit:
+        return
+    if w * h > 2 * limit:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({w}×{h} pixels, over twice "
+                         f"PIL.Image.MAX_IMAGE_PIXELS); {fix}, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if you trust the file")
+    warnings.warn(ImageWarning(f"{name}: very large image ({w}×{h}, {w * h / 1e6:.0f} Mpx, over Pillow's "
+                               f"{limit / 1e6:.0f} Mpx decompression-bomb limit); decoding it anyway"),
+                  stacklevel=3)
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
@@ -90,17 +148,17 @@ def _from_array(a: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def _upright(im: Image.Image) -> Image.Image:
+def upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; unreadable EXIF counts as upright rather than failing the image."""
     try:
         orientation = im.getexif().get(0x0112, 1)
-    except _BROKEN:
+    except BROKEN:
         orientation = 1
     method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
     return im.transpose(method) if method is not None else im
 
 
-def _flatten(im: Image.Image, name: str) -> Image.Image:
+def flatten(im: Image.Image, name: str) -> Image.Image:
     """Any mode -> "RGB", or "L" for grey sources (resizing grey then replicating it is identical to
     resizing its RGB copy, and 3× cheaper). Transparency is composited on white."""
     mode = im.mode

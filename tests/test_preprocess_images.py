@@ -6,7 +6,11 @@ All files are generated in tmp_path.
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -14,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fuyu.preprocess import FuyuProcessor, ImageError, PreprocessError
-from fuyu.preprocess.image import MAX_H, MAX_W, fit_size
+from fuyu.preprocess import FuyuProcessor, ImageError, ImageWarning, PreprocessError
+from fuyu.preprocess.image import MAX_H, MAX_W, fit_size, load_image
 from fuyu.testing.tokenizer import write_tokenizer
 
 PROMPT = "Generate a coco-style caption.\n"
@@ -244,3 +248,50 @@ def test_threaded_bilinear_is_pillows_resize_bit_for_bit(size):
         im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
         expected = np.asarray(im.resize((new_w, new_h), Image.Resampling.BILINEAR))
         assert np.array_equal(np.asarray(bilinear(im, new_w, new_h)), expected), (size, mode)
+
+
+def test_a_large_image_gives_one_image_warning_of_ours_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40×30 = 1200 pixels: over, but under twice
+    Image.fromarray(rgb_array(30, 40)).save(tmp_path / "big.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        im = load_image(tmp_path / "big.png")
+    assert im.size == (40, 30)
+    ours = [w for w in caught if issubclass(w.category, ImageWarning)]
+    assert [str(w.message) for w in ours] == [
+        f"{tmp_path / 'big.png'}: very large image (40×30, 0 Mpx, over Pillow's 0 Mpx decompression-bomb "
+        "limit); decoding it anyway"]
+    assert issubclass(ImageWarning, UserWarning)
+
+
+def test_over_twice_the_limit_stays_an_error_for_frames_too(tmp_path, monkeypatch):
+    frames = [Image.fromarray(rgb_array(10, 10)), Image.fromarray(rgb_array(50, 50))]
+    frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # frame 2 is 2500 pixels
+    from fuyu.preprocess import list_pages, load_page
+
+    first, second = list_pages(tmp_path / "scan.tif")
+    assert load_page(first).size == (10, 10)
+    with pytest.raises(ImageError, match=r"scan\.tif#page=2: refused as a possible decompression bomb"):
+        load_page(second)
+
+
+def test_an_application_shows_a_large_image_as_one_line_and_no_pillow_text(tmp_path):
+    """What the CLI does: image_warnings_to around the run; stderr gets our line only."""
+    Image.fromarray(rgb_array(30, 40)).save(tmp_path / "big.png")
+    script = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "from fuyu.preprocess.image import image_warnings_to, load_image\n"
+        "Image.MAX_IMAGE_PIXELS = 1000\n"
+        "with image_warnings_to(lambda m: print('warning:', m, file=sys.stderr)):\n"
+        "    load_image(sys.argv[1])\n"
+        "load_image(sys.argv[1])  # outside: Python's default display, Pillow's text and ours\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.png")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert lines[0] == f"warning: {tmp_path / 'big.png'}: very large image (40×30, 0 Mpx, over Pillow's " \
+                       "0 Mpx decompression-bomb limit); decoding it anyway"
+    assert "DecompressionBombWarning" in "\n".join(lines[1:])  # outside only: it really was Pillow's
