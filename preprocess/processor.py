@@ -13,6 +13,7 @@ from fuyu.preprocess.batch import FuyuBatch, Sample, collate
 from fuyu.preprocess.boxes import Box, find_spans, to_pixels
 from fuyu.preprocess.errors import PreprocessError, PromptError
 from fuyu.preprocess.image import ImageInput, describe, fit_size, load_image, resize_to_fit
+from fuyu.preprocess.pages import Page, load_page
 from fuyu.preprocess.patches import PATCH_DIM, grid, image_token_ids, patchify
 from fuyu.preprocess.prompt import encode_prompt
 from fuyu.preprocess.tokenizer import Tokenizer
@@ -45,15 +46,17 @@ class FuyuProcessor:
                                   "pass one image (or None) per prompt")
         return self.collate([self.prepare_one(im, p) for im, p in zip(images, prompts)])
 
-    def prepare_one(self, image: ImageInput | None, prompt: str) -> Sample:
+    def prepare_one(self, image: ImageInput | Page | None, prompt: str) -> Sample:
         """Everything for one sample; errors name the image. Thread-safe (for worker threads)."""
         tok = self.tokenizer
         if image is None:
             name, size, scale, ids = "<text-only>", None, None, []
             patches = torch.zeros((0, PATCH_DIM), dtype=torch.float32)
         else:
-            name = describe(image)
-            im = load_image(image)
+            if isinstance(image, Page):  # a PDF page or a frame, from list_pages
+                name, im = image.id, load_page(image)
+            else:
+                name, im = describe(image), load_image(image)
             size = (im.height, im.width)
             pixels = resize_to_fit(im)
             # The realised height ratio, rounded to float32 as the reference's tensor holds it (§4.2).
@@ -71,7 +74,7 @@ class FuyuProcessor:
                               f"limit of {self.max_length}; shorten the prompt")
         return Sample(ids, patches, size, scale, name)
 
-    def prepare_many(self, image: ImageInput, prompts: Sequence[str | Exception]) -> list[Sample | Exception]:
+    def prepare_many(self, image: ImageInput | Page, prompts: Sequence[str | Exception]) -> list[Sample | Exception]:
         """prepare_one for several prompts about one image: the image is loaded, resized and cut
         into patches once (the samples share its patches tensor). A prompt that cannot be encoded
         gives its exception in its place; an Exception given as a prompt is passed through."""
