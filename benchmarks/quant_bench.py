@@ -44,7 +44,7 @@ def worker(args) -> None:
     """One scheme in this fresh process: load (peak RSS), logits, teacher-forced argmax, decode speed."""
     import torch
 
-    from fuyu.model import load_pretrained
+    from fuyu.model import generate, load_pretrained, logits
     from tests.model_batches import make_batch
 
     torch.manual_seed(0)
@@ -58,11 +58,11 @@ def worker(args) -> None:
     res = {"load_s": load_s, "rss_base_mb": base / 1024, "rss_peak_mb": peak / 1024,
            "rss_load_mb": (peak - base) / 1024}
     with torch.no_grad():
-        logits = model.logits(batch)[0].float()  # (T, V)
+        logits = logits(model, batch)[0].float()  # (T, V)
     # mmap-backed weights become resident when first used: the working set after one forward
     res["rss_used_mb"] = (status_kib("VmRSS") - base) / 1024
     torch.save(logits, args.out + ".logits.pt")
-    greedy = model.generate(batch, args.steps, eos_id=-1)[0]
+    greedy = generate(model, batch, args.steps, eos_id=-1)[0]
     res["greedy"] = greedy.tolist()
     ref_ids = Path(args.ref_ids)
     if ref_ids.is_file():  # teacher forcing on the bf16 continuation: per-step argmax agreement
@@ -71,15 +71,15 @@ def worker(args) -> None:
         forced = type(batch)(input_ids=ids, attention_mask=torch.ones_like(ids),
                              image_patches=batch.image_patches)
         with torch.no_grad():
-            pred = model.logits(forced)[0, batch.input_ids.shape[1] - 1:].argmax(-1)
+            pred = logits(model, forced)[0, batch.input_ids.shape[1] - 1:].argmax(-1)
         res["forced_agree"] = int((pred == ref).sum())
     times = []
-    model.generate(batch, 2, eos_id=-1)  # warm-up
+    generate(model, batch, 2, eos_id=-1)  # warm-up
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        model.generate(batch, 1, eos_id=-1)  # prefill + first token
+        generate(model, batch, 1, eos_id=-1)  # prefill + first token
         t1 = time.perf_counter()
-        model.generate(batch, args.steps + 1, eos_id=-1)
+        generate(model, batch, args.steps + 1, eos_id=-1)
         t2 = time.perf_counter()
         times.append(((t2 - t1) - (t1 - t0)) / args.steps)
     res["decode_tok_s"] = 1 / statistics.median(times)

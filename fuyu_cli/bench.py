@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fuyu.model import Fuyu, FuyuConfig, load_pretrained
-from fuyu.model.generate import generate
-from fuyu.model.kernels import pack_linears
+from fuyu.model import Fuyu, FuyuConfig, generate, load_pretrained
+from fuyu.model import tuning
 from fuyu.preprocess import FuyuProcessor
 from fuyu.preprocess.tokenizer import Tokenizer
 
@@ -84,7 +83,8 @@ def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int
             else:
                 p.normal_(0.0, 0.02, generator=g)
     model = model.eval().requires_grad_(False)
-    pack_linears(model)  # as load_pretrained does
+    if device.type == "cpu":
+        tuning.choose(model)  # as load_pretrained does
     return model
 
 
@@ -165,14 +165,14 @@ def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
 
 @torch.inference_mode()
 def prefill(model: Fuyu, batch) -> torch.Tensor:
-    """Hidden states of a prompt written into a fresh KV cache, as generate's first step does."""
-    from fuyu.model.fuyu import position_ids
-    from fuyu.model.generate import new_cache
+    """Hidden states of a prompt written into a fresh KV cache: generate's first step without the
+    LM head (a one-row GEMV, not part of the prefill's GEMMs)."""
+    from fuyu.model import KVCache
+    from fuyu.model.generate import batch_tensors
 
-    device = model.embed_tokens.weight.device
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    cache = new_cache(model, ids.shape[0], ids.shape[1])
-    return model.hidden(ids, position_ids(mask), mask.bool(), cache, batch.image_patches.to(device))
+    ids, mask, patches = batch_tensors(batch, model.embed_tokens.weight.device)
+    cache = KVCache.for_model(model, *ids.shape)
+    return model(ids, cache.append(mask), cache, patches)
 
 
 def decode_bytes(model: Fuyu) -> int:
@@ -225,9 +225,7 @@ def run_ours(model, proc, images, prompt: str, new_tokens: int, **kw):
 
 
 def generate_on(model, batch, new_tokens: int, **kw):
-    device = model.embed_tokens.weight.device
-    return generate(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                    batch.image_patches.to(device), new_tokens, **kw)
+    return generate(model, batch, new_tokens, **kw)
 
 
 def tmpdir() -> Path:

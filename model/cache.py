@@ -1,71 +1,186 @@
-"""A preallocated key/value cache, passed into the model's forward as an argument."""
+"""The KV cache: preallocated keys/values plus all the bookkeeping of where tokens go and what they see.
+
+Slots fill left to right, all rows at once. A row's left padding (or the padding between a shared
+image prefix and its continuation) is a slot that is never valid, so it is never attended to. The
+rotary position of a token is kept apart from its slot: positions count only a row's real tokens
+(fuyu-spec §6.5), slots count everything written.
+
+Two phases:
+- prefill (`append`): T tokens at host-known slots; attention reads the slots written so far;
+- decode (`step`, after `start_decoding`): one token per row at the device-side slot `slot`;
+  attention reads the whole buffer, unwritten slots masked. Every shape is fixed and nothing is
+  read back to the host, so a step compiles once and replays (CUDA graphs).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Pad-aware rotary positions (B, T): a row's first real token is 0; pads get 1 (as the reference)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class Window(NamedTuple):
+    """Where one forward's T new tokens go and what they attend to."""
+
+    slots: torch.Tensor  # (T,) cache slots of the new tokens
+    span: int  # attention reads slots [0, span)
+    mask: torch.Tensor | None  # (B, 1, T, span) bool; None: plain causal over the T new tokens
+
+
+class LayerKV(NamedTuple):
+    """One layer's view of the cache during a forward."""
+
+    k: torch.Tensor  # (B, H, S, D)
+    v: torch.Tensor
+    window: Window
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at the window's slots; return keys and values (B, H, span, D)."""
+        slots, span = self.window.slots, self.window.span
+        self.k[:, :, slots] = k  # index_put_: reinplaced by inductor, no copy of the buffer
+        self.v[:, :, slots] = v
+        return self.k[:, :, :span], self.v[:, :, :span]
+
+
 class KVCache:
-    """Per-layer keys and values (L, B, H, S, D) plus which slots hold real tokens (B, S).
+    """Keys and values of every layer (B, H, S, D each), post-LayerNorm and post-rotary, and:
 
-    Slots fill left to right for all rows at once (`pos` is shared); left padding is expressed
-    through `valid`, so pad slots are never attended to.
-
-    Two ways to read it back (see update):
-    - by default attention reads the slots written so far, exactly the keys the reference's growing
-      cache holds, so its kernels see the same shapes and round the same way;
-    - compiled decode steps write through an index tensor and read the whole buffer, so a step has
-      the same shapes at every position (what torch.compile and CUDA graphs need); unwritten slots
-      are invalid, hence masked. Only such a `static` cache is zero-filled: elsewhere nothing is
-      read before it is written.
+    valid (B, S): which slots hold real tokens; next_position (B,): each row's next rotary
+    position; slot (1,): the next free slot (device tensor); length: slots filled by prefill (host);
+    cos/sin (S, R/2): rotary tables, built once (positions never exceed slots).
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype, static: bool = False):
-        shape = (n_layers, batch, n_heads, max_len, head_dim)
-        alloc = torch.zeros if static else torch.empty
-        self.k = alloc(shape, device=device, dtype=dtype)
-        self.v = alloc(shape, device=device, dtype=dtype)
+                 rotary_dim: int, rope_theta: float, device, dtype: torch.dtype):
+        shape = (batch, n_heads, max_len, head_dim)
+        # zeros, not empty: decode reads unwritten slots (masked), and 0·NaN would still be NaN
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
-        self.static = static
-        self.pos = 0  # slots filled so far
+        self.next_position = torch.zeros(batch, device=device, dtype=torch.long)
+        self.slot = torch.zeros(1, device=device, dtype=torch.long)
+        self.length = 0
+        self.padded = False  # some slot before `length` is invalid (known once, at prefill)
+        self.decoding = False
+        self.rope = (rotary_dim, rope_theta)
+        self.cos, self.sin = rotary_tables(max_len, rotary_dim, rope_theta, device)
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> KVCache:
+        cfg, w = model.config, model.embed_tokens.weight
+        return cls(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim,
+                   cfg.rotary_dim, cfg.rope_theta, w.device, w.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
-    def next_slots(self, T: int) -> torch.Tensor:
-        """Indices (T,) of the next T free slots."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.pos + T} requested")
-        return torch.arange(self.pos, self.pos + T, device=self.valid.device)
+    # --- bookkeeping, before a forward -------------------------------------------------------
 
-    def mark_valid(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Record the validity (B, T) of the tokens written at slots (T,); returns all slots' (B, S)."""
-        self.valid.index_copy_(1, slots, valid)
-        return self.valid
+    def append(self, valid: torch.Tensor) -> torch.Tensor:
+        """Reserve the next T slots for a prefill chunk whose real tokens are `valid` (B, T);
+        returns their rotary positions (B, T), continuing each row's count."""
+        if self.decoding:
+            raise RuntimeError("this cache is decoding; prefill into a new cache")
+        B, T = valid.shape
+        start = self.length
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {start + T} requested")
+        valid = valid.to(self.valid.device).bool()
+        self.valid[:, start:start + T] = valid
+        self.padded = self.padded or not bool(valid.all())
+        positions = (self.next_position[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+        self.next_position += valid.sum(-1)
+        self._pending = T
+        return positions
 
-    def update(self, layer: int, slots: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at the next T slots; return the keys and values to attend over.
+    def start_decoding(self) -> None:
+        """From now on tokens come one per row through `step`, with fixed shapes."""
+        self.slot.fill_(self.length)
+        self.decoding = True
 
-        slots None: written by slicing at `pos`; returns those written so far (B, H, pos + T, D).
-        slots (T,): written through the index tensor and the whole buffer returned, so that a
-        compiled step's graph depends on neither `pos` nor the sequence length.
-        """
-        if slots is not None:
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
-            return self.k[layer], self.v[layer]
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def step(self) -> torch.Tensor:
+        """Reserve slot `slot` for one new token per row; returns their positions (B, 1). Device-only."""
+        self.valid.index_fill_(1, self.slot, True)
+        return self.next_position[:, None].clone()
 
-    def advance(self, T: int) -> None:
-        self.pos += T
+    def window(self, T: int) -> Window:
+        """Slots of the T tokens just reserved, how far attention reads, and the mask (the one
+        mask rule): a query sees slot j iff j ≤ its own slot and j is valid, and always itself,
+        so that pad queries stay finite (their outputs are never used)."""
+        if self.decoding:
+            slots, span = self.slot, self.max_len
+        else:
+            start = self.length
+            slots, span = torch.arange(start, start + T, device=self.valid.device), start + T
+            if start == 0 and not self.padded:
+                return Window(slots, span, None)
+        k_slot = torch.arange(span, device=slots.device)
+        q_slot = slots[:, None]  # (T, 1)
+        mask = ((k_slot <= q_slot) & self.valid[:, None, None, :span]) | (k_slot == q_slot)
+        return Window(slots, span, mask)
+
+    def layer(self, i: int, window: Window) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], window)
+
+    def rotary(self, positions: torch.Tensor):
+        """cos, sin (B, 1, T, R/2) for positions (B, T), from the tables."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    # --- after a forward -----------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """The reserved tokens are written: move past them."""
+        if self.decoding:
+            self.slot.add_(1)
+            self.next_position.add_(1)
+        else:
+            self.length += self._pending
+            self._pending = 0
+
+    # --- shared prefixes -----------------------------------------------------------------------
+
+    def extend(self, rows: torch.Tensor, room: int) -> KVCache:
+        """A new cache whose row i starts as a copy of this (prefilled) cache's row rows[i], with
+        `room` more slots after it."""
+        if self.decoding:
+            raise RuntimeError("only a prefilled (not decoding) cache can be extended")
+        rows = rows.to(self.valid.device)
+        P, B = self.length, rows.shape[0]
+        k0 = self.k[0]
+        new = KVCache(len(self.k), B, k0.shape[1], P + room, k0.shape[3], *self.rope, k0.device, k0.dtype)
+        for mine, theirs in ((new.k, self.k), (new.v, self.v)):
+            for a, b in zip(mine, theirs):
+                a[:, :, :P] = b[rows, :, :P]
+        new.valid[:, :P] = self.valid[rows, :P]
+        new.next_position.copy_(self.next_position[rows])
+        new.length, new.padded = P, self.padded
+        return new
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     @staticmethod
     def bytes_per_token(n_layers: int, hidden: int, dtype: torch.dtype) -> int:
         return 2 * n_layers * hidden * torch.empty(0, dtype=dtype).element_size()
+
+
+def rotary_tables(n: int, rotary_dim: int, base: float, device):
+    """cos, sin (n, R/2) float32 of positions 0..n-1, computed as the reference does.
+
+    Dims i and i + R/2 of a head share frequency i (rotate-half pairing), so half a table is enough.
+    """
+    exponent = torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base ** exponent)  # (R/2,)
+    theta = torch.arange(n, device=device, dtype=torch.int64).float()[:, None] * inv_freq
+    return theta.cos(), theta.sin()

@@ -1,14 +1,96 @@
-"""Generation over token ids: one prefill with the image patches, then one-token decode steps."""
+"""The batch-level API, plain functions over token ids: prefill, decode steps, logits, loss, generate.
+
+`batch` is a fuyu.preprocess.FuyuBatch or anything with `input_ids` (B, T) left-padded,
+`attention_mask` (B, T) and `image_patches` (P, 2700) (attributes or dict keys). A decode step
+lives in one place, `decode_step`; generate runs it eagerly or compiled, the same function.
+"""
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import torch.nn.functional as F
 
 from fuyu.model.cache import KVCache
-from fuyu.model.fuyu import Fuyu, position_ids
-from fuyu.model.kernels import exact_argmax, head_logits, wants_fast_head
+from fuyu.model.fuyu import Fuyu
+
+
+def batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask, patches or None) of a batch, on `device`."""
+    get = batch.get if isinstance(batch, dict) else lambda k: getattr(batch, k, None)
+    ids = get("input_ids").to(device)
+    mask = get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    patches = get("image_patches")
+    if isinstance(patches, (list, tuple)):  # the reference processor's per-sample [1, N, 2700] list
+        patches = torch.cat([p.reshape(-1, p.shape[-1]) for p in patches]) if patches else None
+    return ids, mask, None if patches is None else patches.to(device)
+
+
+def _device(model: Fuyu) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+def prefill(model: Fuyu, batch, max_new_tokens: int = 0, *, prefix: KVCache | None = None,
+            rows: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts; returns a cache with room for max_new_tokens more tokens per row and the
+    logits (B, V) at each row's last prompt position.
+
+    prefix (from encode_prefix): the batch holds continuations only; row i continues prefix row
+    rows[i] (default i), with positions following on as if it had been run in one piece.
+    """
+    ids, mask, patches = batch_tensors(batch, _device(model))
+    B, T = ids.shape
+    if prefix is None:
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
+    else:
+        rows = torch.arange(B) if rows is None else rows
+        if rows.shape != (B,):
+            raise ValueError(f"rows has shape {tuple(rows.shape)}; the batch has {B} rows")
+        cache = prefix.extend(rows, T + max_new_tokens)
+    positions = cache.append(mask)
+    h = model(ids, positions, cache, patches)
+    cache.advance()
+    cache.start_decoding()
+    return cache, model.lm_head(h[:, -1])
+
+
+def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row, ids (B,); returns the logits (B, V) for the position after it.
+
+    Fixed shapes and no host sync: the same function runs eagerly and under torch.compile.
+    """
+    positions = cache.step()
+    h = model(ids[:, None], positions, cache)
+    cache.advance()
+    return model.lm_head(h[:, 0])
+
+
+def encode_prefix(model: Fuyu, input_ids: torch.Tensor, patches: torch.Tensor | None = None) -> KVCache:
+    """Run B same-length, unpadded prefixes input_ids (B, P) (e.g. an image's |SPEAKER|/|NEWLINE|
+    rows) once; returns their cache, for prefill(..., prefix=, rows=) to continue from."""
+    device = _device(model)
+    input_ids = input_ids.to(device)
+    cache = KVCache.for_model(model, *input_ids.shape)
+    positions = cache.append(torch.ones_like(input_ids, dtype=torch.bool))
+    model(input_ids, positions, cache, None if patches is None else patches.to(device))
+    cache.advance()
+    return cache
+
+
+def logits(model: Fuyu, batch) -> torch.Tensor:
+    """Logits (B, T, V) of a left-padded batch, positions derived from the attention mask."""
+    ids, mask, patches = batch_tensors(batch, _device(model))
+    cache = KVCache.for_model(model, *ids.shape)
+    positions = cache.append(mask)
+    h = model(ids, positions, cache, patches)
+    return model.lm_head(h)
+
+
+def loss(model: Fuyu, batch, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross entropy; labels (B, T) aligned with input_ids, -100 ignored."""
+    out = logits(model, batch)
+    labels = labels.to(out.device)
+    return F.cross_entropy(out[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -29,83 +111,62 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def new_cache(model: Fuyu, batch: int, max_len: int, static: bool = False) -> KVCache:
-    cfg, w = model.config, model.embed_tokens.weight
-    return KVCache(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim,
-                   w.device, w.dtype, static=static)
+def compiled(step=decode_step, device: torch.device | str = "cpu"):
+    """`step` under torch.compile with fixed shapes; CUDA graphs on GPU ("reduce-overhead").
+    Compiled code is cached by torch per function, so wrapping again per call costs nothing."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(step, mode=mode, dynamic=False)
 
 
-def decode_step(model: Fuyu, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
-    """Last hidden state (B, D) for one new token per row (B, 1) written at cache slot `slot` (1,),
-    attending over the whole buffer of a static cache, unwritten and pad slots masked.
-
-    Every shape is fixed for a given cache, so this compiles once (torch.compile) and replays.
-    Eager decoding goes through Fuyu.hidden instead, which attends over the written slots only.
-    """
-    x = model.embed_tokens(tokens)
-    valid = cache.mark_valid(slot, torch.ones_like(tokens, dtype=torch.bool))
-    return model.layers_forward(x, positions, valid[:, None, None, :], cache, slot)[:, -1]
-
-
-@functools.cache
-def compiled_decode_step():
-    """decode_step compiled once per process; CUDA graphs on GPU ("reduce-overhead")."""
-    mode = "reduce-overhead" if torch.cuda.is_available() else None
-    return torch.compile(decode_step, mode=mode, dynamic=False)
-
-
-def cache_length(n_tokens: int, multiple: int = 256) -> int:
-    """Cache sizes are rounded up so compiled steps see few distinct shapes across batches."""
-    return -(-n_tokens // multiple) * multiple
+def cache_room(prompt_len: int, max_new_tokens: int, multiple: int = 256) -> int:
+    """Room after the prompt so that the cache length is a multiple of `multiple`: compiled steps
+    then see few distinct shapes across batches."""
+    return -(-(prompt_len + max_new_tokens) // multiple) * multiple - prompt_len
 
 
 @torch.inference_mode()
-def generate(model: Fuyu, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             patches: torch.Tensor | None, max_new_tokens: int, *, eos_id: int | None = None,
+def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, compile: bool = False,
-             fast_head: bool | None = None) -> torch.Tensor:
-    """New ids (B, N) for a left-padded batch; stops when every row has emitted EOS or after
-    max_new_tokens. Finished rows are padded with EOS, as the reference's generate does.
+             prefix: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """New ids (B, N), N ≤ max_new_tokens: stops once every row has emitted EOS; rows that
+    finished early are padded with EOS, as the reference's generate does.
 
-    compile: run decode steps through torch.compile (fixed shapes, CUDA graphs on GPU).
-    fast_head: compiled GEMV for the LM head; None = where it pays (large 16-bit head on CPU).
+    compile: decode steps through torch.compile (CUDA graphs on GPU); same ids as eager in float32.
+    prefix, rows: continue shared prefixes (see prefill).
     """
     eos = model.config.eos_token_id if eos_id is None else eos_id
-    B, T = input_ids.shape
+    device = _device(model)
+    ids, mask, patches = batch_tensors(batch, device)
+    B, T = ids.shape
     if max_new_tokens <= 0:
-        return input_ids.new_zeros(B, 0)
-    head = model.lm_head
-    # The compiled GEMV needs a plain 16-bit weight; a quantized or offloaded head runs as itself.
-    fast = type(head) is torch.nn.Linear and (wants_fast_head(head.weight) if fast_head is None else fast_head)
-    cache = new_cache(model, B, cache_length(T + max_new_tokens) if compile else T + max_new_tokens, static=compile)
-    positions = position_ids(attention_mask)
-    # Prefill: only the last position's logits are ever needed (the vocabulary is 262,144 wide).
-    h = model.hidden(input_ids, positions, attention_mask.bool(), cache, patches)
-
-    def next_ids(h: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(h, head, fast)
-        if fast and temperature <= 0:  # the fast head sums in another order: greedy ids stay exact
-            return exact_argmax(h, head.weight, logits)
-        return sample(logits, temperature, top_k, top_p, generator)
-
-    nxt = next_ids(h[:, -1])
-    pos = positions[:, -1:]
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        return ids.new_zeros(B, 0)
+    start = 0 if prefix is None else prefix.length
+    room = cache_room(start + T, max_new_tokens) if compile else max_new_tokens
+    batch = dict(input_ids=ids, attention_mask=mask, image_patches=patches)
+    cache, last = prefill(model, batch, room, prefix=prefix, rows=rows)
+    step = decode_step
+    if compile:
+        step = compiled(decode_step, device)
+        if device.type == "cuda":  # CUDA graphs replay fixed addresses: the cache never moves
+            for t in (*cache.k, *cache.v, cache.valid, cache.next_position, cache.slot):
+                torch._dynamo.mark_static_address(t)
+    # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
+    check = 1 if device.type == "cpu" else 8
+    nxt = sample(last, temperature, top_k, top_p, generator)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for i in range(max_new_tokens):
         nxt = nxt.masked_fill(done, eos)
         out.append(nxt)
         done |= nxt == eos
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1 or ((i + 1) % check == 0 and bool(done.all())):
             break
-        pos = pos + 1
-        if compile:  # fixed shapes: the slot goes in as a tensor, the whole buffer is attended over
-            slot = torch.tensor([cache.pos], device=input_ids.device)
-            h = compiled_decode_step()(model, nxt[:, None], pos, slot, cache)
-            cache.advance(1)
-        else:  # the reference's decode: the slots written so far, masked only where prompts were padded
-            h = model.hidden(nxt[:, None], pos, None, cache)[:, -1]
-        nxt = next_ids(h)
-    return torch.stack(out, dim=1)
+        if compile and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        nxt = sample(step(model, cache, nxt), temperature, top_k, top_p, generator)
+    new = torch.stack(out, dim=1)
+    finished = (new == eos).int().cummax(dim=1).values.all(0)  # (N,): every row done by step i
+    if check > 1 and bool(finished.any()):
+        new = new[:, :int(finished.int().argmax()) + 1]
+    return new

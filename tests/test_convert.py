@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuyu.model import CheckpointError, FuyuConfig, load_pretrained
+from fuyu.model import CheckpointError, FuyuConfig, generate, load_pretrained, logits
 from fuyu.model.convert import convert, load_megatron, parse_size
 from fuyu.model.fuyu import Fuyu
 from fuyu.model.quantize import Int8
@@ -83,7 +83,7 @@ def unconverted_logits(cfg, sd, batch):
     model = Fuyu(cfg)
     model.load_state_dict(sd)
     with torch.no_grad():
-        return model.eval().logits(batch)
+        return logits(model.eval(), batch)
 
 
 def test_adept_release_converts_to_sharded_hub_checkpoint_with_tokenizer(converted, adept):
@@ -110,7 +110,7 @@ def test_converted_adept_weights_give_the_unconverted_logits(converted, adept):
     batch = make_batch([(3, 4, 6), (1, 2, 3)], cfg.vocab_size, seed=2, ids=special_ids(converted))
     ours = load_pretrained(converted, dtype=torch.float32)
     with torch.no_grad():
-        got = ours.logits(batch)
+        got = logits(ours, batch)
     assert torch.equal(got, unconverted_logits(cfg, sd, batch))
 
 
@@ -172,8 +172,8 @@ def test_prequantized_checkpoint_loads_without_requantizing(tmp_path, monkeypatc
     stored = load_pretrained(out)
     batch = make_batch([(2, 3, 4)], 320, seed=1)
     with torch.no_grad():
-        assert torch.equal(stored.logits(batch), on_the_fly.logits(batch))
-    assert stored.generate(batch, 4).tolist() == on_the_fly.generate(batch, 4).tolist()
+        assert torch.equal(logits(stored, batch), logits(on_the_fly, batch))
+    assert generate(stored, batch, 4).tolist() == generate(on_the_fly, batch, 4).tolist()
     other = "nf4" if method == "int8" else "int8"
     with pytest.raises(CheckpointError, match="stored quantized"):
         load_pretrained(out, quantization=other)

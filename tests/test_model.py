@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from fuyu.model import CheckpointError, FuyuConfig, load_pretrained, position_ids, sample
-from fuyu.model.generate import new_cache
-from tests.model_batches import make_batch
+from fuyu.model import (CheckpointError, FuyuConfig, KVCache, generate, load_pretrained, logits, loss,
+                        sample)
+from fuyu.model.kernels import restore_plain
 from fuyu.testing.checkpoint import PLAIN_IDS, break_checkpoint, make_checkpoint
+from tests.model_batches import make_batch
 
 VOCAB = 300
 # The module, not the `model.generate` function that model/__init__ re-exports under that name.
@@ -34,42 +35,48 @@ def test_cached_decoding_equals_recomputing_the_full_sequence(fp32, monkeypatch)
     real_sample = generate_module.sample
     monkeypatch.setattr(generate_module, "sample",
                         lambda logits, *a, **kw: (seen.append(logits.clone()), real_sample(logits, *a, **kw))[1])
-    new = fp32.generate(batch, max_new_tokens=12, eos_id=-1)  # no early stop
+    new = generate(fp32, batch, max_new_tokens=12, eos_id=-1)  # no early stop
     assert len(seen) == new.shape[1] == 12
     ids, mask = batch.input_ids, batch.attention_mask
     with torch.no_grad():
         for step in range(new.shape[1]):
-            logits = fp32(ids, position_ids(mask), mask.bool(), None, batch.image_patches)[:, -1]
-            assert logits.argmax(-1).tolist() == new[:, step].tolist()
+            full = logits(fp32, dict(input_ids=ids, attention_mask=mask, image_patches=batch.image_patches))[:, -1]
+            assert full.argmax(-1).tolist() == new[:, step].tolist()
             # float32, logits up to |6|: measured max |Δ| 4e-6 (summation order differs between the
             # cached one-token steps and the full recompute). 1e-4 leaves 25x headroom and is still
             # 10^4 below what a cache bug gives: an off-by-one decode position or one dropped cached
             # token moves these logits by 1.0 and 1.4.
-            torch.testing.assert_close(seen[step], logits, atol=1e-4, rtol=0, msg=f"step {step}")
+            torch.testing.assert_close(seen[step], full, atol=1e-4, rtol=0, msg=f"step {step}")
             ids = torch.cat([ids, new[:, step:step + 1]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
 
 
 def test_prefill_in_two_chunks_equals_one_prefill(fp32):
     batch = make_batch([(2, 3, 6), (1, 2, 3)], VOCAB, seed=4)
-    ids, mask = batch.input_ids, batch.attention_mask
-    pos, cut = position_ids(mask), 7
+    ids, mask, cut = batch.input_ids, batch.attention_mask, 7
+
+    def run(chunks):
+        cache, out = KVCache.for_model(fp32, 2, 64), []
+        for ids_, mask_, patches in chunks:
+            out.append(fp32(ids_, cache.append(mask_), cache, patches))
+            cache.advance()
+        return torch.cat(out, 1)
+
+    n_first = int((ids[:, :cut] == fp32.config.image_token_id).sum())
     with torch.no_grad():
-        whole = fp32.hidden(ids, pos, mask.bool(), new_cache(fp32, 2, 64), batch.image_patches)
-        cache = new_cache(fp32, 2, 64)
-        n_first = int((ids[:, :cut] == fp32.config.image_token_id).sum())
-        a = fp32.hidden(ids[:, :cut], pos[:, :cut], mask[:, :cut].bool(), cache, batch.image_patches[:n_first])
-        b = fp32.hidden(ids[:, cut:], pos[:, cut:], mask[:, cut:].bool(), cache, batch.image_patches[n_first:])
+        whole = run([(ids, mask, batch.image_patches)])
+        split = run([(ids[:, :cut], mask[:, :cut], batch.image_patches[:n_first]),
+                     (ids[:, cut:], mask[:, cut:], batch.image_patches[n_first:])])
     real = mask.bool()
-    assert torch.allclose(torch.cat([a, b], 1)[real], whole[real], atol=1e-5)
+    assert torch.allclose(split[real], whole[real], atol=1e-5)
 
 
 def test_bfloat16_load_stays_close_to_float32(ckpt, fp32):
     bf16 = load_pretrained(ckpt)  # default dtype
-    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
     batch = make_batch([(3, 4, 6)], VOCAB, seed=3)
     with torch.no_grad():
-        a, b = fp32.logits(batch), bf16.logits(batch).float()
+        a, b = logits(fp32, batch), logits(bf16, batch).float()
     # Measured: max |Δ| 0.09, mean 0.014 on logits of std 1.6, argmax agrees on 96% of positions.
     assert (a - b).abs().max().item() < 0.25
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
@@ -80,14 +87,14 @@ def test_float16_load_runs_and_stays_close_to_float32(ckpt, fp32):
     assert {p.dtype for p in f16.parameters()} == {torch.float16}
     batch = make_batch([(3, 4, 6)], VOCAB, seed=3)
     with torch.no_grad():
-        a, b = fp32.logits(batch), f16.logits(batch)
+        a, b = logits(fp32, batch), logits(f16, batch)
     assert b.dtype == torch.float16 and torch.isfinite(b).all()
     # Measured: max |Δ| 0.011, mean 0.0018 on logits of std 1.6 (float16 keeps 3 more mantissa
     # bits than bfloat16: ~8x closer); argmax agrees on 22 of 23 positions (one near-tie).
     diff = (a - b.float()).abs()
     assert diff.max().item() < 0.05 and diff.mean().item() < 0.005
     assert (a.argmax(-1) == b.float().argmax(-1)).float().mean().item() > 0.9
-    new = f16.generate(batch, max_new_tokens=4, eos_id=-1)
+    new = generate(f16, batch, max_new_tokens=4, eos_id=-1)
     assert new.shape == (1, 4)
 
 
@@ -100,7 +107,7 @@ def test_float16_load_runs_and_stays_close_to_float32(ckpt, fp32):
 def test_bfloat16_fine_tuning_steps_change_the_weights_and_lower_the_loss(ckpt, make_optimizer):
     m = load_pretrained(ckpt, dtype=torch.bfloat16)
     assert not any(p.requires_grad for p in m.parameters())  # loaded frozen, for inference
-    m.requires_grad_(True)
+    restore_plain(m).requires_grad_(True)  # plain nn.Linear weights back from any CPU kernel
     batch = make_batch([(2, 3, 6), (1, 2, 4)], VOCAB, seed=5)
     ids = batch.input_ids
     # Train on the text only: pads and the image placeholder/newline tokens are ignored.
@@ -109,8 +116,8 @@ def test_bfloat16_fine_tuning_steps_change_the_weights_and_lower_the_loss(ckpt, 
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = make_optimizer(m.parameters())
 
-    loss = m.loss(batch, labels)
-    loss.backward()
+    value = loss(m, batch, labels)
+    value.backward()
     for name, p in m.named_parameters():  # every weight, the image projection included, gets a gradient
         assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -121,25 +128,25 @@ def test_bfloat16_fine_tuning_steps_change_the_weights_and_lower_the_loss(ckpt, 
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
 
     # Measured losses 6.83 → 3.6 / 2.95 after one step, then falling on every step (SGD, AdamW).
-    losses = [loss.item()]
+    losses = [value.item()]
     for _ in range(3):
         opt.zero_grad()
-        loss = m.loss(batch, labels)
-        loss.backward()
+        value = loss(m, batch, labels)
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     with torch.no_grad():
-        losses.append(m.loss(batch, labels).item())
+        losses.append(loss(m, batch, labels).item())
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(fp32):
     batch = make_batch([(2, 2, 4)], VOCAB, seed=6)
-    runs = [fp32.generate(batch, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    runs = [generate(fp32, batch, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert runs[0].tolist() == runs[1].tolist()
-    assert fp32.generate(batch, 10, temperature=1.0, top_k=1).tolist() == fp32.generate(batch, 10).tolist()
+    assert generate(fp32, batch, 10, temperature=1.0, top_k=1).tolist() == generate(fp32, batch, 10).tolist()
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -151,11 +158,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_generation_stops_at_eos_and_pads_finished_rows(fp32):
     batch = make_batch([(2, 2, 4), (1, 1, 3)], VOCAB, seed=8)
-    free = fp32.generate(batch, 6, eos_id=-1)
+    free = generate(fp32, batch, 6, eos_id=-1)
     eos = int(free[0, 1])  # pretend row 0's second token is EOS
-    out = fp32.generate(batch, 6, eos_id=eos)
+    out = generate(fp32, batch, 6, eos_id=eos)
     assert out[0, 1] == eos and (out[0, 1:] == eos).all()
-    assert fp32.generate(batch, 0).shape == (2, 0)
+    assert generate(fp32, batch, 0).shape == (2, 0)
 
 
 def test_hub_config_builds_fuyu_8b_with_rope_base_25000():
@@ -206,7 +213,7 @@ def test_patch_count_must_match_placeholders(fp32):
     batch = make_batch([(2, 2, 3)], VOCAB)
     batch.image_patches = batch.image_patches[:-1]
     with pytest.raises(ValueError, match="3 image patches for 4 image placeholder tokens"):
-        fp32.logits(batch)
+        logits(fp32, batch)
 
 
 def test_model_package_imports_no_transformers_preprocess_or_cli():

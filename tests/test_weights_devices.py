@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fuyu.model import load_pretrained
+from fuyu.model import generate, load_pretrained, logits
 from fuyu.model.convert import convert
 from fuyu.model.devices import PINNED, parse_device_map, parse_max_memory
 from tests.model_batches import make_batch
@@ -29,7 +29,7 @@ def batch():
 def in_memory(ckpt, batch):
     model = load_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
-        return model.logits(batch), model.generate(batch, 6, eos_id=-1)
+        return logits(model, batch), generate(model, batch, 6, eos_id=-1)
 
 
 def on_disk(model) -> set[str]:
@@ -42,8 +42,8 @@ def test_auto_map_with_disk_offload_gives_the_in_memory_logits(ckpt, batch, in_m
     offloaded = on_disk(model)
     assert offloaded and not any(name.startswith(PINNED) for name in offloaded)
     with torch.no_grad():
-        assert torch.equal(model.logits(batch), in_memory[0])
-    assert torch.equal(model.generate(batch, 6, eos_id=-1), in_memory[1])
+        assert torch.equal(logits(model, batch), in_memory[0])
+    assert torch.equal(generate(model, batch, 6, eos_id=-1), in_memory[1])
     assert not any(tmp_path.iterdir())  # 16-bit tensors are read from the checkpoint's own shards
 
 
@@ -53,7 +53,7 @@ def test_explicit_map_of_layer_ranges(ckpt, batch, in_memory):
     model = load_pretrained(ckpt, dtype=torch.float32, device_map=dm)
     assert {n.split(".")[1] for n in on_disk(model) if n.startswith("layers.")} == {"2", "3"}
     with torch.no_grad():
-        assert torch.equal(model.logits(batch), in_memory[0])
+        assert torch.equal(logits(model, batch), in_memory[0])
 
 
 def test_map_that_leaves_a_module_out_or_offloads_a_pinned_one_is_refused(ckpt):
@@ -72,7 +72,7 @@ def test_quantized_auto_map_quantizes_resident_layers_and_offloads_the_rest_16bi
     kinds = {name: type(block.mlp.dense_h_to_4h).__name__ for name, block in model.layers.named_children()}
     assert "Int8Linear" in kinds.values() and "Linear" in kinds.values()
     with torch.no_grad():
-        assert (model.logits(batch) - in_memory[0]).abs().max().item() < 0.5
+        assert (logits(model, batch) - in_memory[0]).abs().max().item() < 0.5
 
 
 def test_prequantized_layers_offloaded_to_disk_are_dequantized_into_the_offload_folder(
@@ -84,7 +84,7 @@ def test_prequantized_layers_offloaded_to_disk_are_dequantized_into_the_offload_
     model = load_pretrained(out, dtype=torch.float32, device_map=dm, offload_folder=tmp_path / "off")
     assert any(p.name.startswith("layers.3.") for p in (tmp_path / "off").iterdir())
     with torch.no_grad():
-        assert (model.logits(batch) - in_memory[0]).abs().max().item() < 0.5
+        assert (logits(model, batch) - in_memory[0]).abs().max().item() < 0.5
 
 
 def test_max_memory_without_a_device_map_is_refused(ckpt):
@@ -107,4 +107,4 @@ def test_auto_map_across_gpu_cpu_and_disk_matches_cpu(ckpt, batch, in_memory, tm
     model = load_pretrained(ckpt, dtype=torch.float32, device_map="auto",
                             max_memory={0: "3.6MB", "cpu": "1.7MB"}, offload_folder=tmp_path)
     with torch.no_grad():
-        assert (model.logits(batch).cpu() - in_memory[0]).abs().max().item() < 1e-4
+        assert (logits(model, batch).cpu() - in_memory[0]).abs().max().item() < 1e-4
