@@ -17,7 +17,6 @@ from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
-from fuyu.model.kernels import pack_linears
 from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -104,7 +103,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str = torch.bfloat16, *, quantization=None,
                     device_map=None, max_memory=None, offload_folder: str | Path | None = None,
-                    pack: bool | None = None) -> Fuyu:
+                    kernels: str | None = None) -> Fuyu:
     """Load a checkpoint directory into an eval-mode Fuyu on `device`, weights cast to `dtype`.
 
     quantization: None, "int8"/"int4" (torch) or "8bit"/"4bit"/"nf4"/"fp4" (bitsandbytes), applied
@@ -112,8 +111,9 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     device_map: "auto" (with optional max_memory {0: "20GiB", "cpu": "30GiB"}) or {module: device}
     (model/devices.py); it overrides `device`. Offloaded modules stay unquantized; disk-offloaded
     tensors are read from the checkpoint's own files, or from offload_folder when they must change.
-    pack: keep CPU bf16 Linear weights in oneDNN's layout (same results, faster; model/kernels.py);
-    None = whenever nothing is quantized or mapped. `model.requires_grad_(True)` unpacks them.
+    kernels: on CPU, "auto" swaps in the Linear kernels timed fastest on this machine (model/tuning.py;
+    same results up to rounding), "tune" also times the compiled GEMV, "plain" keeps nn.Linear;
+    None = $FUYU_KERNELS or "auto". `fuyu.model.kernels.restore_plain(model)` undoes it exactly.
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
@@ -175,8 +175,10 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                               "a shard is incomplete or the checkpoint does not match config.json")
     dispatch(model, placement, offload_folder, offload_index)
     model = model.eval().requires_grad_(False)
-    if pack or (pack is None and not scheme and not stored and device_map is None):
-        pack_linears(model)
+    if device_map is None and placement.main.type == "cpu":
+        from fuyu.model import tuning
+
+        tuning.choose(model, kernels)
     return model
 
 

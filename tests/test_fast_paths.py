@@ -1,14 +1,23 @@
-"""Every fast path gives the same greedy ids as the plain path (tiny checkpoints, CPU)."""
+"""Every fast path against the plain one: float32 logits within 1e-4 and identical greedy ids
+(tiny checkpoints, CPU); the kernel choice, its cache file and the way back to plain weights."""
+
+import json
 
 import pytest
 import torch
 
-from fuyu.model import load_pretrained
-from fuyu.model.kernels import head_logits
-from tests.model_batches import make_batch
+from fuyu.model import generate, kernels, load_pretrained, logits, tuning
+from fuyu.model.kernels import GemvLinear, PackedLinear, restore_plain
 from fuyu.testing.checkpoint import make_checkpoint
+from tests.model_batches import make_batch
 
-VOCAB = 300
+VOCAB = 320
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path, monkeypatch):
+    """Kernel choices go to a per-test folder, never the developer's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 @pytest.fixture(scope="module")
@@ -17,138 +26,138 @@ def ckpt(tmp_path_factory):
                            vocab_size=VOCAB, tokenizer=False, seed=4)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_decode_and_fast_head_give_the_plain_greedy_ids(ckpt, dtype):
-    model = load_pretrained(ckpt, dtype=dtype)
-    batch = make_batch([(3, 4, 5), (1, 2, 3)], VOCAB, seed=9)
-    plain = model.generate(batch, 16, eos_id=-1, fast_head=False)
-    fast = model.generate(batch, 16, eos_id=-1, compile=True, fast_head=True)
-    assert fast.tolist() == plain.tolist()
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch([(3, 4, 5), (1, 2, 3)], VOCAB, seed=9)
 
 
-def test_fast_head_equals_linear_up_to_output_rounding():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(1000, 64, generator=g).bfloat16()
-    h = torch.randn(2, 64, generator=g).bfloat16()
-    fast, plain = head_logits(h, w, fast=True), head_logits(h, w, fast=False)
-    assert fast.dtype == torch.float32 and plain.dtype == torch.bfloat16
-    # Both accumulate in float32; the fast one in another order and without the final rounding.
-    assert torch.allclose(fast, plain.float(), atol=0.07, rtol=0.01)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5])
-def test_exact_argmax_picks_the_plain_heads_id_even_on_ties(rows):
-    from fuyu.model.kernels import exact_argmax
-
-    g = torch.Generator().manual_seed(rows)
-    # Coarse weights and inputs make many logits tie in bf16; the plain argmax takes the first.
-    w = (torch.randint(-3, 4, (4096, 64), generator=g) / 8).bfloat16()
-    for trial in range(20):
-        h = (torch.randint(-4, 5, (rows, 64), generator=g) / 4).bfloat16()
-        plain = torch.nn.functional.linear(h, w).float()
-        want = plain.argmax(-1)
-        noisy = plain + torch.rand(plain.shape, generator=g) * 0.004 * plain.abs()  # another rounding
-        assert exact_argmax(h, w, noisy).tolist() == want.tolist()
-        assert exact_argmax(h, w, head_logits(h, w, fast=True)).tolist() == want.tolist()
-
-
-@pytest.mark.parametrize("shape", [(1, 96), (4, 1, 96), (2, 37, 96)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_is_f_linear_bit_for_bit(shape, bias):
-    from fuyu.model.kernels import PackedLinear, can_pack
-
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 160, bias=bias).bfloat16().requires_grad_(False)
-    if not can_pack(linear.weight):
-        pytest.skip("no oneDNN bf16 on this CPU")
-    x = torch.randn(shape).bfloat16()
-    packed = PackedLinear(linear)
-    assert torch.equal(packed(x), linear(x))
-    restored = packed.unpack()
-    assert torch.equal(restored.weight, linear.weight) and restored.bias is linear.bias
-
-
-def test_bf16_load_packs_layer_linears_with_identical_logits_and_ids(ckpt):
-    from fuyu.model.kernels import PackedLinear
-
-    packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
-    kinds = {type(m).__name__ for m in packed.layers.modules() if isinstance(m, (PackedLinear, torch.nn.Linear))}
-    if kinds != {"PackedLinear"}:
-        pytest.skip("no oneDNN bf16 on this CPU")
-    assert type(packed.lm_head) is torch.nn.Linear  # the compiled batch-1 GEMV reads its plain weight
-    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
-    batch = make_batch([(3, 4, 5), (1, 2, 3)], VOCAB, seed=9)
+@pytest.fixture(scope="module")
+def plain32(ckpt, batch):
+    model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
     with torch.inference_mode():
-        assert torch.equal(packed.logits(batch), plain.logits(batch))
-    assert packed.generate(batch, 12, eos_id=-1).tolist() == plain.generate(batch, 12, eos_id=-1).tolist()
+        return model, logits(model, batch), generate(model, batch, 16, eos_id=-1)
 
 
-def test_making_a_packed_model_trainable_restores_its_exact_weights(ckpt):
-    from fuyu.model.kernels import PackedLinear
-
-    packed, plain = load_pretrained(ckpt, dtype=torch.bfloat16), load_pretrained(ckpt, dtype=torch.bfloat16, pack=False)
-    want = plain.state_dict()
-    got = packed.state_dict()  # packed weights come out under nn.Linear's keys, exactly
-    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
-    layer = packed.layers[0].mlp.dense_h_to_4h
-    if isinstance(layer, PackedLinear):
-        x = torch.ones(1, 96, dtype=torch.bfloat16, requires_grad=True)
-        with pytest.raises(RuntimeError, match="requires_grad_"):
-            layer(x)
-    packed.requires_grad_(True)
-    assert not any(isinstance(m, PackedLinear) for m in packed.modules())
-    got = packed.state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert all(p.requires_grad for p in packed.parameters())
+def every(kernel):
+    return lambda name, module: kernel if kernel in kernels.candidates(module) else None
 
 
-def test_fast_head_compiles_once_per_row_count_whatever_the_prompt_length():
+@pytest.mark.parametrize("kernel", ["packed", "gemv"])
+def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel):
+    model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
+    if kernel == "gemv":  # offered for 16-bit heads; the module itself serves any dtype
+        model.lm_head = GemvLinear(model.lm_head)
+    else:
+        if not kernels.can_pack(model.lm_head.weight):
+            pytest.skip("no oneDNN on this build")
+        assert len(kernels.apply(model, every(kernel))) == 1 + 3 * 4 + 1  # patch projection, layers, head
+    with torch.inference_mode():
+        assert (logits(model, batch) - plain32[1]).abs().max().item() < 1e-4
+        assert generate(model, batch, 16, eos_id=-1).tolist() == plain32[2].tolist()
+
+
+def test_int8_dequantized_prefill_equals_the_int8_kernel(ckpt, batch):
+    model = load_pretrained(ckpt, dtype=torch.float32, quantization="int8", kernels="plain")
+    with torch.inference_mode():
+        want, ids = logits(model, batch), generate(model, batch, 12, eos_id=-1)
+        assert len(kernels.apply(model, every("int8+dequant"))) == 3 * 4
+        assert (logits(model, batch) - want).abs().max().item() < 1e-4
+        assert generate(model, batch, 12, eos_id=-1).tolist() == ids.tolist()
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_greedy_ids_in_float32(ckpt, batch, plain32):
     import torch._dynamo
 
-    from fuyu.model import kernels
-
-    torch._dynamo.reset()
-    kernels._compiled_gemv.cache_clear()
-    kernels._shapes.clear()
-    w = torch.randn(512, 64).bfloat16()
+    model = plain32[0]
     counts = torch._dynamo.utils.counters
     counts.clear()
-    for T in (5, 9, 17, 33, 65, 129, 257, 513, 1025, 3):  # more lengths than dynamo's recompile limit
-        h = torch.randn(1, T, 64).bfloat16()[:, -1]  # as a prefill's last position: row stride T·64
-        assert torch.allclose(head_logits(h, w, fast=True).float(), (h @ w.T).float(), atol=0.07, rtol=0.01)
-    assert counts["stats"]["unique_graphs"] == 1
+    assert generate(model, batch, 16, eos_id=-1, compile=True).tolist() == plain32[2].tolist()
+    graphs = counts["stats"]["unique_graphs"]
+    assert graphs >= 1  # the compiled step really ran
+    shorter = make_batch([(3, 4, 2), (1, 2, 1)], VOCAB, seed=3)  # another prompt length, same cache size
+    assert generate(model, shorter, 8, eos_id=-1, compile=True).tolist() == generate(model, shorter, 8, eos_id=-1).tolist()
+    assert counts["stats"]["unique_graphs"] == graphs  # no recompile: the step's shapes are fixed
 
 
-def test_rotary_rounds_like_the_reference_formula_in_bf16():
-    from fuyu.model.fuyu import apply_partial_rotary, rotary_cos_sin
+def test_restore_plain_gives_back_the_exact_weights(ckpt, tmp_path, batch):
+    from fuyu.model.convert import save_pretrained
+
+    want = load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain").state_dict()
+    model = load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain")
+    if not kernels.can_pack(model.lm_head.weight):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    kernels.apply(model, every("packed"))
+    got = model.state_dict()  # packed weights come out under nn.Linear's keys, exactly
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    save_pretrained(model, tmp_path / "saved", model.config, dtype=torch.bfloat16)
+    saved = load_pretrained(tmp_path / "saved", dtype=torch.bfloat16, kernels="plain").state_dict()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    layer = model.layers[0].mlp.dense_h_to_4h
+    with pytest.raises(RuntimeError, match="restore_plain"):
+        layer(torch.ones(1, 96, dtype=torch.bfloat16, requires_grad=True))
+    restore_plain(model)
+    assert all(type(m) is not PackedLinear for m in model.modules())
+    got = model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    model.requires_grad_(True)  # trainable again: every weight is a plain Parameter
+    assert all(p.requires_grad for p in model.parameters())
+    assert {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} == {"Linear"}
+
+
+def test_kernel_choice_is_timed_once_per_machine_and_cached_in_the_user_cache(ckpt, tmp_path, monkeypatch):
+    timed = []
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda m, tune=False: (timed.append(tuning.key(m)), real(m, tune))[1])
+    monkeypatch.setattr(tuning, "NOISY", float("inf"))  # keep every timing, however busy the machine
+    model = load_pretrained(ckpt, dtype=torch.bfloat16)
+    # query_key_value, dense, dense_h_to_4h, dense_4h_to_h, lm_head; not the patch projection
+    assert len(timed) == 5 and all("bfloat16" in k for k in timed)
+    path = tuning.cache_file()
+    assert path.is_relative_to(tmp_path / "xdg" / "fuyu") and tuning.cpu_model() == json.loads(path.read_text())["cpu"]
+    report = tuning.report(model, tuning.load_choices())
+    assert sum(r["modules"] for r in report.values()) == 3 * 4 + 2
+    for k in timed:
+        assert report[k]["kernel"] in report[k]["ms"]  # the winner was timed, with 1 and 256 rows
+        assert all(len(ms) == 2 for ms in report[k]["ms"].values())
+    load_pretrained(ckpt, dtype=torch.bfloat16)
+    assert len(timed) == 5  # the second load reads the choices
+
+
+def test_fuyu_kernels_plain_turns_the_kernel_step_off(ckpt, monkeypatch):
+    monkeypatch.setenv("FUYU_KERNELS", "plain")
+    model = load_pretrained(ckpt, dtype=torch.bfloat16)
+    assert set(kernels.in_use(model).values()) == {"linear"}
+    assert not tuning.cache_file().exists()
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        load_pretrained(ckpt, kernels="fast")
+
+
+def test_gemv_compiles_once_per_row_count_whatever_the_prompt_length():
+    import torch._dynamo
+
+    head = GemvLinear(torch.nn.Linear(64, 512, bias=False).bfloat16().requires_grad_(False))
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    with torch.inference_mode():
+        for T in (5, 9, 17, 33, 65, 129, 257, 513, 1025, 3):  # more lengths than dynamo's recompile limit
+            h = torch.randn(1, T, 64).bfloat16()[:, -1]  # as a prefill's last position: row stride T·64
+            want = (h.float() @ head.weight.float().T)
+            assert torch.allclose(head(h).float(), want, atol=0.07, rtol=0.01)
+    assert counts["stats"]["unique_graphs"] == 1 and not head._broken
+
+
+def test_rotary_rounds_like_the_reference_formula():
+    from fuyu.model.cache import rotary_tables
+    from fuyu.model.fuyu import apply_partial_rotary
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 7, 64, generator=g).bfloat16()  # (B, H, T, d)
-    cos, sin = rotary_cos_sin(torch.arange(7).expand(2, 7) * 37, 32, 25000.0, torch.bfloat16)
+    x = torch.randn(2, 4, 7, 64, generator=g)  # (B, H, T, d)
+    cos, sin = rotary_tables(7 * 37, 32, 25000.0, "cpu")
+    pos = torch.arange(7).expand(2, 7) * 37
+    cos, sin = cos[pos][:, None], sin[pos][:, None]
     # fuyu-spec §6.3: x_rot·cos + rotate_half(x_rot)·sin with cos/sin over all 32 rotary dims
     c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     rot, rest = x[..., :32], x[..., 32:]
     rotate_half = torch.cat((-rot[..., 16:], rot[..., :16]), -1)
     assert torch.equal(apply_partial_rotary(x, cos, sin), torch.cat((rot * c + rotate_half * s, rest), -1))
-
-
-def test_a_packed_model_saves_like_the_plain_one(ckpt, tmp_path):
-    from fuyu.model.convert import save_pretrained
-
-    packed = load_pretrained(ckpt, dtype=torch.bfloat16)
-    save_pretrained(packed, tmp_path / "saved", packed.config, dtype=torch.bfloat16)
-    want = load_pretrained(ckpt, dtype=torch.bfloat16, pack=False).state_dict()
-    got = load_pretrained(tmp_path / "saved", dtype=torch.bfloat16, pack=False).state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
-
-def test_moving_or_casting_a_packed_model_restores_plain_weights(ckpt):
-    from fuyu.model.kernels import PackedLinear
-
-    model = load_pretrained(ckpt, dtype=torch.bfloat16).float()
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    want = load_pretrained(ckpt, dtype=torch.bfloat16, pack=False).float()
-    batch = make_batch([(3, 4, 5)], VOCAB, seed=2)
-    with torch.inference_mode():
-        assert torch.equal(model.logits(batch), want.logits(batch))

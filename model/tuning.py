@@ -1,0 +1,211 @@
+"""Which CPU kernel serves each weight, decided by timing the candidates on this machine, once.
+
+For every (module kind, dtype, shape) the candidates of model/kernels.py are timed on synthetic
+weights of that shape at a decode-sized input (1 row) and a prefill-sized one (256 rows), in
+alternating rounds, medians. The winner minimises the time of a typical caption: 32 decode steps
+plus a 1,024-token prefill (32·t₁ + 4·t₂₅₆). Choices are remembered per (CPU model, torch version,
+thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a
+machine pays for the timing (about a second for a model's five weight shapes).
+
+The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~20 s the first time on a
+machine, so it is timed only in "tune" mode (`FUYU_KERNELS=tune`, `fuyu benchmark`); later
+"auto" loads use what tuning found. `FUYU_KERNELS=plain` (or kernels="plain") turns it all off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fuyu.model import kernels
+from fuyu.model.quantize import Int8Linear
+
+MODES = ("auto", "plain", "tune")
+DECODE_ROWS, PREFILL_ROWS = 1, 256
+WEIGHTS = {DECODE_ROWS: 32, PREFILL_ROWS: 4}  # one caption: 32 decode steps, a 1,024-token prefill
+SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
+POOL_BYTES = 128 << 20  # distinct weight copies cycled through, so decode-sized calls read memory
+MAX_TIMED_ELEMENTS = 1 << 25  # a bigger weight (the LM head) is timed on a slice of its rows
+ROUNDS = 3
+NOISY = 0.5
+CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one copy is timed
+GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
+FORMAT = 1
+
+
+def mode(kernels_arg: str | None = None) -> str:
+    """The kernel mode: the argument, else $FUYU_KERNELS, else "auto"."""
+    value = kernels_arg or os.environ.get("FUYU_KERNELS") or "auto"
+    if value not in MODES:
+        raise ValueError(f"kernels={value!r}: use one of {', '.join(MODES)}")
+    return value
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", cpu_model()).strip("-")
+    return Path(base) / "fuyu" / f"kernels-{slug}-torch{torch.__version__}.json"
+
+
+def key(module: nn.Module) -> str:
+    """What a timing is valid for: module kind, dtype, shape, bias, torch's thread count."""
+    w = module.weight
+    kind = "int8" if isinstance(module, Int8Linear) else "linear"
+    dtype = (module.scales if isinstance(module, Int8Linear) else w).dtype
+    bias = "+bias" if module.bias is not None else ""
+    return (f"{kind} {str(dtype).removeprefix('torch.')} {module.out_features}x{module.in_features}"
+            f"{bias} threads={torch.get_num_threads()}")
+
+
+def load_choices(path: Path | None = None) -> dict:
+    path = path or cache_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = data.get("format") == FORMAT and data.get("torch") == torch.__version__
+    return data.get("entries", {}) if ok else {}
+
+
+def save_choices(entries: dict, path: Path | None = None) -> None:
+    """Write atomically; a read-only or missing home only costs re-timing next time."""
+    path = path or cache_file()
+    data = {"format": FORMAT, "cpu": cpu_model(), "torch": torch.__version__, "entries": entries}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def choose(model: nn.Module, kernels_arg: str | None = None, path: Path | None = None) -> dict:
+    """Time what is not yet known, swap the winners in; returns the report (see `report`)."""
+    how = mode(kernels_arg)
+    if how == "plain":
+        kernels.restore_plain(model)
+        return report(model, {})
+    modules = {name: m for name, m in model.named_modules()
+               if kernels.candidates(m) and not name.startswith(SKIP)}
+    entries = load_choices(path)
+    todo = {}
+    for name, m in modules.items():
+        k, tune = key(m), how == "tune" and "gemv" in _candidates(m, True)
+        if k not in entries or (tune and not entries[k].get("tuned")):
+            todo.setdefault(k, m)
+    if todo:
+        for k, m in todo.items():
+            entries[k] = measure(m, tune=how == "tune")
+        save_choices({k: e for k, e in entries.items() if not e.get("noisy")}, path)
+    kernels.apply(model, lambda name, m: entries[key(m)]["kernel"] if name in modules else None)
+    return report(model, entries)
+
+
+def report(model: nn.Module, entries: dict) -> dict:
+    """{weight key: {"kernel": picked, "modules": how many, "ms": {kernel: [1 row, 256 rows]}}};
+    a key's "ms" is empty when nothing was timed (plain mode). Times are for the timed slice."""
+    out: dict = {}
+    for name, kernel in kernels.in_use(model).items():
+        m = model.get_submodule(name)
+        k = key(m if isinstance(m, (nn.Linear, Int8Linear)) else m.plain())
+        row = out.setdefault(k, {"kernel": kernel, "modules": 0, "ms": entries.get(k, {}).get("ms", {})})
+        row["modules"] += 1
+    return out
+
+
+def _candidates(module: nn.Module, tune: bool) -> list[str]:
+    names = kernels.candidates(module)
+    if "gemv" in names and not (tune and module.weight.numel() >= GEMV_MIN_ELEMENTS):
+        names.remove("gemv")
+    return names
+
+
+def measure(module: nn.Module, tune: bool = False) -> dict:
+    """Time each candidate kernel for `module`'s shape and dtype on synthetic weights."""
+    names = _candidates(module, tune)
+    rows = min(module.out_features, max(1, MAX_TIMED_ELEMENTS // module.in_features))
+    nbytes = rows * module.in_features * _itemsize(module)
+    copies = 1 if nbytes < CACHED_BYTES else max(1, min(16, POOL_BYTES // nbytes))
+    reps = 1 if nbytes >= CACHED_BYTES else 20  # calls per measurement: µs calls jitter alone
+    pool = _synthetic(module, rows, copies)
+    served = {name: [kernels.use(_clone_plain(m), name) for m in pool] for name in names}
+    dtype = _act_dtype(module)
+    xs = {M: torch.randn(M, module.in_features).to(dtype) for M in WEIGHTS}
+    times: dict = {name: {M: [] for M in WEIGHTS} for name in names}
+    with torch.inference_mode():
+        for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
+            for name in names:
+                for M, x in xs.items():
+                    mods = (served[name] if M == DECODE_ROWS else served[name][:1]) * reps
+                    start = time.perf_counter()
+                    for m in mods:
+                        m(x)
+                    if r:
+                        times[name][M].append((time.perf_counter() - start) / len(mods))
+    ms = {name: [round(statistics.median(t[M]) * 1e3, 4) for M in WEIGHTS] for name, t in times.items()}
+    best = min(names, key=lambda n: sum(w * t for w, t in zip(WEIGHTS.values(), ms[n])))
+    # Rounds that disagree by more than NOISY (another process busy on the cores): the choice
+    # serves this load but is not remembered, so a quieter load times again.
+    spread = max((max(ts) - min(ts)) / max(min(ts), 1e-9) for t in times.values() for ts in t.values())
+    return {"kernel": best, "ms": ms, "tuned": tune, "timed_rows": rows, "noisy": spread > NOISY}
+
+
+def _itemsize(module) -> int:
+    return module.weight.element_size()
+
+
+def _act_dtype(module) -> torch.dtype:
+    return module.scales.dtype if isinstance(module, Int8Linear) else module.weight.dtype
+
+
+def _synthetic(module: nn.Module, rows: int, copies: int) -> list[nn.Module]:
+    """`copies` independent modules like `module` with `rows` output rows of random weights,
+    filled by repeating a small random block (fast; kernel speed does not depend on the values)."""
+    K = module.in_features
+    n = rows * K
+    block = torch.randn(min(n, 1 << 16)).to(_act_dtype(module))
+    pool = block.repeat(-(-n * copies // block.numel()))
+    out = []
+    for i in range(copies):
+        flat = pool[i * n:(i + 1) * n]
+        if isinstance(module, Int8Linear):
+            m = Int8Linear(K, rows, module.bias is not None)
+            m.weight = (flat.reshape(rows, K).float() * 40).clamp(-127, 127).to(torch.int8)
+            m.scales = torch.full((rows,), 0.01, dtype=module.scales.dtype)
+            m.bias = None if module.bias is None else torch.zeros(rows, dtype=module.scales.dtype)
+        else:
+            with torch.device("meta"):
+                m = nn.Linear(K, rows, bias=module.bias is not None)
+            m.weight = nn.Parameter(flat.reshape(rows, K).to(module.weight.dtype), requires_grad=False)
+            if module.bias is not None:
+                m.bias = nn.Parameter(torch.zeros(rows, dtype=module.weight.dtype), requires_grad=False)
+        out.append(m)
+    return out
+
+
+def _clone_plain(m: nn.Module) -> nn.Module:
+    """Each kernel wraps the same plain copy (packing makes its own); int8 kernels set a flag on
+    the module, so each gets a shallow copy."""
+    return copy.copy(m) if isinstance(m, Int8Linear) else m
