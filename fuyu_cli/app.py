@@ -193,9 +193,7 @@ class _one_line_warnings:
         warnings.showwarning = self._show
         self._handler = _OneLine(logging.WARNING)
         self._handler.addFilter(_DropNotices())
-        root = logging.getLogger()
-        if not root.handlers:  # the application configured nothing: ours replaces lastResort
-            root.addHandler(self._handler)
+        logging.getLogger().addHandler(self._handler)  # fuyu is the application: logs are ours to show
         return self
 
     def __exit__(self, *exc):

@@ -60,19 +60,50 @@ def _names(paths: list[str], show: int) -> str:
     return ", ".join(printable(p)[0] for p in paths[:show]) + (", …" if len(paths) > show else "")
 
 
-def read_paths(stdin: BinaryIO, null: bool) -> Iterator[str]:
-    """Paths from stdin as they arrive (not after EOF), decoded like file names (os.fsdecode)."""
-    if null:
-        pending = b""
-        while chunk := stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536):
-            pending += chunk
-            *parts, pending = pending.split(b"\0")
-            yield from (os.fsdecode(p) for p in parts if p.strip())
-        if pending.strip():
-            yield os.fsdecode(pending)
-        return
-    for line in iter(stdin.readline, b""):
-        line = line.rstrip(b"\r\n")
+class _Idle:
+    """Yielded by the input stream when stdin has nothing new for a moment: whoever batches the
+    input starts on what it has instead of waiting for more."""
+
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+IDLE = _Idle()
+
+
+def read_paths(stdin: BinaryIO, null: bool, idle_after: float = 0.2) -> Iterator[str | _Idle]:
+    """Paths from stdin as they arrive (not after EOF), decoded like file names (os.fsdecode);
+    IDLE whenever none has come for `idle_after` seconds. A daemon thread does the reading."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue(maxsize=10000)
+    done = object()
+
+    def reader() -> None:
+        try:
+            if null:
+                pending = b""
+                while chunk := (stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536)):
+                    *parts, pending = (pending + chunk).split(b"\0")
+                    for part in parts:
+                        lines.put(part)
+                lines.put(pending)
+            else:
+                for line in iter(stdin.readline, b""):
+                    lines.put(line.rstrip(b"\r\n"))
+        finally:
+            lines.put(done)
+
+    threading.Thread(target=reader, name="fuyu-stdin", daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=idle_after)
+        except queue.Empty:
+            yield IDLE
+            line = lines.get()
+        if line is done:
+            return
         if line.strip():
             yield os.fsdecode(line)
 
@@ -107,10 +138,10 @@ def _walk(root: str, recursive: bool, found: Found, is_own_sidecar) -> Iterator[
 
 
 def iter_files(args: list[str], stdin: BinaryIO | None, found: Found, *, recursive: bool = False,
-               null: bool = False, is_own_sidecar=lambda path: False) -> Iterator[str]:
-    """Every input file once, in the order found. A named path that does not exist is a usage
-    error (exit 2) raised when it is reached; paths from stdin are taken as given (a stale one
-    becomes an error record)."""
+               null: bool = False, is_own_sidecar=lambda path: False) -> Iterator[str | _Idle]:
+    """Every input file once, in the order found (and IDLE while stdin is quiet). A named path
+    that does not exist is a usage error (exit 2) before anything is yielded; paths from stdin are
+    taken as given (a stale one becomes an error record)."""
     if args.count("-") > 1:
         raise FuyuError("'-' given more than once", "read stdin once: pass - a single time")
     for arg in args:
@@ -128,7 +159,7 @@ def iter_files(args: list[str], stdin: BinaryIO | None, found: Found, *, recursi
 
     for arg in args:
         if arg == "-":
-            yield from filter(once, read_paths(stdin, null))
+            yield from (p for p in read_paths(stdin, null) if p is IDLE or once(p))
         elif is_uri(arg):
             if once(arg):
                 yield arg

@@ -246,14 +246,20 @@ class PartWriter:
 _PARQUET_INT = ("page", "pages", "width", "height", "prompt_tokens", "new_tokens")
 
 
+def record_schema():
+    """Records as Arrow columns (parquet parts, FuyuPredictor's output): FIELDS in order."""
+    import pyarrow as pa
+
+    types = {k: pa.int32() for k in _PARQUET_INT}
+    types.update(seconds=pa.float64(), boxes=pa.list_(pa.list_(pa.int32())))
+    return pa.schema([(k, types.get(k, pa.string())) for k in FIELDS])
+
+
 def _write_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {k: pa.int32() for k in _PARQUET_INT}
-    types.update(seconds=pa.float64(), boxes=pa.list_(pa.list_(pa.int32())))
-    schema = pa.schema([(k, types.get(k, pa.string())) for k in FIELDS])
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=record_schema())
     pq.write_table(table, str(path))
 
 
@@ -328,29 +334,32 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record=None) -> None:
     if not files:
         ui.note("no images found")
         return
-    ckpt = find_checkpoint(opts.model.path, download=opts.model.download)
+    ckpt = find_checkpoint(opts.model.path, download=opts.model.download, ui=ui)
     folder = Folder(out.output_dir)
     claim(folder, fingerprint(asks, opts, ckpt, files), out.overwrite)
     parts = plan_parts(files, out.shard_size)
     if opts.cluster.address is not None:
         from fuyu import cluster
 
+        if on_record is not None:  # bbox --draw writes next to this process, not on the workers
+            raise FuyuError("--draw draws on this machine, --ray runs on the cluster", "drop one of them")
         return cluster.run_parts(asks, opts, folder, parts, ckpt, ui)
     todo, before = pending(folder, len(parts), out.shard, out.overwrite)
     label = asks[0].task
     if not todo:
         ui.note(f"{label}: nothing to do, {before} parts already done in {folder}")
         return
-    start = time.perf_counter()
-    with ui.status("loading the model…"):
-        from dataclasses import replace
+    from dataclasses import replace
 
-        runner = load_runner(replace(opts.model, path=str(ckpt)), opts.gen.max_new_tokens, source_options(opts))
-    load_s = time.perf_counter() - start
+    from fuyu.pipeline import image_warnings
+
+    runner = load_runner(replace(opts.model, path=str(ckpt)), opts.gen.max_new_tokens, source_options(opts), ui)
+    load_s = getattr(runner, "load_seconds", None) or 0.0
     results = []
     started = time.perf_counter()
     for k in todo:
-        res = process_part(k, parts[k], asks, runner, folder, opts, on_record)
+        with image_warnings():
+            res = process_part(k, parts[k], asks, runner, folder, opts, on_record)
         results.append(res)
         if not res.skipped:
             ui.note(f"{label}: part {k} done, {res.records} records"

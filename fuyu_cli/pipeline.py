@@ -23,8 +23,14 @@ from fuyu.runner import Runner
 
 
 def load_runner(spec: ModelSpec, max_new_tokens: int | None = None,
-                sources_options: sources.Options | None = None) -> Runner:
-    return Runner.load(spec, max_new_tokens=max_new_tokens, sources_options=sources_options)
+                sources_options: sources.Options | None = None, ui: Reporter | None = None) -> Runner:
+    """Find the checkpoint (asking to download it, with its own progress bar), then load it
+    under a spinner."""
+    from fuyu.locate import find_checkpoint
+
+    ckpt = find_checkpoint(spec.path, download=spec.download, ui=ui)
+    with ui.status("loading the model…") if ui is not None else contextlib.nullcontext():
+        return Runner.load(spec, ckpt, max_new_tokens, sources_options)
 
 
 @dataclass
@@ -52,13 +58,16 @@ def source_options(opts: RunOptions) -> sources.Options:
     return sources.Options(opts.inputs.pages, opts.inputs.dpi, opts.inputs.all_frames)
 
 
-def plan(files: Iterable[str], asks: list[Ask], src: sources.Options, tally: Tally,
+def plan(files: Iterable, asks: list[Ask], src: sources.Options, tally: Tally,
          done: Callable[[Item, Ask], bool] = lambda item, ask: False,
-         conflict: Callable[[Item], str | None] = lambda item: None) -> Iterator[Unit | Record]:
+         conflict: Callable[[Item], str | None] = lambda item: None) -> Iterator:
     """Units still to do, in input order: each file expanded into its items (pages), each item
     with the asks not done yet; files that cannot be expanded (a broken PDF, a FIFO) and items
-    whose output would clobber a user's file become error records."""
+    whose output would clobber a user's file become error records. inputs.IDLE passes through."""
     for path in files:
+        if path is inputs.IDLE:
+            yield path
+            continue
         try:
             items = sources.expand(path, src)
         except Exception as exc:
@@ -107,6 +116,7 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
     tally = Tally()
     sidecars = Sidecars()  # also tells fuyu's own sidecars apart from inputs when listing folders
     with contextlib.ExitStack() as stack:
+        stack.enter_context(image_warnings())
         outfile = None
         if out.output is not None:  # locked before anything is read from it
             outfile = OutputFile(out.output)
@@ -129,10 +139,8 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
             ui.note(", ".join(["nothing to do" if tally.already or found.own_sidecars or tally.total
                                else "no images found", *_already(tally), *found.summary()]))
             return
-        start = time.perf_counter()
-        with ui.status("loading the model…"):
-            runner = load_runner(opts.model, opts.gen.max_new_tokens, src)
-        tally.load_seconds = time.perf_counter() - start
+        runner = load_runner(opts.model, opts.gen.max_new_tokens, src, ui)
+        tally.load_seconds = getattr(runner, "load_seconds", None)
         tally.started = time.perf_counter()
         sinks = [outfile] if outfile is not None else [STDOUT_SINKS[out.format]()]
         batch = opts.model.batch_size or runner.default_batch_size()
@@ -163,6 +171,14 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
     ui.summary(asks[0].task, tally, found.summary())
     if tally.failed:
         raise typer.Exit(ITEMS_FAILED)
+
+
+def image_warnings():
+    """A large image is one `warning:` line naming it (Pillow's own two lines are dropped)."""
+    from fuyu.preprocess.image import image_warnings_to
+    from fuyu.render import warning_line
+
+    return image_warnings_to(warning_line)
 
 
 def _already(tally: Tally) -> list[str]:

@@ -143,9 +143,10 @@ class Record:
         return replace(self, path=path)
 
     def to_dict(self) -> dict:
-        """JSON-ready: None fields left out, the path made printable (path_bytes when needed)."""
-        d = {k: v for k, v in asdict(self).items() if v is not None}
-        d["path"], raw = printable(self.path)
+        """JSON-ready: None fields left out, every string valid UTF-8 (bytes of a file name that
+        are not show as \\xNN; the exact name goes to path_bytes)."""
+        d = {k: printable(v)[0] if isinstance(v, str) else v for k, v in asdict(self).items() if v is not None}
+        raw = printable(self.path)[1]
         if raw is not None:
             d["path_bytes"] = raw
         d["id"] = page_id(d["path"], self.page)

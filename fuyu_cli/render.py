@@ -36,7 +36,7 @@ class Reporter:
     def error(self, path: str, message: str) -> None:
         from fuyu.records import printable
 
-        path = printable(path)[0]
+        path, message = printable(path)[0], printable(message)[0]
         error_line(self.console, message if message.startswith(path) else f"{path}: {message}")
 
     def note(self, message: str) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from fuyu import sources
+from fuyu.inputs import IDLE
 from fuyu.errors import FuyuError
 from fuyu.options import GenOptions, ModelSpec
 from fuyu.records import Ask, Item, Record, Unit
@@ -47,17 +48,19 @@ class Runner:
     def __init__(self, model, processor, device: str, sources_options: sources.Options | None = None):
         self.model, self.processor, self.device = model, processor, device
         self.sources = sources_options or sources.Options()
+        self.load_seconds: float | None = None
 
     @classmethod
     def load(cls, spec: ModelSpec, ckpt=None, max_new_tokens: int | None = None,
              sources_options: sources.Options | None = None) -> Runner:
-        """Load the checkpoint `ckpt` (default: resolved from spec). max_new_tokens past the
-        model's positions is a usage error before any weight is read."""
+        """Load the checkpoint `ckpt` (default: resolved from spec, without downloading). A
+        max_new_tokens past the model's positions is a usage error before any weight is read."""
         from fuyu import threads
         from fuyu.locate import find_checkpoint
 
+        start = time.perf_counter()
         if ckpt is None:
-            ckpt = find_checkpoint(spec.path, download=spec.download)  # before the heavy imports
+            ckpt = find_checkpoint(spec.path)  # before the heavy imports: "no weights" is instant
         threads.configure(spec.threads)
         import torch
 
@@ -93,7 +96,9 @@ class Runner:
             raise FuyuError(message, hint) from None
         if spec.device_map is not None:  # the map decides: run where the embeddings live
             device = str(model.embed_tokens.weight.device)
-        return cls(model, processor, device, sources_options)
+        runner = cls(model, processor, device, sources_options)
+        runner.load_seconds = time.perf_counter() - start
+        return runner
 
     def default_batch_size(self) -> int:
         return DEFAULT_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -104,7 +109,8 @@ class Runner:
             window: int = WINDOW) -> Iterator[Record]:
         """Records as they finish. `work` may mix units with ready records (failures found while
         listing the input), which pass straight through. Units are grouped by image size and
-        number of prompts inside each window of `window` units, in input order otherwise."""
+        number of prompts inside each window of `window` units (cut short at inputs.IDLE, when
+        stdin is quiet), in input order otherwise."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyu-preprocess")
         try:
             pending = None  # the next chunk, being prepared while the model runs this one
@@ -129,6 +135,10 @@ class Runner:
             for w in it:
                 if isinstance(w, Record):
                     yield w
+                    continue
+                if w is IDLE:  # the input is quiet for now: run what there is
+                    if units:
+                        break
                     continue
                 units.append(w)
                 if len(units) == window:

@@ -58,11 +58,14 @@ class FakeRunner:
         return 3
 
     def run(self, work, batch_size, gen, window=256):
-        from fuyu.records import Record
+        from fuyu.records import Record, Unit
 
-        work = list(work)
-        self.calls.append((work, batch_size, gen))
-        for unit in work:
+        seen: list = []
+        self.calls.append((seen, batch_size, gen))
+        for unit in work:  # lazily, as the real runner reads its input
+            if not isinstance(unit, (Record, Unit)):  # inputs.IDLE
+                continue
+            seen.append(unit)
             if isinstance(unit, Record):
                 yield unit
                 continue

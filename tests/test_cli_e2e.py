@@ -147,38 +147,46 @@ def runner(tiny_model):
     return Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
 
 
+def units(paths, *asks):
+    from fuyu.records import Ask, Item, Unit
+
+    return [Unit(Item(str(p)), tuple(asks or (Ask("caption"),))) for p in paths]
+
+
 def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
+    import fuyu.model
     from fuyu.options import GenOptions
-    from fuyu.runner import Job
 
-    paths = [str(png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)))
-             for i, name in enumerate(["good1", "bad", "good2"])]
-    real = runner.model.generate
+    paths = [png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)) for i, name in enumerate(["good1", "bad", "good2"])]
+    real = fuyu.model.generate
 
-    def generate(batch, **kw):
+    def generate(model, batch, **kw):
         if any(name.endswith("bad.png") for name in batch.names):
             raise RuntimeError("boom\nsecond line")
-        return real(batch, **kw)
+        return real(model, batch, **kw)
 
-    monkeypatch.setattr(runner.model, "generate", generate)
-    recs = list(runner.run([Job(p, "caption") for p in paths], 3, GenOptions(max_new_tokens=3)))
-    by_name = {Path(r["path"]).stem: r for r in recs}
-    assert by_name["bad"]["error"] == "RuntimeError: boom second line"
-    assert by_name["good1"]["new_tokens"] == 3 and by_name["good2"]["new_tokens"] == 3
+    monkeypatch.setattr(fuyu.model, "generate", generate)
+    recs = list(runner.run(units(paths), 3, GenOptions(max_new_tokens=3)))
+    by_name = {Path(r.path).stem: r for r in recs}
+    assert by_name["bad"].error == "RuntimeError: boom second line"
+    assert by_name["good1"].new_tokens == 3 and by_name["good2"].new_tokens == 3
 
 
 def test_a_prompt_too_long_for_the_model_is_an_error_record(runner, tmp_path, monkeypatch):
     from dataclasses import replace
 
     from fuyu.options import GenOptions
-    from fuyu.runner import Job
 
     small, big = png(tmp_path / "small.png", (30, 30)), png(tmp_path / "big.png", (300, 300))
     monkeypatch.setattr(runner.model, "config", replace(runner.model.config, max_position_embeddings=40))
-    recs = {Path(r["path"]).stem: r for r in runner.run(
-        [Job(str(small), "caption"), Job(str(big), "caption")], 2, GenOptions(max_new_tokens=4))}
-    assert "error" not in recs["small"]
-    assert "exceeds the model's 40 positions" in recs["big"]["error"]
+    recs = {Path(r.path).stem: r for r in runner.run(units([small, big]), 2, GenOptions(max_new_tokens=4))}
+    assert recs["small"].ok
+    assert "exceeds the model's 40 positions" in recs["big"].error
+
+
+def test_max_new_tokens_past_the_models_positions_is_a_usage_error_before_loading(tiny_model, shots):
+    r = fuyu("caption", shots / "wide.png", "-m", tiny_model, "--max-new-tokens", "100000")
+    assert r.code == 2 and len(r.err.splitlines()) == 1 and "leaves no room for a prompt" in r.err
 
 
 def test_an_unusable_checkpoint_is_one_line_and_exit_2(tmp_path, shots):
@@ -259,7 +267,7 @@ def test_progress_shows_on_a_terminal_while_stdout_stays_json(tiny_model, shots)
         err += chunk
     os.close(primary)
     assert proc.returncode == 0
-    assert b"img/s" in err and b"2/2" in err
+    assert b"rec/s" in err and b"2/2" in err
     assert sorted(json.loads(line)["path"] for line in out.decode().splitlines()) == [
         str(shots / "tall.jpg"), str(shots / "wide.png")]
 
