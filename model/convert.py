@@ -227,6 +227,7 @@ def save_pretrained(source: torch.nn.Module | Mapping | Iterable, out_dir: str |
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the folder gets what mkdir would give
     try:
         _write_shards(pairs, tmp, expected, modules, scheme, dtype, parse_size(shard_size), progress,
                       on_bytes)
@@ -244,6 +245,12 @@ def save_pretrained(source: torch.nn.Module | Mapping | Iterable, out_dir: str |
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_shards(pairs, tmp: Path, expected, modules, scheme, dtype, limit: int,
                   progress: Progress | None, on_bytes: BytesProgress | None = None) -> None:
     shard: dict[str, torch.Tensor] = {}
@@ -257,6 +264,7 @@ def _write_shards(pairs, tmp: Path, expected, modules, scheme, dtype, limit: int
     def flush():
         path = tmp / f"part-{len(files) + 1}.safetensors"
         save_file(shard, str(path), metadata={"format": "pt"})
+        path.chmod(0o666 & ~_umask())  # safetensors creates its files 0600; follow the umask
         files.append((path, list(shard)))
         if progress:
             progress(f"wrote shard {len(files)}: {len(shard)} tensors, {shard_bytes / 1e9:.2f} GB")

@@ -17,6 +17,7 @@ from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
+from fuyu.model import tuning
 from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -53,9 +54,18 @@ def read_config(ckpt: Path) -> FuyuConfig:
         raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json "
                               "next to its *.safetensors files")
     try:
-        return FuyuConfig.from_hf_json(json.loads(path.read_text()), source=str(path))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not the object of a "
+                              "model configuration; re-download or re-convert the checkpoint")
+    try:
+        return FuyuConfig.from_hf_json(data, source=str(path))
+    except (TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a Fuyu configuration ({' '.join(str(e).split())})") from None
 
 
 def shard_files(ckpt: Path) -> list[Path]:
@@ -174,10 +184,15 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{ckpt}: tensor {missing[0]!r}{more} missing from the checkpoint; "
                               "a shard is incomplete or the checkpoint does not match config.json")
     dispatch(model, placement, offload_folder, offload_index)
-    model = model.eval().requires_grad_(False)
-    if device_map is None and placement.main.type == "cpu":
-        from fuyu.model import tuning
+    return for_inference(model, kernels, kernel_step=device_map is None)
 
+
+def for_inference(model: Fuyu, kernels: str | None = None, kernel_step: bool = True) -> Fuyu:
+    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py):
+    what every loaded model goes through, random benchmark models included."""
+    model = model.eval().requires_grad_(False)
+    tuning.mode(kernels)  # a bad name fails on any device
+    if kernel_step and model.embed_tokens.weight.device.type == "cpu":
         tuning.choose(model, kernels)
     return model
 

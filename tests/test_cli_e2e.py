@@ -154,18 +154,18 @@ def units(paths, *asks):
 
 
 def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
-    import fuyu.model
+    from fuyu import model as engine
     from fuyu.options import GenOptions
 
     paths = [png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)) for i, name in enumerate(["good1", "bad", "good2"])]
-    real = fuyu.model.generate
+    real = engine.generate
 
     def generate(model, batch, **kw):
         if any(name.endswith("bad.png") for name in batch.names):
             raise RuntimeError("boom\nsecond line")
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(fuyu.model, "generate", generate)
+    monkeypatch.setattr(engine, "generate", generate)
     recs = list(runner.run(units(paths), 3, GenOptions(max_new_tokens=3)))
     by_name = {Path(r.path).stem: r for r in recs}
     assert by_name["bad"].error == "RuntimeError: boom second line"

@@ -3,8 +3,8 @@
 A bad item (unreadable image, over-long prompt, box outside the image) is one error record and
 one `error:` line on stderr, the other items still run, and the exit code is 1. A broken
 checkpoint is exit 2 and one `error:` line naming the problem and the file, with no traceback
-or warning unless --debug. Checkpoint errors run in a real subprocess, so what Python itself
-would print (tracebacks, warnings) reaches the stderr checked here.
+or warning unless --debug (in-process through main(), the error boundary; one subprocess run
+checks what Python itself prints).
 """
 
 from __future__ import annotations
@@ -97,22 +97,25 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
     ("extra tensor", "unexpected tensor 'extra.weight'"),
     ("wrong shape", "tensor 'vision_embed_tokens.bias' has shape (3,), config.json implies (64,)"),
     ("no config.json", "not found"),
+    ("config.json not JSON", "not valid JSON"),
+    ("config.json a list", "holds a JSON list, not the object of a model configuration"),
 ])
 def test_a_broken_checkpoint_is_exit_2_and_one_line_naming_the_problem_and_file(
         tmp_path, tiny, tiny_sharded, how, problem):
     source = tiny_sharded if how == "truncated shard" else tiny
     broken = break_checkpoint(source, tmp_path / "broken", how)
     spoiled = broken / BREAKAGES[how][1]  # the directory itself when no one file is at fault
-    r = _run_cli("caption", png(tmp_path / "a.png"), "--model", broken)
-    assert r.returncode == 2, r.stderr
-    assert r.stdout == ""
-    assert len(r.stderr.splitlines()) == 1, r.stderr  # no traceback, no warning, no summary
-    (line,) = r.stderr.splitlines()
+    r = fuyu("caption", png(tmp_path / "a.png"), "--model", broken)  # in-process: the error boundary is main()
+    assert r.code == 2, r.err
+    assert r.out == ""
+    assert len(r.err.splitlines()) == 1, r.err  # no traceback, no warning, no summary
+    (line,) = r.err.splitlines()
     assert line.startswith(f"error: {spoiled}: ") and problem in line, line
-    assert "Traceback" not in r.stderr and "warning" not in r.stderr.lower()
+    assert "Traceback" not in r.err and "warning" not in r.err.lower()
 
 
 def test_debug_adds_the_traceback_to_a_broken_checkpoint_error(tmp_path, tiny):
+    """The one subprocess smoke test: what Python itself prints reaches the real stderr."""
     broken = break_checkpoint(tiny, tmp_path / "broken", "wrong shape")
     r = _run_cli("--debug", "caption", png(tmp_path / "a.png"), "--model", broken)
     assert r.returncode == 2 and r.stdout == ""

@@ -43,3 +43,18 @@ def test_refused_pickle_is_one_error_line(tmp_path):
     assert run.code == 2
     errors = [line for line in run.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "refusing to unpickle tests.test_convert_cli.Payload" in errors[0]
+
+
+def test_convert_output_permissions_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    src = make_checkpoint(tmp_path / "src", vocab_size=300, tokenizer=False)
+    old = os.umask(0o027)
+    try:
+        assert fuyu("convert", src, tmp_path / "out").code == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "out") == 0o750
+    assert {mode(p) for p in (tmp_path / "out").iterdir()} == {0o640}

@@ -141,6 +141,7 @@ def truncate(path: Path, keep: int = 5000) -> None:
 BREAKAGES = {
     "no config.json": (lambda d: (d / "config.json").unlink(), "config.json"),
     "config.json not JSON": (lambda d: (d / "config.json").write_text("{"), "config.json"),
+    "config.json a list": (lambda d: (d / "config.json").write_text("[]"), "config.json"),
     "truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
     "truncated shard": (lambda d: truncate(d / "model-00002-of-00003.safetensors"),
                         "model-00002-of-00003.safetensors"),
