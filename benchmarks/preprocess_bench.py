@@ -1,6 +1,6 @@
 """Preprocessing time, ours vs the reference (transformers 4.57.6 FuyuProcessor), same inputs, one run.
 
-    .venv/bin/python benchmarks/preprocess_bench.py [--checkpoint DIR] [--repeats 7]
+    python -m fuyu.benchmarks.preprocess_bench [--checkpoint DIR] [--repeats 7]
 
 Images are synthetic and in memory (decoding a file costs the same on both sides): a 1920×1080
 screenshot, a 4000×3000 photo and a 640×480 image. Prints median milliseconds over the repeats
@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# (fuyu is installed: pip install -e .)
-
-from fuyu.preprocess import FuyuProcessor  # noqa: E402
+from fuyu.preprocess import FuyuProcessor
 
 PROMPT = "Generate a coco-style caption.\n"
 

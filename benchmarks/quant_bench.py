@@ -1,6 +1,6 @@
 """Quantization schemes on a mid-size random Fuyu (hidden 1024, 8 layers, 16 heads, vocab 262144).
 
-    .venv/bin/python benchmarks/quant_bench.py [--dir /tmp/quant_bench] [--steps 32] [--repeats 3]
+    python -m fuyu.benchmarks.quant_bench [--dir /tmp/quant_bench] [--steps 32] [--repeats 3]
 
 Builds a bf16 checkpoint (sharded by `fuyu convert`) and pre-quantized int8 / nf4 copies, then
 loads each scheme in a fresh subprocess and reports: checkpoint size on disk, load time, peak RSS
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere in the checkout
 
 MID = dict(hidden=1024, heads=16, layers=8, intermediate=4096, vocab_size=262144)
 # (row name, checkpoint, quantization passed to load_pretrained)
@@ -45,7 +42,7 @@ def worker(args) -> None:
     import torch
 
     from fuyu.model import generate, load_pretrained, logits
-    from tests.model_batches import make_batch
+    from fuyu.testing.batches import make_batch
 
     torch.manual_seed(0)
     batch = make_batch([(4, 6, 20)], MID["vocab_size"], seed=0)
@@ -58,18 +55,17 @@ def worker(args) -> None:
     res = {"load_s": load_s, "rss_base_mb": base / 1024, "rss_peak_mb": peak / 1024,
            "rss_load_mb": (peak - base) / 1024}
     with torch.no_grad():
-        logits = logits(model, batch)[0].float()  # (T, V)
+        out = logits(model, batch)[0].float()  # (T, V)
     # mmap-backed weights become resident when first used: the working set after one forward
     res["rss_used_mb"] = (status_kib("VmRSS") - base) / 1024
-    torch.save(logits, args.out + ".logits.pt")
+    torch.save(out, args.out + ".logits.pt")
     greedy = generate(model, batch, args.steps, eos_id=-1)[0]
     res["greedy"] = greedy.tolist()
     ref_ids = Path(args.ref_ids)
     if ref_ids.is_file():  # teacher forcing on the bf16 continuation: per-step argmax agreement
         ref = torch.tensor(json.loads(ref_ids.read_text()))
         ids = torch.cat([batch.input_ids, ref[None, :-1]], 1)
-        forced = type(batch)(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             image_patches=batch.image_patches)
+        forced = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_patches=batch.image_patches)
         with torch.no_grad():
             pred = logits(model, forced)[0, batch.input_ids.shape[1] - 1:].argmax(-1)
         res["forced_agree"] = int((pred == ref).sum())
@@ -132,11 +128,11 @@ def main() -> None:
     results, ref_logits = {}, None
     for name, ckpt, quant in [r for r in ROWS if r[0] in wanted or r[0] == "bf16"]:
         out = d / f"result-{name.split()[0]}-{ckpt}.json"
-        cmd = [sys.executable, __file__, "--worker", "--ckpt", str(paths[ckpt]), "--out", str(out),
+        cmd = [sys.executable, "-m", "fuyu.benchmarks.quant_bench", "--worker", "--ckpt", str(paths[ckpt]), "--out", str(out),
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--ref-ids", str(ref_ids)]
         if quant:
             cmd += ["--quantization", quant]
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run(cmd, check=True)
         res = json.loads(out.read_text())
         logits = torch.load(str(out) + ".logits.pt")
         if ref_logits is None:

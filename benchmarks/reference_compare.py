@@ -1,14 +1,13 @@
 """`fuyu benchmark --compare reference`: the same inputs through transformers 4.57.6, alternating.
 
-The reference is the test oracle (`pip install -e .[test]`); it lives outside the packages so that
-the fuyu package never imports transformers. Loaded by path from fuyu_cli/commands/benchmark.py.
+The reference is the test oracle (`pip install -e .[test]`), imported only when this runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fuyu import bench
+from fuyu.benchmarks import workloads
 from fuyu.errors import FuyuError
 
 
@@ -31,10 +30,10 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
     mixed = [Image.open(f).convert("RGB") for f in files]
     out = {"version": transformers.__version__}
     for name, images, n_new in (("batch1_32tok", [photo], 32), ("batch8_mixed_20tok", mixed, 20)):
-        groups = bench.group_by_size(images)  # how we batch: one batch per image size, no padding
+        groups = workloads.group_by_size(images)  # how we batch: one batch per image size, no padding
 
         def ours():
-            return [bench.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in groups]
+            return [workloads.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in groups]
 
         def theirs(batch=images):  # how a user of the reference batches: all at once, left-padded
             inputs = ref_proc(text=[prompt] * len(batch), images=batch, return_tensors="pt").to(device)
@@ -55,7 +54,7 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
         for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
             a.append(_once(ours, device))
             b.append(_once(theirs, device))
-        sa, sb = bench.Stat.of(a), bench.Stat.of(b)
+        sa, sb = workloads.Stat.of(a), workloads.Stat.of(b)
         out[name] = {"ours_s": round(sa.median, 3), "reference_s": round(sb.median, 3),
                      "speedup": round(sb.median / sa.median, 2), "same_tokens": same,
                      "same_tokens_one_batch": same_one_batch, "same_tokens_eager": same_eager,
@@ -73,8 +72,8 @@ def _same_tokens(ours: list, theirs: list) -> str:
 
 
 def _once(fn, device) -> float:
-    bench._sync(device)
-    start = bench.time.perf_counter()
+    workloads._sync(device)
+    start = workloads.time.perf_counter()
     fn()
-    bench._sync(device)
-    return bench.time.perf_counter() - start
+    workloads._sync(device)
+    return workloads.time.perf_counter() - start

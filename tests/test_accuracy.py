@@ -8,7 +8,7 @@ import torch
 
 from fuyu.testing.accuracy import compare
 from fuyu.testing.checkpoint import make_checkpoint
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.parity

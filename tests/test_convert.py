@@ -13,7 +13,7 @@ from fuyu.model import CheckpointError, FuyuConfig, generate, load_pretrained, l
 from fuyu.model.convert import convert, load_megatron, parse_size
 from fuyu.model.fuyu import Fuyu
 from fuyu.model.quantize import Int8
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import make_checkpoint, random_state_dict
 from fuyu.testing.tokenizer import special_ids, vocab_size, write_tokenizer
 

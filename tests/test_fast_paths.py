@@ -9,7 +9,7 @@ import torch
 from fuyu.model import generate, kernels, load_pretrained, logits, tuning
 from fuyu.model.kernels import GemvLinear, PackedLinear, restore_plain
 from fuyu.testing.checkpoint import make_checkpoint
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 
 VOCAB = 320
 

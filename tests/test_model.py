@@ -12,7 +12,7 @@ from fuyu.model import (CheckpointError, FuyuConfig, KVCache, generate, load_pre
                         sample)
 from fuyu.model.kernels import restore_plain
 from fuyu.testing.checkpoint import PLAIN_IDS, break_checkpoint, make_checkpoint
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 
 VOCAB = 300
 # The module, not the `model.generate` function that model/__init__ re-exports under that name.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fuyu.model import generate, load_pretrained, logits, loss, position_ids
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import make_checkpoint
 
 transformers = pytest.importorskip("transformers")

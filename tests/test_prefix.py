@@ -5,7 +5,7 @@ import torch
 
 from fuyu.model import encode_prefix, generate, load_pretrained, prefill
 from fuyu.testing.checkpoint import PLAIN_IDS, make_checkpoint
-from tests.model_batches import sample_ids
+from fuyu.testing.batches import sample_ids
 
 VOCAB = 300
 

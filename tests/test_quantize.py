@@ -7,7 +7,7 @@ from torch import nn
 from fuyu.model import CheckpointError, generate, load_pretrained, logits
 from fuyu.model.quantize import (Int4, Int8, Int8Linear, dequantize_int4, quantize_int4,
                             quantize_int8, resolve_scheme, scheme_config)
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import make_checkpoint
 
 VOCAB = 320  # multiple of 32: bitsandbytes could pack lm_head, so keeping it 16-bit is a choice

@@ -6,7 +6,7 @@ import torch
 from fuyu.model import generate, load_pretrained, logits
 from fuyu.model.convert import convert
 from fuyu.model.devices import PINNED, parse_device_map, parse_max_memory
-from tests.model_batches import make_batch
+from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import make_checkpoint
 
 VOCAB = 320

@@ -1,10 +1,6 @@
-"""The fixed workload behind `fuyu benchmark`: load, preprocess, prefill, decode, a caption run.
+"""Workloads: random models of named sizes, test images, timing helpers, our generate end to end.
 
 Times are wall-clock medians (with min/max) over repeats after one warm-up, synchronised on GPU.
-Decode bandwidth is the weight bytes one step reads (everything but the input embedding and the
-patch projection) divided by the step time, compared with a streaming read of as many bytes;
-prefill is compared with plain F.linear doing the same GEMMs. Each pair is timed in alternating
-rounds and compared round by round, since a shared machine's speed drifts by ±10% over minutes.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fuyu.model import Fuyu, FuyuConfig, generate, load_pretrained
-from fuyu.model import tuning
+from fuyu.model.weights import for_inference
 from fuyu.preprocess import FuyuProcessor
 from fuyu.preprocess.tokenizer import Tokenizer
 
@@ -82,13 +78,12 @@ def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    model = model.eval().requires_grad_(False)
-    if device.type == "cpu":
-        tuning.choose(model)  # as load_pretrained does
-    return model
+    return for_inference(model)  # what load_pretrained ends with: the kernel step on CPU
 
 
 def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype):
+    """(model, processor): a checkpoint through load_pretrained, as the caption command loads it,
+    or random weights of a named size."""
     if model_dir is not None:
         return load_pretrained(model_dir, device, dtype), FuyuProcessor.from_pretrained(model_dir)
     tok = synthetic_tokenizer()
@@ -124,45 +119,6 @@ def rounds(fns: dict, repeats: int, device: torch.device) -> dict[str, list[floa
     return out
 
 
-def stream_read(device: torch.device, nbytes: float):
-    """(fn, bytes): fn sums a 1 GiB buffer as many times as it takes to read about `nbytes`, the
-    machine's streaming read rate over as much data as the measurement it is compared with."""
-    x = torch.ones(256 * 1024 * 1024, device=device)
-    n = max(1, round(nbytes / (x.numel() * 4)))
-
-    def read():
-        for _ in range(n):
-            x.sum()
-    return read, n * x.numel() * 4
-
-
-def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of one decoder layer's four Linear GEMMs over `tokens` rows."""
-    D, I = cfg.hidden_size, cfg.intermediate_size
-    return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
-
-
-def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype):
-    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs, the
-    matrix-multiply rate a prefill of this shape could reach."""
-    ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
-           for m, k, n in layer_gemms(cfg, tokens)]
-
-    def gemms():
-        for _ in range(cfg.num_hidden_layers):
-            for a, b in ops:
-                torch.nn.functional.linear(a, b)
-    return gemms, cfg.num_hidden_layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
-
-
-def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
-    """Matmul FLOPs of a prefill: layer GEMMs, causal attention (QKᵀ and PV over the lower
-    triangle, 2·T²·D a layer) and the patch projection. The LM head is not part of it."""
-    gemms = sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
-    attention = 2 * tokens * tokens * cfg.hidden_size
-    return cfg.num_hidden_layers * (gemms + attention) + 2 * patches * cfg.patch_dim * cfg.hidden_size
-
-
 @torch.inference_mode()
 def prefill(model: Fuyu, batch) -> torch.Tensor:
     """Hidden states of a prompt written into a fresh KV cache: generate's first step without the
@@ -173,17 +129,6 @@ def prefill(model: Fuyu, batch) -> torch.Tensor:
     ids, mask, patches = batch_tensors(batch, model.embed_tokens.weight.device)
     cache = KVCache.for_model(model, *ids.shape)
     return model(ids, cache.append(mask), cache, patches)
-
-
-def decode_bytes(model: Fuyu) -> int:
-    """Bytes of weights one decode step reads: all but the input embedding and patch projection
-    (packed CPU Linear weights included: they are not parameters)."""
-    from fuyu.model.kernels import PackedLinear
-
-    skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
-    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
-    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
-    return params + packed
 
 
 def peak_memory(device: torch.device) -> dict:

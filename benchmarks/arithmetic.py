@@ -1,0 +1,62 @@
+"""FLOP and byte arithmetic, and the machine's own rates to compare with: streaming read, GEMM.
+
+Decode bandwidth is the weight bytes one step reads (everything but the input embedding and the
+patch projection) divided by the step time, compared with a streaming read of as many bytes;
+prefill is compared with plain F.linear doing the same GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fuyu.model import Fuyu, FuyuConfig
+
+
+def stream_read(device: torch.device, nbytes: float):
+    """(fn, bytes): fn sums a 1 GiB buffer as many times as it takes to read about `nbytes`, the
+    machine's streaming read rate over as much data as the measurement it is compared with."""
+    x = torch.ones(256 * 1024 * 1024, device=device)
+    n = max(1, round(nbytes / (x.numel() * 4)))
+
+    def read():
+        for _ in range(n):
+            x.sum()
+    return read, n * x.numel() * 4
+
+
+def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of one decoder layer's four Linear GEMMs over `tokens` rows."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
+
+
+def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype):
+    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs, the
+    matrix-multiply rate a prefill of this shape could reach."""
+    ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
+           for m, k, n in layer_gemms(cfg, tokens)]
+
+    def gemms():
+        for _ in range(cfg.num_hidden_layers):
+            for a, b in ops:
+                torch.nn.functional.linear(a, b)
+    return gemms, cfg.num_hidden_layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+
+
+def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
+    """Matmul FLOPs of a prefill: layer GEMMs, causal attention (QKᵀ and PV over the lower
+    triangle, 2·T²·D a layer) and the patch projection. The LM head is not part of it."""
+    gemms = sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    attention = 2 * tokens * tokens * cfg.hidden_size
+    return cfg.num_hidden_layers * (gemms + attention) + 2 * patches * cfg.patch_dim * cfg.hidden_size
+
+
+def decode_bytes(model: Fuyu) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding and patch projection
+    (packed CPU Linear weights included: they are not parameters)."""
+    from fuyu.model.kernels import PackedLinear
+
+    skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
+    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
+    return params + packed

@@ -1,0 +1,85 @@
+"""What `fuyu benchmark` measures: preprocessing, prefill against F.linear, decode against the
+memory's read rate, a caption run, and optionally the reference on the same inputs.
+
+Decode: a step's time is (N + 1 tokens) − (1 token) on the same batch, round by round, each round
+also reading as many bytes as its N steps read, for the bandwidth to compare with. Prefill: the
+forward over the prompt against plain F.linear doing its GEMMs, in alternating rounds.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+
+import torch
+
+from fuyu.benchmarks import arithmetic, workloads
+
+CAPTION = "Generate a coco-style caption.\n"
+
+
+def run(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repeats: int,
+        compile: bool = False) -> dict:
+    res: dict = {}
+    photo, shot = workloads.test_image(640, 480), workloads.test_image(1920, 1080, seed=1)
+    for name, img in (("1920x1080", shot), ("640x480", photo)):
+        t = workloads.timed(lambda: proc.prepare_one(img, CAPTION), repeats, device)
+        res[f"preprocess_ms_{name}"] = round(t.median * 1e3, 2)
+
+    one = proc(images=[photo], prompts=[CAPTION])
+    T = one.input_ids.shape[1]
+    kw = dict(eos_id=-1, compile=compile)
+    dtype = net.embed_tokens.weight.dtype
+    gemms, gemm_flops = arithmetic.gemm_work(net.config, T, device, dtype)
+    t = workloads.rounds({"gemm": gemms, "prefill": lambda: workloads.prefill(net, one)}, repeats, device)
+    flops = arithmetic.prefill_flops(net.config, T, one.image_patches.shape[0])
+    matmul = [gemm_flops / s / 1e12 for s in t["gemm"]]
+    achieved = [flops / s / 1e12 for s in t["prefill"]]
+    prefill = workloads.Stat.of(t["prefill"])
+    res["matmul_tflops"] = round(median(matmul), 3)
+    res["prefill"] = dict(tokens=T, ms=ms(prefill), tokens_per_s=round(T / prefill.median),
+                          tflops=round(median(achieved), 3),
+                          fraction_of_matmul=round(median(a / m for a, m in zip(achieved, matmul)), 3))
+    # Time to first token: preprocessing, prefill, LM head on the last position and sampling.
+    first = workloads.timed(lambda: workloads.run_ours(net, proc, [photo], CAPTION, 1, **kw), repeats, device)
+    res["first_token_ms"] = ms(first)
+
+    res["decode"], read_rates = {}, []
+    weight_bytes = arithmetic.decode_bytes(net)
+    read, read_bytes = arithmetic.stream_read(device, new_tokens * weight_bytes)
+    for B in sizes:
+        batch = proc(images=[photo] * B, prompts=[CAPTION] * B)
+        t = workloads.rounds({"read": read, "first": lambda: workloads.generate_on(net, batch, 1, **kw),
+                              "full": lambda: workloads.generate_on(net, batch, new_tokens + 1, **kw)},
+                             repeats, device)
+        steps = [(full - first) / new_tokens for full, first in zip(t["full"], t["first"])]
+        rates = [read_bytes / s / 1e9 for s in t["read"]]
+        read_rates += rates
+        step = workloads.Stat.of(steps)
+        res["decode"][B] = dict(ms_per_step=ms(step), tokens_per_s=round(B / step.median, 1),
+                                weight_gbs=round(weight_bytes / step.median / 1e9, 1),
+                                read_gbs=round(median(rates), 1),  # in the same rounds
+                                fraction_of_bandwidth=round(median(weight_bytes / s / 1e9 / r
+                                                                   for s, r in zip(steps, rates)), 3))
+    del read
+    res["bandwidth_gbs"] = round(median(read_rates), 1)
+
+    files = workloads.caption_files(workloads.tmpdir())
+    groups = workloads.group_by_size(files)  # as the caption command batches: same size together
+    run_all = workloads.timed(lambda: [workloads.run_ours(net, proc, g, CAPTION, 20, **kw) for g in groups],
+                              repeats, device)
+    res["caption_images_per_s"] = round(len(files) / run_all.median, 3)
+    res["caption_files"] = [str(f) for f in files]
+    return res
+
+
+def kernel_choice(net) -> dict:
+    """{weight: {"kernel", "modules", "ms": {kernel: [1 row, 256 rows]}}} (empty off CPU)."""
+    from fuyu.model import tuning
+
+    if net.embed_tokens.weight.device.type != "cpu":
+        return {}
+    return tuning.report(net, tuning.load_choices())
+
+
+def ms(s) -> dict:
+    return {"min": round(s.min * 1e3, 2), "median": round(s.median * 1e3, 2), "max": round(s.max * 1e3, 2)}
