@@ -51,6 +51,8 @@ class FakeRunner:
     """Answers every readable image with its file name, as the real runner would shape it (the
     real Record type); unreadable ones become error records. Each call's work is kept in `calls`."""
 
+    load_seconds = 0.25
+
     def __init__(self):
         self.calls = []
 

@@ -366,3 +366,30 @@ def test_sidecar_names_never_collide_with_their_own_input():
     assert sidecar_path(Item("a/b.pdf", 2, 3)) == Path("a/b.page-2.txt")
     for name in ("notes.txt", "notes.TXT", "b.png", "x.tar.gz"):
         assert sidecar_path(Item(f"d/{name}")) != Path(f"d/{name}")
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_interval(capsys):
+    from fuyu.pipeline import Tally
+    from fuyu.records import Record
+    from fuyu.render import Reporter
+
+    tally = Tally()
+    tally.started -= 10.0  # ten seconds in
+    ui = Reporter()
+    with ui.progress(tally, "caption", every=0.0) as advance:
+        for i in range(3):
+            tally.add(Record("a.png", "caption", "p", text="x", new_tokens=4) if i else
+                      Record("b.png", "caption", "p", error="bad"))
+            tally.total, tally.inputs_listed = 3, i == 2
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("caption: 1 done (1 failed), 0.1")
+    assert lines[2].startswith("caption: 3/3 done (1 failed), 0.3") and lines[2].endswith("ETA 0:00:00")
+    with Reporter(quiet=True).progress(tally, "caption", every=0.0) as advance:
+        advance()
+    assert capsys.readouterr().err == ""
+
+
+def test_the_summary_says_the_load_time_is_not_included(fake, shots):
+    r = fuyu("caption", shots / "a.png")
+    assert "model loaded in" in r.err.splitlines()[-1] and "(not included)" in r.err
