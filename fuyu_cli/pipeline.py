@@ -119,9 +119,7 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
         stack.enter_context(image_warnings())
         outfile = None
         if out.output is not None:  # locked before anything is read from it
-            outfile = OutputFile(out.output)
-            stack.callback(lambda: outfile.close(compact=outfile.fd >= 0 and not failed_write))
-        failed_write = False
+            outfile = stack.enter_context(_locked(out.output))
         found = inputs.Found()
         files = inputs.iter_files(opts.inputs.paths, _stdin(), found, recursive=opts.inputs.recursive,
                                   null=opts.inputs.null, is_own_sidecar=sidecars.is_own)
@@ -134,7 +132,7 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
 
         src = source_options(opts)
         work = plan(files, asks, src, tally, done, sidecars.conflict if out.sidecar else (lambda item: None))
-        first = next(work, None)
+        first = next((w for w in work if w is not inputs.IDLE), None)  # the model loads only for work
         if first is None:
             ui.note(", ".join(["nothing to do" if tally.already or found.own_sidecars or tally.total
                                else "no images found", *_already(tally), *found.summary()]))
@@ -160,9 +158,6 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
                         ui.error(rec.id, rec.error)
                     tally.add(rec)
                     advance()
-        except OutputError:
-            failed_write = True
-            raise
         except KeyboardInterrupt:
             resumable = out.output is not None or out.sidecar
             ui.note(f"interrupted after {tally.ok + tally.failed} records; finished results are "
@@ -171,6 +166,22 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
     ui.summary(asks[0].task, tally, found.summary())
     if tally.failed:
         raise typer.Exit(ITEMS_FAILED)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """The --output file, locked for the run; compacted when the run ends, unless writing failed
+    (then the next run compacts, once there is space)."""
+    outfile = OutputFile(path)
+    try:
+        yield outfile
+    except OutputError:
+        outfile.close(compact=False)
+        raise
+    except BaseException:
+        outfile.close()
+        raise
+    outfile.close()
 
 
 def image_warnings():
