@@ -240,7 +240,7 @@ SHARED = [
         callback=_output_path,
         help="Append JSON lines to FILE instead of stdout (- is stdout); a rerun skips what is in it. "
              "Locked while a run writes it.")], None),
-    Shared("output_dir", Annotated[Optional[Path], typer.Option(
+    Shared("output_dir", Annotated[Optional[str], typer.Option(  # str: Path would fold s3:// to s3:/
         "--output-dir", metavar="DIR|URI", show_default=False, rich_help_panel=SCALE,
         help="Write records into DIR/part-NNNNN.jsonl (or .parquet), each part complete or absent; "
              "a rerun does only the parts not finished.")], None),

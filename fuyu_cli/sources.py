@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from fuyu.records import Item, is_uri
@@ -65,18 +65,55 @@ def header_size(item: Item, opts: Options) -> tuple[int, int] | None:
     return getattr(item.source, "size", None)
 
 
+@dataclass(frozen=True)
+class Blob:
+    """An image already in memory (e.g. a Ray Data row's bytes): Item(name, source=Blob.of(data))."""
+
+    data: bytes = field(repr=False)
+    size: tuple[int, int] | None = None  # (width, height) upright, for grouping by size
+
+    @classmethod
+    def of(cls, data: bytes) -> Blob:
+        """With its size read from the header (nothing decoded yet)."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                (w, h), turned = im.size, im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: axes swapped
+        except Exception:  # decode() will say what is wrong with it
+            return cls(data)
+        return cls(data, (h, w) if turned else (w, h))
+
+
 def open_image(item: Item, opts: Options):
     """What FuyuProcessor.prepare_one takes for this item: a path, or a PIL image (a page, a
-    frame, or a URI's bytes). Meant for the preprocessing thread."""
+    frame, in-memory bytes or a URI's bytes). Meant for the preprocessing thread."""
+    if isinstance(item.source, Blob):
+        return decode(item.source.data, item.path)
     if item.source is not None:
         from fuyu.preprocess import pages
 
         return pages.load_page(item.source)
     if is_uri(item.path):
-        from PIL import Image
-
-        return Image.open(io.BytesIO(read_bytes(item.path)))
+        return decode(read_bytes(item.path), item.path)
     return item.path
+
+
+def decode(data: bytes, name: str):
+    """Encoded image bytes -> a decoded PIL image; a one-line ImageError naming `name` if they
+    are not an image Pillow reads."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fuyu.preprocess.image import BROKEN, ImageError, broken
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()  # decode here, where the name is known
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image format Pillow can read") from None
+    except BROKEN as e:
+        raise broken(name, e) from None
+    return im
 
 
 def read_bytes(uri: str) -> bytes:
