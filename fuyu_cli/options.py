@@ -252,7 +252,7 @@ SHARED = [
         help="Do only parts I, I+N, I+2N, … (0-based), e.g. one per Slurm array task; N such runs "
              "into one --output-dir make the whole job.")], None),
     Shared("ray", Annotated[Optional[str], typer.Option(
-        "--ray", metavar="auto|local|ray://HOST:PORT", show_default=False, rich_help_panel=SCALE,
+        "--ray", metavar="auto|local|HOST:PORT", show_default=False, rich_help_panel=SCALE,
         help="Run on a Ray cluster (pip install 'fuyu[ray]'), writing parts into --output-dir.")], None),
     Shared("workers", Annotated[int, typer.Option(
         "--workers", min=1, metavar="N", rich_help_panel=SCALE,
@@ -333,7 +333,7 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    address: Optional[str] = None  # --ray: auto | local | ray://host:port
+    address: Optional[str] = None  # --ray: auto | local | host:port
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: Optional[float] = None
@@ -373,6 +373,9 @@ def run_options(paths: list[str], v: dict, default_max_new_tokens: int) -> RunOp
     for flag, name in (("--shard", "shard"), ("--ray", "ray")):
         if v[name] is not None and output_dir is None:
             raise FuyuError(f"{flag} writes parts", "add --output-dir DIR (shared by all shards/workers)")
+    if v["ray"] is not None and v["ray"].startswith("ray://"):  # github.com/ray-project/ray/issues/48682
+        raise FuyuError("Ray Data does not run through Ray Client (ray://…): the driver must be on a "
+                        "cluster node", "run fuyu on the head node with --ray auto (or ray job submit)")
     if v["ray"] is not None and v["shard"] is not None:
         raise FuyuError("--ray shares the parts out itself", "drop --shard")
     if v["sidecar"] and v["ray"] is not None:

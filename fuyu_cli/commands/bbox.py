@@ -68,6 +68,8 @@ def bbox(paths: PathsArg, find: FindOpt = None, box: BoxOpt = None, draw: DrawOp
     asks = [Ask("bbox", t) for t in dict.fromkeys(targets)] + [Ask("ocr", box=b) for b in dict.fromkeys(box or [])]
     on_record = None
     if draw is not None:
+        if run.cluster.address is not None:
+            raise FuyuError("--draw draws on this machine, --ray runs on the cluster", "drop one of them")
         as_folder = draw.is_dir() or not draw.suffix
         if not as_folder and not _one_image(paths):
             raise FuyuError(f"--draw {draw} is one file, but the inputs can hold several images",
