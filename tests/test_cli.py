@@ -393,3 +393,8 @@ def test_without_a_terminal_progress_is_a_plain_line_every_interval(capsys):
 def test_the_summary_says_the_load_time_is_not_included(fake, shots):
     r = fuyu("caption", shots / "a.png")
     assert "model loaded in" in r.err.splitlines()[-1] and "(not included)" in r.err
+
+
+def test_output_dash_is_stdout(fake, shots):
+    r = fuyu("caption", shots / "a.png", "-o", "-")
+    assert r.code == 0 and r.records()[0]["text"] == "a picture named a" and not Path("-").exists()
