@@ -1,7 +1,8 @@
-"""Draw the example images in examples/assets/: a settings-dialog screenshot, an invoice page and
-a bar chart. Pillow only, with its bundled font, so the output is the same on every machine.
+"""Draw the example images in examples/assets/ (a settings-dialog screenshot, an invoice page and
+a bar chart) and two invoices as PDFs in examples/invoices/ (one of two pages). Pillow only, with
+its bundled font, so the output is the same on every machine.
 
-    python examples/make_assets.py        # rewrites examples/assets/*.png
+    python examples/make_assets.py        # rewrites examples/assets/*.png and examples/invoices/*.pdf
 """
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 ASSETS = Path(__file__).parent / "assets"
+INVOICES = Path(__file__).parent / "invoices"
 INK, MUTED, LINE, ACCENT = (32, 33, 36), (95, 99, 104), (218, 220, 224), (26, 115, 232)
 
 
@@ -48,19 +50,26 @@ def screenshot() -> Image.Image:
     return im
 
 
-def document() -> Image.Image:
+NORTHWIND = ("No. 2024-0117", "Northwind Supplies Ltd.\n12 Harbour Road\nBristol BS1 4QA",
+             [("Printer paper A4", "10", "45.00"), ("Toner cartridge", "2", "118.50"),
+              ("Desk lamp", "1", "32.90"), ("USB-C cable", "4", "27.60")], "224.00 GBP")
+FABRIKAM = ("No. F-88213", "Fabrikam Office GmbH\nHafenstrasse 3\n20457 Hamburg",
+            [("Office chair", "2", "398.00"), ("Monitor arm", "2", "119.80")], "517.80 EUR")
+
+
+def document(invoice=NORTHWIND, date: str | None = None) -> Image.Image:
     """A 600×780 invoice page with a header, addresses, a table and a total."""
+    number, sender, items, total = invoice
     im = Image.new("RGB", (600, 780), "white")
     d = ImageDraw.Draw(im)
     d.text((50, 50), "INVOICE", font=font(34), fill=INK)
-    d.text((400, 58), "No. 2024-0117", font=font(16), fill=MUTED)
-    d.text((50, 110), "Northwind Supplies Ltd.\n12 Harbour Road\nBristol BS1 4QA",
-           font=font(15), fill=INK, spacing=6)
+    d.text((400, 58), number, font=font(16), fill=MUTED)
+    if date:
+        d.text((400, 80), f"Date: {date}", font=font(15), fill=MUTED)
+    d.text((50, 110), sender, font=font(15), fill=INK, spacing=6)
     d.text((330, 110), "Bill to:\nWilliams & Co.\n88 Station Street\nLeeds LS1 2AB",
            font=font(15), fill=INK, spacing=6)
-    rows = [("Item", "Qty", "Price"), ("Printer paper A4", "10", "45.00"),
-            ("Toner cartridge", "2", "118.50"), ("Desk lamp", "1", "32.90"),
-            ("USB-C cable", "4", "27.60")]
+    rows = [("Item", "Qty", "Price"), *items]
     y = 250
     for i, (item, qty, price) in enumerate(rows):
         f = font(16 if i == 0 else 15)
@@ -70,8 +79,22 @@ def document() -> Image.Image:
         y += 36
         d.line([50, y - 8, 550, y - 8], fill=LINE if i else INK, width=1 if i else 2)
     d.text((330, y + 20), "Total due:", font=font(18), fill=INK)
-    d.text((460, y + 20), "224.00 GBP", font=font(18), fill=INK)
+    d.text((460, y + 20), total, font=font(18), fill=INK)
     d.text((50, 660), "Payment within 30 days. Thank you for your business.", font=font(14), fill=MUTED)
+    return im
+
+
+def terms() -> Image.Image:
+    """A second page: payment terms."""
+    im = Image.new("RGB", (600, 780), "white")
+    d = ImageDraw.Draw(im)
+    d.text((50, 50), "Terms and conditions", font=font(24), fill=INK)
+    lines = ["1. Payment is due within 30 days of the invoice date.",
+             "2. Late payments incur interest of 1% per month.",
+             "3. Goods remain our property until paid in full.",
+             "Bank: Hamburger Sparkasse, IBAN DE44 2005 0550 1234 5678 90"]
+    for i, line in enumerate(lines):
+        d.text((50, 110 + 34 * i), line, font=font(15), fill=INK)
     return im
 
 
@@ -102,4 +125,11 @@ if __name__ == "__main__":
     for name, draw in [("screenshot", screenshot), ("document", document), ("chart", chart)]:
         path = ASSETS / f"{name}.png"
         draw().save(path, optimize=True)
+        print(f"{path} {path.stat().st_size // 1024} kB")
+    INVOICES.mkdir(exist_ok=True)
+    # 72 pixels per inch: each page is 600×780 points, which fuyu renders at 830×1080 pixels.
+    for name, pages in [("northwind-2024-0117.pdf", [document(NORTHWIND, "2024-03-14")]),
+                        ("fabrikam-F-88213.pdf", [document(FABRIKAM, "2024-04-02"), terms()])]:
+        path = INVOICES / name
+        pages[0].save(path, save_all=True, append_images=pages[1:], resolution=72)
         print(f"{path} {path.stat().st_size // 1024} kB")
