@@ -6,6 +6,7 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
 
   linear   F.linear on the plain weight (no swap)
   packed   oneDNN's blocked weight layout (PackedLinear): no per-call weight reorder
+  mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
   gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
            (GemvLinear; F.linear above that), which streams a big LM head at close to the
            memory bandwidth on some CPUs (AMD EPYC) and not on others
@@ -117,6 +118,31 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gemv rows<={GEMV_MAX_ROWS}"
 
 
+class MvLinear(nn.Module):
+    """nn.Linear (plain weight) whose one-row calls go through torch.mv: BLAS's GEMV streams a
+    16-bit weight faster than F.linear's GEMM path on some CPUs (and slower on others)."""
+
+    kernel = "mv"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1] or x.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.mv(self.weight, x.reshape(-1))
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+    def plain(self) -> nn.Linear:
+        return _linear(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mv for 1 row"
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -142,8 +168,10 @@ def candidates(module: nn.Module) -> list[str]:
     names = ["linear"]
     if can_pack(module.weight):
         names.append("packed")
-    if module.bias is None and module.weight.dtype in (torch.bfloat16, torch.float16):
-        names.append("gemv")
+    if module.weight.dtype in (torch.bfloat16, torch.float16):
+        names.append("mv")
+        if module.bias is None:
+            names.append("gemv")
     return names
 
 
@@ -153,6 +181,8 @@ def use(module: nn.Module, kernel: str) -> nn.Module:
         return PackedLinear(module)
     if kernel == "gemv":
         return GemvLinear(module)
+    if kernel == "mv":
+        return MvLinear(module)
     if isinstance(module, Int8Linear):
         module.dequantize_from = DEQUANT_FROM_ROWS if kernel == "int8+dequant" else None
     return module
@@ -186,7 +216,7 @@ def restore_plain(model: nn.Module) -> nn.Module:
     """Undo `apply` exactly: plain nn.Linear weights (the same values), quantized modules on their
     own kernel. Returns the model, e.g. `restore_plain(model).requires_grad_(True)` to train."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (PackedLinear, GemvLinear)):
+        if isinstance(module, (PackedLinear, GemvLinear, MvLinear)):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module.plain())
         elif isinstance(module, Int8Linear):
@@ -197,4 +227,4 @@ def restore_plain(model: nn.Module) -> nn.Module:
 def in_use(model: nn.Module) -> dict[str, str]:
     """{module name: kernel} for every Linear a kernel could serve (plain ones included)."""
     return {name: kernel_of(m) for name, m in model.named_modules()
-            if isinstance(m, (PackedLinear, GemvLinear)) or candidates(m)}
+            if isinstance(m, (PackedLinear, GemvLinear, MvLinear)) or candidates(m)}

@@ -34,10 +34,14 @@ MODES = ("auto", "plain", "tune")
 DECODE_ROWS, PREFILL_ROWS = 1, 256
 WEIGHTS = {DECODE_ROWS: 32, PREFILL_ROWS: 4}  # one caption: 32 decode steps, a 1,024-token prefill
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
-POOL_BYTES = 128 << 20  # distinct weight copies cycled through, so decode-sized calls read memory
+# Decode-sized calls cycle through distinct weight copies adding up to more than the last-level
+# cache, so they time reads from memory, as a decode step's are; not less than this:
+POOL_BYTES = 128 << 20
+MAX_POOL_BYTES = 512 << 20
 MAX_TIMED_ELEMENTS = 1 << 25  # a bigger weight (the LM head) is timed on a slice of its rows
 ROUNDS = 3
-NOISY = 0.5
+NOISY = 1.0
+CPU_SHARE = 0.7
 CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one copy is timed
 GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
 FORMAT = 1
@@ -147,13 +151,14 @@ def measure(module: nn.Module, tune: bool = False) -> dict:
     names = _candidates(module, tune)
     rows = min(module.out_features, max(1, MAX_TIMED_ELEMENTS // module.in_features))
     nbytes = rows * module.in_features * _itemsize(module)
-    copies = 1 if nbytes < CACHED_BYTES else max(1, min(16, POOL_BYTES // nbytes))
+    copies = 1 if nbytes < CACHED_BYTES else max(1, min(32, pool_bytes() // nbytes))
     reps = 1 if nbytes >= CACHED_BYTES else 20  # calls per measurement: µs calls jitter alone
     pool = _synthetic(module, rows, copies)
     served = {name: [kernels.use(_clone_plain(m), name) for m in pool] for name in names}
     dtype = _act_dtype(module)
     xs = {M: torch.randn(M, module.in_features).to(dtype) for M in WEIGHTS}
     times: dict = {name: {M: [] for M in WEIGHTS} for name in names}
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
             for name in names:
@@ -166,10 +171,26 @@ def measure(module: nn.Module, tune: bool = False) -> dict:
                         times[name][M].append((time.perf_counter() - start) / len(mods))
     ms = {name: [round(statistics.median(t[M]) * 1e3, 4) for M in WEIGHTS] for name, t in times.items()}
     best = min(names, key=lambda n: sum(w * t for w, t in zip(WEIGHTS.values(), ms[n])))
-    # Rounds that disagree by more than NOISY (another process busy on the cores): the choice
-    # serves this load but is not remembered, so a quieter load times again.
+    # Another process on our cores: rounds disagree by more than NOISY, or our threads got less
+    # than CPU_SHARE of the CPU time they could have had (one whose OpenMP threads spin makes every
+    # call wait a scheduler time slice, alike for every kernel). The choice then serves this load
+    # but is not remembered, so a quieter load times again.
+    share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
     spread = max((max(ts) - min(ts)) / max(min(ts), 1e-9) for t in times.values() for ts in t.values())
-    return {"kernel": best, "ms": ms, "tuned": tune, "timed_rows": rows, "noisy": spread > NOISY}
+    return {"kernel": best, "ms": ms, "tuned": tune, "timed_rows": rows, "cpu_share": round(share, 2),
+            "noisy": spread > NOISY or share < CPU_SHARE}
+
+
+def pool_bytes() -> int:
+    """1.25 × the last-level cache (sysfs), within [POOL_BYTES, MAX_POOL_BYTES]."""
+    llc = 0
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            size = (index / "size").read_text().strip()
+            llc = max(llc, int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(POOL_BYTES, min(MAX_POOL_BYTES, llc * 5 // 4))
 
 
 def _itemsize(module) -> int:

@@ -36,8 +36,8 @@ def batch():
 
 
 def linear_types(model) -> dict[str, str]:
-    """Module type per Linear; a 16-bit weight served by a CPU kernel (packed, GEMV) counts as Linear."""
-    return {name: "Linear" if type(m).__name__ in ("PackedLinear", "GemvLinear") else type(m).__name__
+    """Module type per Linear; a 16-bit weight served by a CPU kernel (packed, mv, GEMV) counts as Linear."""
+    return {name: "Linear" if type(m).__name__ in ("PackedLinear", "GemvLinear", "MvLinear") else type(m).__name__
             for name, m in model.named_modules()
             if name.split(".")[-1] in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                                        "lm_head", "vision_embed_tokens")}
