@@ -111,11 +111,25 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def compiled(step=decode_step, device: torch.device | str = "cpu"):
-    """`step` under torch.compile with fixed shapes; CUDA graphs on GPU ("reduce-overhead").
-    Compiled code is cached by torch per function, so wrapping again per call costs nothing."""
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    return torch.compile(step, mode=mode, dynamic=False)
+def stepper(cache: KVCache, compile: bool = False):
+    """The decode step for `cache`, called as step(model, cache, ids): decode_step itself, or
+    compiled with fixed shapes, CUDA graphs on GPU ("reduce-overhead"). torch caches compiled code
+    per function, so wrapping it again for each generate call costs nothing."""
+    if not compile:
+        return decode_step
+    device = cache.valid.device
+    if device.type != "cuda":
+        return torch.compile(decode_step, dynamic=False)
+    # CUDA graphs replay fixed addresses: the cache never moves while it decodes. No guard on the
+    # address, so the next generate's new cache re-records the graph rather than recompiling.
+    for t in (*cache.k, *cache.v, cache.valid, cache.next_position, cache.slot):
+        torch._dynamo.mark_static_address(t, guard=False)
+    graphed = torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
+
+    def step(model, cache, ids):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        return graphed(model, cache, ids)
+    return step
 
 
 def cache_room(prompt_len: int, max_new_tokens: int, multiple: int = 256) -> int:
@@ -145,12 +159,7 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     room = cache_room(start + T, max_new_tokens) if compile else max_new_tokens
     batch = dict(input_ids=ids, attention_mask=mask, image_patches=patches)
     cache, last = prefill(model, batch, room, prefix=prefix, rows=rows)
-    step = decode_step
-    if compile:
-        step = compiled(decode_step, device)
-        if device.type == "cuda":  # CUDA graphs replay fixed addresses: the cache never moves
-            for t in (*cache.k, *cache.v, cache.valid, cache.next_position, cache.slot):
-                torch._dynamo.mark_static_address(t)
+    step = stepper(cache, compile)
     # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
     check = 1 if device.type == "cpu" else 8
     nxt = sample(last, temperature, top_k, top_p, generator)
@@ -162,8 +171,6 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
         done |= nxt == eos
         if i == max_new_tokens - 1 or ((i + 1) % check == 0 and bool(done.all())):
             break
-        if compile and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         nxt = sample(step(model, cache, nxt), temperature, top_k, top_p, generator)
     new = torch.stack(out, dim=1)
     finished = (new == eos).int().cummax(dim=1).values.all(0)  # (N,): every row done by step i
