@@ -25,7 +25,8 @@ from pathlib import Path
 
 from fuyu.errors import INTERNAL, ITEMS_FAILED, FuyuError, explain
 from fuyu.options import ClusterSpec, GenOptions, ModelSpec, RunOptions
-from fuyu.parts import Folder, PartResult, marker_name, pending, process_part
+from fuyu.parts import (Folder, PartResult, marker_name, nothing_to_do, part_line, pending, process_part,
+                        summary_line)
 from fuyu.records import Ask, Item, Record, Unit
 
 # Test-only: "module:function" taking (spec, max_new_tokens, sources_options) and returning a
@@ -154,7 +155,7 @@ def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[lis
     todo, before = pending(folder, len(parts), None, opts.out.overwrite)
     label = asks[0].task
     if not todo:
-        ui.note(f"{label}: nothing to do, {before} parts already done in {folder}")
+        ui.note(nothing_to_do(label, before, folder))
         return
     launched = time.time()
     spec = opts.cluster
@@ -170,30 +171,22 @@ def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[lis
                                        runner_hook=os.environ.get(RUNNER_HOOK)),
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}))
-        done, busy, first, last = [], [], None, None
+        results, first, last = [], None, None
         for row in _rows(ds, ray):
             if row["error"] is not None:  # the same error would stop a local run: stop here too
                 raise FuyuError(row["error"], row["hint"] or "", row["code"])
             res = PartResult(*(row[k] for k in ("part", "records", "failed", "tokens", "seconds", "skipped")))
+            results.append(res)
             if res.skipped:
-                busy.append(res.part)
                 continue
-            done.append(res)
             first = min(first or row["started"], row["started"])
             last = max(last or row["finished"], row["finished"])
-            ui.note(f"{label}: part {res.part} done, {res.records} records"
-                    + (f", {res.failed} failed" if res.failed else "")
-                    + f" in {res.seconds:.1f} s ({row['host']}, pid {row['pid']})")
-    records, failed = sum(r.records for r in done), sum(r.failed for r in done)
-    extra = [f"{before} parts done earlier" if before else "",
-             f"{len(busy)} parts being written by another process" if busy else ""]
+            ui.note(part_line(label, res, f"{row['host']}, pid {row['pid']}"))
     startup = (f"; start-up (cluster, workers, model loads) {first - launched:.1f} s (not included)"
-               if done else "")
-    ui.note(f"{label}: {len(done)} parts, {records} records" + (f", {failed} failed" if failed else "")
-            + "".join(f", {e}" for e in extra if e)
-            + f" in {(last or launched) - (first or launched):.1f} s on {workers} worker{'s' * (workers > 1)}"
-            + f" into {folder}{startup}")
-    if failed:
+               if first is not None else "")
+    ui.note(summary_line(label, results, before, (last or launched) - (first or launched),
+                         f"on {workers} worker{'s' * (workers > 1)} into {folder}{startup}"))
+    if any(r.failed for r in results):
         raise typer.Exit(ITEMS_FAILED)
 
 

@@ -82,7 +82,7 @@ def test_another_question_into_the_same_folder_is_refused_in_one_line(tiny_model
     assert fuyu("ask", images, "-q", "Total?", "--output-dir", out, "-m", tiny_model, *FAST).code == 0
     r = fuyu("ask", images, "-q", "Date?", "--output-dir", out, "-m", tiny_model, *FAST)
     assert r.code == 2 and len(r.err.splitlines()) == 1
-    assert f"{out} holds another job (asks differ)" in r.err and "--overwrite" in r.err
+    assert f"{out} holds another job (prompts differ)" in r.err and "--overwrite" in r.err
     r = fuyu("ask", images, "-q", "Date?", "--output-dir", out, "--overwrite", "-m", tiny_model, *FAST)
     assert r.code == 0 and {x["prompt"] for x in read_records(str(out))} == {"Date?\n"}
 
@@ -103,7 +103,8 @@ def test_sigkill_mid_job_then_rerun_redoes_only_unfinished_parts_and_leaves_no_t
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done.json")}
     rerun = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{5 - len(finished)} parts, " in rerun.stderr and f"{len(finished)} parts done earlier" in rerun.stderr
+    left = 5 - len(finished)
+    assert f"{left} part{'s' * (left != 1)}, " in rerun.stderr and f"{len(finished)} parts done earlier" in rerun.stderr
     assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in stamps.items())  # not redone
     assert not [p.name for p in out.iterdir() if "tmp" in p.name]
     assert by_path(out).keys() == single.keys()  # every image exactly once (longer answers here)

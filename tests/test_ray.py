@@ -180,8 +180,9 @@ def test_after_the_driver_is_killed_a_rerun_does_only_the_unfinished_parts(clust
     assert rerun.returncode == 0, rerun.stderr
     lines = rerun.stderr.splitlines()
     assert all(line.startswith("caption: ") for line in lines), rerun.stderr  # no Ray chatter
-    assert f"caption: {4 - len(markers)} parts, {8 - 2 * len(markers)} records" in lines[-1]
-    assert f"{len(markers)} parts done earlier" in lines[-1]
+    left, before = 4 - len(markers), len(markers)
+    assert f"caption: {left} part{'s' * (left != 1)}, {2 * left} records" in lines[-1]
+    assert f"{before} part{'s' * (before != 1)} done earlier" in lines[-1]
     assert {name: (out / name).read_text() for name in markers} == markers  # not redone
     exactly_once(out, images)
 
