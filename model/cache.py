@@ -66,6 +66,7 @@ class KVCache:
         self.next_position = torch.zeros(batch, device=device, dtype=torch.long)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
         self.length = 0
+        self._pending = 0  # slots reserved by append, counted into length by advance
         self.padded = False  # some slot before `length` is invalid (known once, at prefill)
         self.decoding = False
         self.rope = (rotary_dim, rope_theta)

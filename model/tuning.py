@@ -1,15 +1,16 @@
 """Which CPU kernel serves each weight, decided by timing the candidates on this machine, once.
 
 For every (module kind, dtype, shape) the candidates of model/kernels.py are timed on synthetic
-weights of that shape at a decode-sized input (1 row) and a prefill-sized one (256 rows), in
-alternating rounds, medians. The winner minimises the time of a typical caption: 32 decode steps
-plus a 1,024-token prefill (32·t₁ + 4·t₂₅₆). Choices are remembered per (CPU model, torch version,
-thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a
-machine pays for the timing (about a second for a model's five weight shapes).
+weights of that shape at decode-sized inputs (1 and 2 rows) and a prefill-sized one (256 rows), in
+alternating rounds, medians. The winner minimises the time of 16 decode steps at each batch size
+plus a 1,024-token prefill (16·t₁ + 16·t₂ + 4·t₂₅₆; the LM head, which generation only runs on one
+position per row, without the prefill term). Choices are remembered per (CPU model, torch version,
+thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
+pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon).
 
-The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~20 s the first time on a
-machine, so it is timed only in "tune" mode (`FUYU_KERNELS=tune`, `fuyu benchmark`); later
-"auto" loads use what tuning found. `FUYU_KERNELS=plain` (or kernels="plain") turns it all off.
+The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~30 s the first time on a
+machine and ~3 s in each new process, so it is timed only in "tune" mode (`FUYU_KERNELS=tune`);
+later "auto" loads use what tuning found. `FUYU_KERNELS=plain` (or kernels="plain") turns it all off.
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ from fuyu.model import kernels
 from fuyu.model.quantize import Int8Linear
 
 MODES = ("auto", "plain", "tune")
-DECODE_ROWS, PREFILL_ROWS = 1, 256
-WEIGHTS = {DECODE_ROWS: 32, PREFILL_ROWS: 4}  # one caption: 32 decode steps, a 1,024-token prefill
+ROWS = (1, 2, 256)
+PREFILL_ROWS = ROWS[-1]  # decode steps at batch 1 and 2 (the CLI's CPU batch), a prefill-sized input
+# What a choice minimises: the time of 16 decode steps at each batch size and a 1,024-token prefill.
+# The LM head only ever sees one position per row in generation, so its prefill time does not count.
+WEIGHTS = {"layer": (16, 16, 4), "head": (16, 16, 0)}
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
 # Decode-sized calls cycle through distinct weight copies adding up to more than the last-level
 # cache, so they time reads from memory, as a decode step's are; not less than this:
 POOL_BYTES = 128 << 20
-MAX_POOL_BYTES = 512 << 20
+MAX_POOL_BYTES = 320 << 20
 MAX_TIMED_ELEMENTS = 1 << 25  # a bigger weight (the LM head) is timed on a slice of its rows
-ROUNDS = 3
+ROUNDS = 2
 NOISY = 1.0
 CPU_SHARE = 0.7
 CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one copy is timed
@@ -71,14 +75,16 @@ def cache_file() -> Path:
     return Path(base) / "fuyu" / f"kernels-{slug}-torch{torch.__version__}.json"
 
 
-def key(module: nn.Module) -> str:
-    """What a timing is valid for: module kind, dtype, shape, bias, torch's thread count."""
+def key(module: nn.Module, name: str = "") -> str:
+    """What a timing is valid for: module kind, dtype, shape, bias, role (the LM head is timed
+    for decoding only), torch's thread count."""
     w = module.weight
     kind = "int8" if isinstance(module, Int8Linear) else "linear"
     dtype = (module.scales if isinstance(module, Int8Linear) else w).dtype
     bias = "+bias" if module.bias is not None else ""
+    role = " head" if name == "lm_head" else ""
     return (f"{kind} {str(dtype).removeprefix('torch.')} {module.out_features}x{module.in_features}"
-            f"{bias} threads={torch.get_num_threads()}")
+            f"{bias}{role} threads={torch.get_num_threads()}")
 
 
 def load_choices(path: Path | None = None) -> dict:
@@ -116,24 +122,24 @@ def choose(model: nn.Module, kernels_arg: str | None = None, path: Path | None =
     entries = load_choices(path)
     todo = {}
     for name, m in modules.items():
-        k, tune = key(m), how == "tune" and "gemv" in _candidates(m, True)
+        k, tune = key(m, name), how == "tune" and "gemv" in _candidates(m, True)
         if k not in entries or (tune and not entries[k].get("tuned")):
-            todo.setdefault(k, m)
+            todo.setdefault(k, (m, name == "lm_head"))
     if todo:
-        for k, m in todo.items():
-            entries[k] = measure(m, tune=how == "tune")
+        for k, (m, head) in todo.items():
+            entries[k] = measure(m, tune=how == "tune", head=head)
         save_choices({k: e for k, e in entries.items() if not e.get("noisy")}, path)
-    kernels.apply(model, lambda name, m: entries[key(m)]["kernel"] if name in modules else None)
+    kernels.apply(model, lambda name, m: entries[key(m, name)]["kernel"] if name in modules else None)
     return report(model, entries)
 
 
 def report(model: nn.Module, entries: dict) -> dict:
-    """{weight key: {"kernel": picked, "modules": how many, "ms": {kernel: [1 row, 256 rows]}}};
+    """{weight key: {"kernel": picked, "modules": how many, "ms": {kernel: [ms at each of ROWS]}}};
     a key's "ms" is empty when nothing was timed (plain mode). Times are for the timed slice."""
     out: dict = {}
     for name, kernel in kernels.in_use(model).items():
         m = model.get_submodule(name)
-        k = key(m if isinstance(m, (nn.Linear, Int8Linear)) else m.plain())
+        k = key(m if isinstance(m, (nn.Linear, Int8Linear)) else m.plain(), name)
         row = out.setdefault(k, {"kernel": kernel, "modules": 0, "ms": entries.get(k, {}).get("ms", {})})
         row["modules"] += 1
     return out
@@ -146,37 +152,41 @@ def _candidates(module: nn.Module, tune: bool) -> list[str]:
     return names
 
 
-def measure(module: nn.Module, tune: bool = False) -> dict:
+def measure(module: nn.Module, tune: bool = False, head: bool = False) -> dict:
     """Time each candidate kernel for `module`'s shape and dtype on synthetic weights."""
     names = _candidates(module, tune)
     rows = min(module.out_features, max(1, MAX_TIMED_ELEMENTS // module.in_features))
     nbytes = rows * module.in_features * _itemsize(module)
-    copies = 1 if nbytes < CACHED_BYTES else max(1, min(32, pool_bytes() // nbytes))
+    copies = 1 if nbytes < CACHED_BYTES else max(1, min(24, pool_bytes() // nbytes))
     reps = 1 if nbytes >= CACHED_BYTES else 20  # calls per measurement: µs calls jitter alone
     pool = _synthetic(module, rows, copies)
     served = {name: [kernels.use(_clone_plain(m), name) for m in pool] for name in names}
     dtype = _act_dtype(module)
-    xs = {M: torch.randn(M, module.in_features).to(dtype) for M in WEIGHTS}
-    times: dict = {name: {M: [] for M in WEIGHTS} for name in names}
+    weights = WEIGHTS["head" if head else "layer"]
+    xs = {M: torch.randn(M, module.in_features).to(dtype) for M, w in zip(ROWS, weights) if w}
+    times: dict = {name: {M: [] for M in xs} for name in names}
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
             for name in names:
                 for M, x in xs.items():
-                    mods = (served[name] if M == DECODE_ROWS else served[name][:1]) * reps
+                    mods = (served[name] if M < PREFILL_ROWS else served[name][:1]) * reps
                     start = time.perf_counter()
                     for m in mods:
                         m(x)
                     if r:
                         times[name][M].append((time.perf_counter() - start) / len(mods))
-    ms = {name: [round(statistics.median(t[M]) * 1e3, 4) for M in WEIGHTS] for name, t in times.items()}
-    best = min(names, key=lambda n: sum(w * t for w, t in zip(WEIGHTS.values(), ms[n])))
-    # Another process on our cores: rounds disagree by more than NOISY, or our threads got less
-    # than CPU_SHARE of the CPU time they could have had (one whose OpenMP threads spin makes every
-    # call wait a scheduler time slice, alike for every kernel). The choice then serves this load
-    # but is not remembered, so a quieter load times again.
+    ms = {name: [round(statistics.median(t[M]) * 1e3, 4) if M in t else None for M in ROWS]
+          for name, t in times.items()}
+    best = min(names, key=lambda n: sum(w * t for w, t in zip(weights, ms[n]) if w))
+    # Another process on our cores: a candidate's objective differs between rounds by more than
+    # NOISY, or our threads got less than CPU_SHARE of the CPU time they could have had (another
+    # process whose OpenMP threads spin makes every call wait a scheduler time slice, alike for
+    # every kernel). The choice then serves this load but is not remembered: a quieter load times again.
     share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
-    spread = max((max(ts) - min(ts)) / max(min(ts), 1e-9) for t in times.values() for ts in t.values())
+    per_round = [[sum(w * t[M][r] for w, M in zip(weights, ROWS) if w) for r in range(ROUNDS)]
+                 for t in times.values()]  # each candidate's objective, round by round
+    spread = max((max(o) - min(o)) / max(min(o), 1e-9) for o in per_round)
     return {"kernel": best, "ms": ms, "tuned": tune, "timed_rows": rows, "cpu_share": round(share, 2),
             "noisy": spread > NOISY or share < CPU_SHARE}
 

@@ -77,9 +77,9 @@ def benchmark(
     res.update(workloads.peak_memory(dev))
     benchmark_table(console, res)
     for weight, pick in res["kernels"].items():
-        timed = ", ".join(f"{k} {v[0]}/{v[1]} ms" for k, v in pick["ms"].items())
+        timed = ", ".join(f"{k} " + "/".join(map(str, v)) + " ms" for k, v in pick["ms"].items())
         console.print(f"kernel {pick['kernel']:>12} for {pick['modules']:2d} × {weight}"
-                      + (f"  (1/256 rows: {timed})" if timed else ""), markup=False, highlight=False)
+                      + (f"  (1/2/256 rows: {timed})" if timed else ""), markup=False, highlight=False)
     typer.echo(json.dumps(res))
 
 
