@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,16 +23,6 @@ from pathlib import Path
 QUESTIONS = ["What is the total amount?", "What is the date?", "Who is the vendor?",
              "What is the invoice number?", "Which currency is used?", "What is the tax?",
              "Who is the customer?", "What is the due date?"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -88,7 +77,9 @@ def main() -> None:
     med = {k: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
            for k, vals in results.items()}
     same = results["shared"][-1][2] == results["separate"][-1][2]
-    out = {"cpu": cpu_name(), "model": str(args.model or "mid (random)"), "dtype": args.dtype,
+    from fuyu.model.tuning import cpu_model
+
+    out = {"cpu": cpu_model(), "model": str(args.model or "mid (random)"), "dtype": args.dtype,
            "questions": args.questions, "new_tokens": args.new_tokens, "image": "1280x720",
            "prompt_tokens_image": 24 * (43 + 1),
            "shared_model_s": round(med["shared"][0], 3), "separate_model_s": round(med["separate"][0], 3),
