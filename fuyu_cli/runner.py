@@ -20,7 +20,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from fuyu import sources
@@ -220,13 +220,16 @@ class Runner:
         generator = None
         if gen.seed is not None:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
-        sampling = dict(temperature=gen.temperature, top_p=gen.top_p, generator=generator)
+        sampling = dict(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                        generator=generator, compile=gen.compile)
         if all(len(p.samples) == 1 for p in items):  # one prompt per image: one padded batch
             batch = self.processor.collate(samples).to(self.device)
-            new_ids = generate(self.model, batch, max_new_tokens=gen.max_new_tokens,
-                               compile=gen.compile, **sampling)
-        else:
-            batch, new_ids = self._shared_prefix(items, gen, sampling)
+            new_ids = generate(self.model, batch, **sampling)
+        else:  # several: each image's prefix once, its prompts continuing from it
+            conts, shared = self._shared_prefix(items)
+            new_ids = generate(self.model, conts, **shared, **sampling)
+            # boxes() maps each row's coordinates with its image's size: the full samples' batch
+            batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         new_ids = new_ids.cpu()
         texts = self.processor.decode(new_ids)
         # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
@@ -250,40 +253,22 @@ class Runner:
                 row += 1
         return records
 
-    def _shared_prefix(self, items: list[Prepared], gen: GenOptions, sampling: dict):
-        """Several prompts per image: every image's prefix (the same length for same-size images)
-        is prefilled once; each prompt continues from its image's keys and values."""
+    def _shared_prefix(self, items: list[Prepared]) -> tuple:
+        """(continuations batch, prefix=, rows=) for generate: every image's prefix (its patch rows,
+        the same length for same-size images) encoded once, and each prompt (<s> prompt <0x04>,
+        left-padded among themselves) continuing from its image's keys and values."""
         import torch
 
-        from fuyu.model import decode_step, encode_prefix, prefill, sample
+        from fuyu.model import encode_prefix
 
         bos = self.processor.tokenizer.bos_id
-        heads = [p.samples[0].ids[:p.samples[0].ids.index(bos)] for p in items]
-        prefix_ids = torch.tensor(heads, dtype=torch.long, device=self.device)  # (B, P)
+        P = items[0].samples[0].ids.index(bos)
+        prefix_ids = torch.tensor([p.samples[0].ids[:P] for p in items], device=self.device)  # (B, P)
         patches = torch.cat([p.samples[0].patches for p in items]).to(self.device)
-        prefix = encode_prefix(self.model, prefix_ids, patches)
-        tails = [s for p in items for s in p.samples]
-        P = prefix_ids.shape[1]
-        # The continuations alone, as samples without patches: <s> prompt <0x04>, left-padded.
-        from dataclasses import replace as dc_replace
-
-        conts = [dc_replace(s, ids=s.ids[P:], patches=s.patches[:0]) for s in tails]
-        batch = self.processor.collate(conts).to(self.device)
+        conts = [replace(s, ids=s.ids[P:], patches=s.patches[:0]) for p in items for s in p.samples]
         rows = torch.tensor([b for b, p in enumerate(items) for _ in p.samples], device=self.device)
-        cache, logits = prefill(self.model, batch, max_new_tokens=gen.max_new_tokens, prefix=prefix, rows=rows)
-        eos = self.model.config.eos_token_id
-        done = torch.zeros(len(tails), dtype=torch.bool, device=self.device)
-        out = []
-        for i in range(gen.max_new_tokens):
-            nxt = sample(logits, gen.temperature, None, gen.top_p, sampling["generator"]).masked_fill(done, eos)
-            out.append(nxt)
-            done |= nxt == eos
-            if i == gen.max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = decode_step(self.model, cache, nxt)
-        # boxes() maps coordinates with each row's image size, so it gets the full samples' sizes
-        full = self.processor.collate([dc_replace(s, patches=s.patches[:0]) for s in tails])
-        return full, torch.stack(out, dim=1)
+        batch = self.processor.collate(conts).to(self.device)
+        return batch, {"prefix": encode_prefix(self.model, prefix_ids, patches), "rows": rows}
 
 
 def _failure(item: Item, ask: Ask, exc: BaseException, size=None) -> Record:
