@@ -7,6 +7,19 @@ from fuyu.testing.checkpoint import make_checkpoint
 from fuyu.testing.tokenizer import vocab_size
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """Kernel choices and other caches go to a folder of the test session, never the user's
+    ~/.cache (subprocesses inherit it too)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(autouse=True)
 def _isolate_fuyu_env(monkeypatch):
     """No FUYU_* variable from the developer's shell leaks into a test."""
@@ -17,7 +30,7 @@ def _isolate_fuyu_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A directory holding only the tiny tokenizer files (tests/tiny_tokenizer.py)."""
+    """A directory holding only the tiny tokenizer files (fuyu/testing/tokenizer.py)."""
     from fuyu.testing.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
