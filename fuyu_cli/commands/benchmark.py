@@ -20,16 +20,16 @@ EXAMPLES = """[b]Examples[/b]
 def benchmark(
     model: ModelOpt = None,
     random: Annotated[Optional[str], typer.Option(
-        help="Random weights of a named size instead of a checkpoint: tiny, mid or 8b.")] = None,
+        metavar="tiny|mid|8b", help="Random weights of a named size instead of a checkpoint: tiny, mid or 8b.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     threads: ThreadsOpt = None,
-    batch_sizes: Annotated[str, typer.Option(help="Decode batch sizes, comma-separated.")] = "1,4,16",
-    new_tokens: Annotated[int, typer.Option(help="Decode steps timed per run.")] = 32,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs after one warm-up.")] = 3,
+    batch_sizes: Annotated[str, typer.Option(metavar="N,N,…", help="Decode batch sizes, comma-separated.")] = "1,4,16",
+    new_tokens: Annotated[int, typer.Option(metavar="N", help="Decode steps timed per run.")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Timed runs after one warm-up.")] = 3,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
     compare: Annotated[Optional[str], typer.Option(
-        help="'reference': also time transformers 4.57.6 on the same inputs and print ratios.")] = None,
+        metavar="reference", help="'reference': also time transformers 4.57.6 on the same inputs and print ratios.")] = None,
 ) -> None:
     """Measure speed and memory: Rich table on stderr, one JSON line on stdout."""
     import time
