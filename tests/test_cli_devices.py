@@ -44,7 +44,7 @@ def loaded(monkeypatch) -> list:
     """The runners the commands load (the real ones), to look at where the weights went."""
     runners = []
     real = pipeline.load_runner
-    monkeypatch.setattr(pipeline, "load_runner", lambda spec: runners.append(real(spec)) or runners[-1])
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec, *args: runners.append(real(spec, *args)) or runners[-1])
     return runners
 
 
@@ -101,7 +101,7 @@ def test_a_prequantized_checkpoint_sent_to_disk_needs_the_offload_folder(tiny, i
                                            ("bbox", ["Total"])])
 def test_every_model_command_passes_the_options_on(command, extra, images, monkeypatch, tmp_path):
     specs = []
-    monkeypatch.setattr(pipeline, "load_runner", lambda spec: specs.append(spec) or FakeRunner())
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec, *args: specs.append(spec) or FakeRunner())
     monkeypatch.setenv("FUYU_MODEL", str(tmp_path))
     r = fuyu(command, images[0], *extra, "--device-map", "auto", "--max-memory", "0=20GiB, cpu=30GiB",
              "--offload-folder", tmp_path / "off")
@@ -125,7 +125,7 @@ def test_every_model_command_passes_the_options_on(command, extra, images, monke
 ])
 def test_bad_spellings_are_one_line_usage_errors_before_loading(args, says, images, monkeypatch):
     specs = []
-    monkeypatch.setattr(pipeline, "load_runner", lambda spec: specs.append(spec) or FakeRunner())
+    monkeypatch.setattr(pipeline, "load_runner", lambda spec, *args: specs.append(spec) or FakeRunner())
     r = fuyu("caption", images[0], *args)
     assert r.code == 2 and specs == []
     assert len(r.err.strip().splitlines()) == 1, r.err
