@@ -1,12 +1,12 @@
 """The 16-bit accuracy contract (issue 10): through prefill/decode_step, teacher-forced along the
 float32 reference's greedy tokens, our bf16 logits are as close to float32's as the reference's
-own bf16 run, or closer (fuyu/testing/accuracy.py)."""
+own bf16 run, or closer (benchmarks/accuracy.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from fuyu.testing.accuracy import compare
+from fuyu.benchmarks.accuracy import compare
 from fuyu.testing.checkpoint import make_checkpoint
 from fuyu.testing.batches import make_batch
 
@@ -20,7 +20,7 @@ def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path)
     on 72 positions one near-tie flips top-1 agreement by 0.014 either way, on 216 the pooled
     numbers measure the implementations rather than luck. Measured (seeds 0-2): ours max 0.078
     mean 0.0126 top-1 0.986; reference max 0.096 mean 0.014 top-1 0.972."""
-    from fuyu.testing.accuracy import errors, meets_contract
+    from fuyu.benchmarks.accuracy import errors, meets_contract
 
     pooled = {"truth": [], "ref": [], "ours": []}
     for seed in range(3):
