@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from fuyu.errors import FuyuError
+from fuyu.output import MANIFEST as SIDECAR_MANIFEST
 from fuyu.records import is_uri, resolve
 
 def folder_extensions() -> frozenset[str]:
@@ -115,6 +116,8 @@ def _walk(root: str, recursive: bool, found: Found, is_own_sidecar) -> Iterator[
     except OSError as e:
         raise FuyuError(f"cannot list folder {root} ({e.strerror or e})", "check its permissions") from None
     for entry in entries:
+        if entry.name == SIDECAR_MANIFEST:  # fuyu's own bookkeeping, not a hidden input
+            continue
         if entry.name.startswith("."):
             found.hidden += 1
             continue

@@ -90,6 +90,12 @@ def open_image(item: Item, opts: Options):
     frame, in-memory bytes or a URI's bytes). Meant for the preprocessing thread."""
     if isinstance(item.source, Blob):
         return decode(item.source.data, item.path)
+    if item.source is None and item.page is not None:  # a page known only by its number (a record)
+        from fuyu.preprocess import pages
+
+        select = pages.parse_pages(str(item.page))
+        item = Item(item.path, item.page, item.pages,
+                    pages.list_pages(item.path, select=select, all_frames=opts.all_frames, dpi=opts.dpi)[0])
     if item.source is not None:
         from fuyu.preprocess import pages
 

@@ -154,3 +154,15 @@ def test_questions_share_one_prefill_of_the_image(tiny_model, tmp_path, monkeypa
     r = fuyu("ask", image, "-q", "A?", "-q", "B?", "-q", "C?", "-m", tiny_model, *FAST)
     assert r.code == 0 and len(r.records()) == 3
     assert calls == [torch.Size([1, 2 * (3 + 1)])]  # one image prefix: 2 rows of 3 patches + newline
+
+
+def test_draw_on_pdf_pages_writes_one_copy_per_page(tiny_model, tmp_path):
+    from PIL import Image
+
+    pdf = write_pdf(tmp_path / "doc.pdf", 2)
+    r = fuyu("bbox", pdf, "--find", "Total", "--draw", tmp_path / "drawn", "-m", tiny_model, *FAST)
+    assert r.code == 0, r.err
+    drawn = sorted((tmp_path / "drawn").iterdir())
+    assert [p.name for p in drawn] == ["doc.page-1.png", "doc.page-2.png"]
+    with Image.open(drawn[0]) as im:
+        assert im.size == (r.records()[0]["width"], r.records()[0]["height"])

@@ -143,7 +143,7 @@ def test_sidecar_never_touches_a_users_txt_even_with_overwrite(fake, tmp_path):
         assert mine.read_bytes() == b"my own notes\n"
     # fuyu's own sidecar is recognised: not an input, not "skipped"; the user's note is skipped
     r = fuyu("caption", tmp_path, "--sidecar")
-    assert "other.txt" not in r.err and "report.txt" in r.err
+    assert "other.txt" not in r.err and "report.txt" in r.err and "hidden" not in r.err  # nor its manifest
 
 
 def test_an_edited_sidecar_becomes_the_users(fake, tmp_path):
