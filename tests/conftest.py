@@ -22,10 +22,14 @@ def _own_cache_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolate_fuyu_env(monkeypatch):
-    """No FUYU_* variable from the developer's shell leaks into a test."""
+    """No FUYU_* variable from the developer's shell leaks into a test. In-process loads use plain
+    kernels: many tests compare texts across loads, and the timed kernel choice (model/tuning.py)
+    may differ from one load to the next on a busy machine, which can flip a near-tie of the tiny
+    random models. The timed path has tests of its own (test_fast_paths.py, test_cli_e2e.py)."""
     for key in list(os.environ):
         if key.startswith("FUYU_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("FUYU_KERNELS", "plain")
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,12 @@ def test_compile_flag_gives_the_eager_text(tiny_model, tmp_path):
     r = subprocess.run([sys.executable, "-c", spy, *map(str, args), "--compile", "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.stderr.strip().splitlines()[-1] != "calls 0", r.stderr
+
+
+def test_the_cli_loads_with_kernels_timed_on_this_machine_and_caches_the_choice(tiny_model, shots, monkeypatch):
+    from fuyu.model import tuning
+
+    monkeypatch.setenv("FUYU_KERNELS", "auto")
+    r = fuyu("caption", shots / "wide.png", "-m", tiny_model, "--dtype", "bfloat16", "--max-new-tokens", "4")
+    assert r.code == 0 and r.records()[0]["new_tokens"] == 4, r.err
+    assert tuning.cache_file().is_file()  # in the test session's own XDG_CACHE_HOME

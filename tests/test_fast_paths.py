@@ -115,6 +115,7 @@ def test_kernel_choice_is_timed_once_per_machine_and_cached_in_the_user_cache(ck
                                                                              real(m, tune, head))[1])
     monkeypatch.setattr(tuning, "NOISY", float("inf"))  # keep every timing, however busy the machine
     monkeypatch.setattr(tuning, "CPU_SHARE", 0.0)
+    monkeypatch.setenv("FUYU_KERNELS", "auto")  # the default outside the test suite
     model = load_pretrained(ckpt, dtype=torch.bfloat16)
     # query_key_value, dense, dense_h_to_4h, dense_4h_to_h, lm_head; not the patch projection
     assert len(timed) == 5 and all("bfloat16" in k for k in timed)

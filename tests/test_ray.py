@@ -45,13 +45,28 @@ def slow_runner(spec, max_new_tokens, src):
     return Slow()
 
 
+# Texts are compared across processes (the single run, Ray workers, the predictor), and kernel
+# choices are timed per process (a noisy timing is not cached): plain kernels everywhere, so a
+# near-tie of the tiny random model cannot flip between differently chosen float32 kernels.
+PLAIN = {"FUYU_KERNELS": "plain"}
+
+
+@pytest.fixture(autouse=True)
+def _plain_kernels(monkeypatch):
+    for key, value in PLAIN.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # as the CLI does: no C++ warnings in test logs
+    os.environ.update(PLAIN)  # the workers inherit the cluster's environment
     ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
              log_to_driver=False, logging_level=logging.ERROR)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    for key in PLAIN:
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +84,12 @@ def single(tiny_model, images, tmp_path_factory) -> dict[str, str]:
 
     out = tmp_path_factory.mktemp("single") / "out.jsonl"
     threads = torch.get_num_threads()
-    run = fuyu("caption", images, "--model", tiny_model, "-o", out, "--max-new-tokens", "8", "--threads", "1")
+    os.environ.update(PLAIN)  # module-scoped: set up before the per-test environment fixtures
+    try:
+        run = fuyu("caption", images, "--model", tiny_model, "-o", out, "--max-new-tokens", "8", "--threads", "1")
+    finally:
+        for key in PLAIN:
+            os.environ.pop(key, None)
     torch.set_num_threads(threads)
     assert run.code == 0, run.err
     return texts(json.loads(line) for line in out.read_text().splitlines())
