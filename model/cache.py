@@ -149,6 +149,31 @@ class KVCache:
             self.length += self._pending
             self._pending = 0
 
+    # --- several prompt lengths in one cache ----------------------------------------------------
+
+    def rows(self, start: int, stop: int, offset: int) -> KVCache:
+        """A cache over rows [start, stop) whose slot 0 is this cache's slot `offset`, sharing its
+        storage: prefilling a batch of prompts of length L − offset into it leaves them right-aligned
+        at slot L, as if left-padded among longer prompts, without computing the padding.
+
+        All parts are prefilled before this cache takes over (`joined`); they never decode."""
+        if self.decoding or self.length:
+            raise RuntimeError("parts are taken from an empty cache")
+        part = object.__new__(KVCache)
+        part.k = [t[start:stop, :, offset:] for t in self.k]
+        part.v = [t[start:stop, :, offset:] for t in self.v]
+        part.valid = self.valid[start:stop, offset:]
+        part.next_position = self.next_position[start:stop]
+        part.slot = torch.zeros(1, device=self.slot.device, dtype=torch.long)
+        part.length, part._pending, part.padded, part.decoding = 0, 0, False, False
+        part.rope, part.cos, part.sin = self.rope, self.cos, self.sin
+        return part
+
+    def joined(self, length: int) -> None:
+        """Take over the parts (from `rows`) once prefilled: every row is written up to `length`."""
+        self.length = length
+        self.padded = not bool(self.valid[:, :length].all())  # once, at prefill
+
     # --- shared prefixes -----------------------------------------------------------------------
 
     def extend(self, rows: torch.Tensor, room: int) -> KVCache:

@@ -35,10 +35,18 @@ def prefill(model: Fuyu, batch, max_new_tokens: int = 0, *, prefix: KVCache | No
     """Run the prompts; returns a cache with room for max_new_tokens more tokens per row and the
     logits (B, V) at each row's last prompt position.
 
+    batch may be a list of batches (e.g. one per image size): each runs on its own, so no prompt
+    is padded to another batch's length, and the cache holds all their rows, in order, for
+    decoding together.
     prefix (from encode_prefix): the batch holds continuations only; row i continues prefix row
     rows[i] (default i), with positions following on as if it had been run in one piece.
     """
-    ids, mask, patches = batch_tensors(batch, _device(model))
+    device = _device(model)
+    if isinstance(batch, (list, tuple)):
+        if prefix is not None:
+            raise ValueError("prefix= continues one batch, not a list of them")
+        return _prefill_parts(model, [batch_tensors(b, device) for b in batch], max_new_tokens)
+    ids, mask, patches = batch_tensors(batch, device)
     B, T = ids.shape
     if prefix is None:
         cache = KVCache.for_model(model, B, T + max_new_tokens)
@@ -52,6 +60,24 @@ def prefill(model: Fuyu, batch, max_new_tokens: int = 0, *, prefix: KVCache | No
     cache.advance()
     cache.start_decoding()
     return cache, model.lm_head(h[:, -1])
+
+
+def _prefill_parts(model: Fuyu, parts: list, max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+    """prefill of several batches into one cache, each right-aligned at the longest one's end."""
+    if not parts:
+        raise ValueError("no batches to prefill")
+    L = max(ids.shape[1] for ids, _, _ in parts)
+    cache = KVCache.for_model(model, sum(ids.shape[0] for ids, _, _ in parts), L + max_new_tokens)
+    lasts, row = [], 0
+    for ids, mask, patches in parts:
+        B, T = ids.shape
+        part = cache.rows(row, row + B, L - T)
+        h = model(ids, part.append(mask), part, patches)
+        lasts.append(model.lm_head(h[:, -1]))
+        row += B
+    cache.joined(L)
+    cache.start_decoding()
+    return cache, torch.cat(lasts)
 
 
 def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
@@ -146,19 +172,24 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     """New ids (B, N), N ≤ max_new_tokens: stops once every row has emitted EOS; rows that
     finished early are padded with EOS, as the reference's generate does.
 
+    batch: one batch, or a list of batches (e.g. one per image size), each prefilled on its own
+    and all decoded together, their rows in order: no prompt pays for another's padding, and
+    each decode step reads the weights once for all of them.
+
     compile: decode steps through torch.compile (CUDA graphs on GPU); same ids as eager in float32.
     prefix, rows: continue shared prefixes (see prefill).
     """
     eos = model.config.eos_token_id if eos_id is None else eos_id
     device = _device(model)
-    ids, mask, patches = batch_tensors(batch, device)
-    B, T = ids.shape
+    parts = [batch_tensors(b, device) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
+    B, T = sum(ids.shape[0] for ids, _, _ in parts), max(ids.shape[1] for ids, _, _ in parts)
     if max_new_tokens <= 0:
-        return ids.new_zeros(B, 0)
+        return parts[0][0].new_zeros(B, 0)
     start = 0 if prefix is None else prefix.length
     room = cache_room(start + T, max_new_tokens) if compile else max_new_tokens
-    batch = dict(input_ids=ids, attention_mask=mask, image_patches=patches)
-    cache, last = prefill(model, batch, room, prefix=prefix, rows=rows)
+    parts = [dict(input_ids=ids, attention_mask=mask, image_patches=patches) for ids, mask, patches in parts]
+    cache, last = prefill(model, parts if isinstance(batch, (list, tuple)) else parts[0], room,
+                          prefix=prefix, rows=rows)
     step = stepper(cache, compile)
     # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
     check = 1 if device.type == "cpu" else 8

@@ -221,3 +221,28 @@ def test_model_package_imports_no_transformers_preprocess_or_cli():
             "or m.startswith(('fuyu.preprocess', 'fuyu.commands', 'fuyu.pipeline', 'fuyu.runner'))]; "
             "print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_list_of_batches_decodes_together_as_each_alone(fp32):
+    """Batches of different lengths (one per image size) are prefilled apart, right-aligned in
+    one cache, and decoded together: the same ids and logits as each batch on its own."""
+    from fuyu.model import decode_step, prefill
+
+    groups = [make_batch([(3, 4, 5), (3, 4, 2)], VOCAB, seed=5), make_batch([(1, 2, 3)], VOCAB, seed=6),
+              make_batch([(2, 5, 4), (0, 0, 7)], VOCAB, seed=7)]  # the last one padded within itself
+    together = generate(fp32, groups, max_new_tokens=6, eos_id=-1)
+    alone = [generate(fp32, g, max_new_tokens=6, eos_id=-1) for g in groups]
+    assert torch.equal(together, torch.cat(alone))
+    assert torch.equal(generate(fp32, groups, max_new_tokens=6, eos_id=-1, compile=True), together)
+
+    cache, last = prefill(fp32, groups, max_new_tokens=3)
+    ids = together[:, 0]
+    steps = [last] + [decode_step(fp32, cache, together[:, i]) for i in range(2)]
+    for g, rows in zip(groups, ([0, 1], [2], [3, 4])):
+        c, l = prefill(fp32, g, max_new_tokens=3)
+        mine = [l] + [decode_step(fp32, c, together[rows, i]) for i in range(2)]
+        for a, b in zip(steps, mine):
+            torch.testing.assert_close(a[rows], b, atol=1e-5, rtol=0)
+    assert ids.shape == (5,)
+    with pytest.raises(ValueError, match="prefix"):
+        prefill(fp32, groups, prefix=cache)
