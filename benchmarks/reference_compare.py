@@ -14,7 +14,7 @@ from fuyu.errors import FuyuError
 def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, prompt: str, repeats: int) -> dict:
     """End-to-end seconds (processor + generate) for ours and the reference, and their ratio, and
     how many greedy tokens agree: with the reference run on the same batches as ours (one per
-    image size), with its one padded batch of all the images (the timed run: in 16-bit, padding
+    image size, decoded together), with its one padded batch of all the images (the timed run: in 16-bit, padding
     changes its own roundings), and with its eager attention. In 16-bit, agreement is not the
     contract (tests/test_accuracy.py is): random weights' near-flat logits flip on any rounding."""
     try:
@@ -34,8 +34,10 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
     for name, images, n_new in (("batch1_32tok", [photo], 32), ("batch8_mixed_20tok", mixed, 20)):
         groups = workloads.group_by_size(images)  # how we batch: one batch per image size, no padding
 
-        def ours():
-            return [workloads.run_ours(net, proc, group, prompt, n_new, eos_id=-1) for group in groups]
+        def ours():  # each size prefilled alone, all decoded together (as `fuyu caption -b 8`)
+            new = workloads.generate_on(net, [proc(images=g, prompts=[prompt] * len(g)) for g in groups],
+                                        n_new, eos_id=-1)
+            return list(new.split([len(g) for g in groups]))
 
         def theirs(batch=images):  # how a user of the reference batches: all at once, left-padded
             inputs = ref_proc(text=[prompt] * len(batch), images=batch, return_tensors="pt").to(device)

@@ -149,10 +149,23 @@ class Runner:
             for unit in units:
                 size = sources.header_size(unit.item, self.sources) or (0, 0)
                 groups.setdefault((size, len(unit.asks)), []).append(unit)
+            # Images of one prompt each fill batches across sizes (smallest first): each size is
+            # prefilled on its own and the batch decodes together (fuyu.model.generate on a list).
+            # Several prompts an image: same-size batches, the image's prefix shared by its prompts.
+            mixed: list[Unit] = []
             for (size, n_asks), group in sorted(groups.items(), key=lambda g: (g[0][0][0] * g[0][0][1], g[0][1])):
+                if n_asks == 1:
+                    for unit in group:
+                        mixed.append(unit)
+                        if len(mixed) == batch_size:
+                            yield mixed
+                            mixed = []
+                    continue
                 per_batch = max(1, batch_size // n_asks)  # all of an image's prompts run together
                 for i in range(0, len(group), per_batch):
                     yield group[i:i + per_batch]
+            if mixed:
+                yield mixed
 
     def _prepare(self, units: list[Unit]) -> tuple[list[Prepared], list[Record]]:
         """Preprocess each unit alone, so one unreadable image fails only itself."""
@@ -222,9 +235,16 @@ class Runner:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
         sampling = dict(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                         generator=generator, compile=gen.compile)
-        if all(len(p.samples) == 1 for p in items):  # one prompt per image: one padded batch
-            batch = self.processor.collate(samples).to(self.device)
-            new_ids = generate(self.model, batch, **sampling)
+        if all(len(p.samples) == 1 for p in items):  # one prompt per image: a batch per image size
+            sizes: dict = {}
+            for s in samples:
+                sizes.setdefault(s.size, []).append(s)
+            order = [s for group in sizes.values() for s in group]
+            parts = [self.processor.collate(group).to(self.device) for group in sizes.values()]
+            new_ids = generate(self.model, parts, **sampling)
+            back = {id(s): i for i, s in enumerate(order)}
+            new_ids = new_ids[[back[id(s)] for s in samples]]  # rows in the items' order again
+            batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         else:  # several: each image's prefix once, its prompts continuing from it
             conts, shared = self._shared_prefix(items)
             new_ids = generate(self.model, conts, **shared, **sampling)

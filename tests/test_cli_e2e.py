@@ -160,8 +160,8 @@ def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
     paths = [png(tmp_path / f"{name}.png", (50, 40), (i * 80, 0, 0)) for i, name in enumerate(["good1", "bad", "good2"])]
     real = engine.generate
 
-    def generate(model, batch, **kw):
-        if any(name.endswith("bad.png") for name in batch.names):
+    def generate(model, batch, **kw):  # a list of batches: one per image size
+        if any(name.endswith("bad.png") for part in batch for name in part.names):
             raise RuntimeError("boom\nsecond line")
         return real(model, batch, **kw)
 
