@@ -27,6 +27,7 @@ parser.add_argument("--gpus-per-worker", type=float, default=0)
 parser.add_argument("--cpus-per-worker", type=float, default=1, help="also each replica's torch threads")
 parser.add_argument("--batch-size", type=int, default=8, help="rows per call (the model batches within)")
 parser.add_argument("--max-new-tokens", type=int, default=32)
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
 args = parser.parse_args()
 
 ray.init()
@@ -36,7 +37,8 @@ ds = ray.data.read_binary_files(args.images, include_paths=True,
 task = {"task": "ask", "question": args.question} if args.question else {"task": "caption"}
 ds = ds.map_batches(
     FuyuPredictor,
-    fn_constructor_kwargs={"model": args.model, "max_new_tokens": args.max_new_tokens, **task},
+    fn_constructor_kwargs={"model": args.model, "max_new_tokens": args.max_new_tokens,
+                          "dtype": args.dtype, **task},
     compute=ray.data.ActorPoolStrategy(size=args.workers),  # the model loads once per replica
     num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker, batch_size=args.batch_size)
 
