@@ -230,7 +230,8 @@ SHARED = [
     Shared("compile", Annotated[bool, typer.Option(
         "--compile", metavar=FLAG, rich_help_panel=GEN,
         help="torch.compile the decode step (CUDA graphs on a GPU); the first batch pays ~20-60 s "
-             "of compiling. For GPUs: on CPU the eager path is usually faster.")], False),
+             "of compiling. On CPU it pays back on long runs only (steps ~12% faster on an AMD "
+             "EPYC); `fuyu benchmark --compile` measures it on yours.")], False),
     Shared("fmt", Annotated[Format, typer.Option(
         "--format", "-f", metavar="jsonl|text|csv|parquet", rich_help_panel=OUT,
         help="JSON lines, 'path<TAB>text' lines, or CSV with a header (stdout); parquet parts "
