@@ -22,7 +22,8 @@ from pathlib import Path
 SETTINGS = {
     "default (spin)": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "GOMP_SPINCOUNT=20000": {"GOMP_SPINCOUNT": "20000"},  # libgomp: spin briefly, then sleep
+    # libgomp: spin this many times, then sleep (its default is 300,000; PASSIVE is 0)
+    **{f"GOMP_SPINCOUNT={n}": {"GOMP_SPINCOUNT": str(n)} for n in (2000, 20000, 100000)},
 }
 
 

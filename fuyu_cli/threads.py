@@ -2,14 +2,18 @@
 
 torch sizes its thread pool by the machine's core count, but a container or `taskset` may grant
 a process fewer CPUs: then its threads oversubscribe the cores it has. And OpenMP threads spin
-while they wait for work, so two fuyu processes that share cores burn each other's time (two
-concurrent runs on 2 cores were each ~10x slower than one run). Hence, at CLI start:
+while they wait for work: that keeps a decode step's many short parallel regions fast (on a
+2-core AMD EPYC, mid model, batch 1: 37.8 ms/step spinning, 49.9 waiting passively), but two
+processes that spin on the same cores burn each other's time (263 ms/step each, 5.6×; passive:
+66.7, 1.1×). So the wait policy is chosen by looking at the machine when fuyu starts: if other
+work already runs on our CPUs, OpenMP waits passively; if not, it keeps libgomp's default spin.
+Hence, at CLI start:
 
     threads.before_torch()     # before anything imports torch: OpenMP reads its variables once
     ...
     threads.configure(n)       # after: torch's intra-op threads = n or the CPUs we may use
 
-Numbers behind the choice: benchmarks/threads_bench.py.
+A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins. Numbers: benchmarks/threads_bench.py.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
-# What OpenMP does with a thread that has no work: sleep at once instead of spinning ~0.2 s.
+# What OpenMP does with a thread that has no work, when other work shares our CPUs: sleep at once.
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+LOADAVG = Path("/proc/loadavg")
 
 
 def available_cpus() -> int:
@@ -48,15 +54,35 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
-def before_torch(threads: int | None = None, environ=os.environ) -> bool:
+def busy_elsewhere(samples: int = 3, interval: float = 0.005, loadavg: Path = LOADAVG) -> bool:
+    """Whether other work runs on the CPUs this process may use, now: in each of a few samples of
+    the kernel's count of running tasks (/proc/loadavg), the others (this process aside) are more
+    than the CPUs outside our share. False where that count cannot be read (not Linux)."""
+    outside = max(0, (os.cpu_count() or 1) - available_cpus())
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        try:
+            running = int(loadavg.read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if running - 1 <= outside:
+            return False
+    return True
+
+
+def before_torch(threads: int | None = None, environ=os.environ, busy: bool | None = None) -> bool:
     """Set OpenMP's variables for this process, unless the user set them: threads (default: the
-    CPUs we may use) and the passive wait policy. Returns False (and sets nothing) when torch
-    is already imported, since OpenMP has then read them."""
+    CPUs we may use) and, when other work already runs on our CPUs (`busy`, default: measured
+    now), the passive wait policy. Returns False (and sets nothing) when torch is already
+    imported, since OpenMP has then read them."""
     if "torch" in sys.modules:
         return False
     environ.setdefault("OMP_NUM_THREADS", str(threads or available_cpus()))
-    for key, value in WAIT_POLICY.items():
-        environ.setdefault(key, value)
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return True
+    if busy_elsewhere() if busy is None else busy:
+        environ.update(WAIT_POLICY)
     return True
 
 

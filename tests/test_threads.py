@@ -1,4 +1,5 @@
-"""Threads follow the CPUs a process may use; OpenMP waits passively (set before torch loads)."""
+"""Threads follow the CPUs a process may use; OpenMP waits passively when other work shares our CPUs
+(set before torch loads)."""
 
 import os
 import subprocess
@@ -27,17 +28,29 @@ def test_cgroup_v2_cpu_max_is_read(tmp_path, cpu_max, quota):
     assert threads.cgroup_quota(tmp_path / "absent") is None
 
 
-def test_before_torch_sets_openmp_defaults_the_user_has_not_set():
+@pytest.mark.parametrize("busy, policy", [(True, "PASSIVE"), (False, "unset")])
+def test_before_torch_sets_openmp_defaults_the_user_has_not_set(busy, policy):
     code = ("import os, sys; from fuyu import threads; assert 'torch' not in sys.modules; "
-            "assert threads.before_torch(); import torch; "
-            "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "FUYU_"))}
+            f"assert threads.before_torch(busy={busy}); import torch; "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "FUYU_"))}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    policy, n, torch_threads = out.stdout.split()
-    assert policy == "PASSIVE" and int(n) == threads.available_cpus() == int(torch_threads)
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split()[0] == "ACTIVE"  # the user's own setting wins
+    got, n, torch_threads = out.stdout.split()
+    assert got == policy and int(n) == threads.available_cpus() == int(torch_threads)
+    for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **mine},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.split()[0] == mine.get("OMP_WAIT_POLICY", "unset")  # the user's own setting wins
+
+
+def test_other_work_on_our_cpus_is_seen_in_the_running_task_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)  # 2 CPUs outside our share
+    loadavg = tmp_path / "loadavg"
+    for running, busy in ((1, False), (3, False), (4, True), (9, True)):  # this process is one of them
+        loadavg.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
+        assert threads.busy_elsewhere(interval=0, loadavg=loadavg) is busy
+    assert threads.busy_elsewhere(loadavg=tmp_path / "absent") is False
 
 
 def test_configure_sets_torch_threads_and_before_torch_is_too_late_once_torch_is_loaded():
