@@ -7,6 +7,9 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
   linear   F.linear on the plain weight (no swap)
   packed   oneDNN's blocked weight layout (PackedLinear): no per-call weight reorder
   mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
+  native   our own C matrix-vector kernel (model/native.py, compiled on the machine) for 1–2-row
+           inputs, F.linear otherwise (NativeLinear): reads 16-bit weights at about the memory's
+           read rate where oneDNN's GEMV does not (AMD EPYC)
   gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
            (GemvLinear; F.linear above that), which streams a big LM head at close to the
            memory bandwidth on some CPUs (AMD EPYC) and not on others
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuyu.model import native
 from fuyu.model.quantize import Int8Linear
 
 GEMV_MAX_ROWS = 2  # one multiply-reduce per row, fused by inductor into one pass over the weight
@@ -118,6 +122,41 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gemv rows<={GEMV_MAX_ROWS}"
 
 
+class NativeLinear(nn.Module):
+    """nn.Linear (plain weight) whose 1–2-row calls go through model/native.py's kernel."""
+
+    kernel = "native"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > native.MAX_ROWS * x.shape[-1] or x.requires_grad or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # inside a compiled decode step: an op of its graph
+            return _native_linear(x, self.weight, self.bias)
+        return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
+
+    def plain(self) -> nn.Linear:
+        return _linear(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native rows<={native.MAX_ROWS}"
+
+
+@torch.library.custom_op("fuyu::native_linear", mutates_args=())
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An op of its own, so a compiled decode step keeps the call inside its graph."""
+    return native.linear(x, weight, bias)
+
+
+@_native_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 class MvLinear(nn.Module):
     """nn.Linear (plain weight) whose one-row calls go through torch.mv: BLAS's GEMV streams a
     16-bit weight faster than F.linear's GEMM path on some CPUs (and slower on others)."""
@@ -159,15 +198,27 @@ def can_pack(weight: torch.Tensor) -> bool:
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+SWAPPED = (PackedLinear, GemvLinear, MvLinear, NativeLinear)
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether a CPU kernel other than its own could serve `module` (cheap: builds nothing)."""
+    if type(module) is Int8Linear:
+        return module.weight.device.type == "cpu"
+    return type(module) is nn.Linear and not hasattr(module, "_hf_hook") and module.weight.device.type == "cpu"
+
+
 def candidates(module: nn.Module) -> list[str]:
     """Kernel names that can serve `module` (first: what it is now, unswapped)."""
-    if type(module) is Int8Linear:
-        return ["int8", "int8+dequant"] if module.weight.device.type == "cpu" else []
-    if type(module) is not nn.Linear or hasattr(module, "_hf_hook") or module.weight.device.type != "cpu":
+    if not eligible(module):
         return []
+    if type(module) is Int8Linear:
+        return ["int8", "int8+dequant"]
     names = ["linear"]
     if can_pack(module.weight):
         names.append("packed")
+    if native.serves(module.weight) and native.available():
+        names.append("native")
     if module.weight.dtype in (torch.bfloat16, torch.float16):
         names.append("mv")
         if module.bias is None:
@@ -183,6 +234,8 @@ def use(module: nn.Module, kernel: str) -> nn.Module:
         return GemvLinear(module)
     if kernel == "mv":
         return MvLinear(module)
+    if kernel == "native":
+        return NativeLinear(module)
     if isinstance(module, Int8Linear):
         module.dequantize_from = DEQUANT_FROM_ROWS if kernel == "int8+dequant" else None
     return module
@@ -201,7 +254,7 @@ def apply(model: nn.Module, choose) -> dict[str, str]:
     returns {module name: kernel}."""
     picked = {}
     for name, module in list(model.named_modules()):
-        if not candidates(module):
+        if not eligible(module):
             continue
         kernel = choose(name, module)
         if kernel is None or kernel == kernel_of(module):
@@ -216,7 +269,7 @@ def restore_plain(model: nn.Module) -> nn.Module:
     """Undo `apply` exactly: plain nn.Linear weights (the same values), quantized modules on their
     own kernel. Returns the model, e.g. `restore_plain(model).requires_grad_(True)` to train."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (PackedLinear, GemvLinear, MvLinear)):
+        if isinstance(module, SWAPPED):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module.plain())
         elif isinstance(module, Int8Linear):
@@ -227,4 +280,4 @@ def restore_plain(model: nn.Module) -> nn.Module:
 def in_use(model: nn.Module) -> dict[str, str]:
     """{module name: kernel} for every Linear a kernel could serve (plain ones included)."""
     return {name: kernel_of(m) for name, m in model.named_modules()
-            if isinstance(m, (PackedLinear, GemvLinear, MvLinear)) or candidates(m)}
+            if isinstance(m, SWAPPED) or eligible(m)}

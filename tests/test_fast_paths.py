@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fuyu.model import generate, kernels, load_pretrained, logits, tuning
+from fuyu.model import generate, kernels, load_pretrained, logits, native, tuning
 from fuyu.model.kernels import GemvLinear, PackedLinear, restore_plain
 from fuyu.testing.checkpoint import make_checkpoint
 from fuyu.testing.batches import make_batch
@@ -44,14 +44,15 @@ def every(kernel):
 
 # Which Linears each kernel can serve in float32 (tuning offers mv and gemv for 16-bit weights only,
 # but the modules serve any dtype, so their equivalence is tested where it is exact enough).
-SERVES = {"packed": lambda m: kernels.can_pack(m.weight), "mv": lambda m: True, "gemv": lambda m: m.bias is None}
+SERVES = {"packed": lambda m: kernels.can_pack(m.weight), "mv": lambda m: True, "gemv": lambda m: m.bias is None,
+          "native": lambda m: native.available()}
 
 
-@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1)])
+@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1), ("native", 14)])
 def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel, swapped):
     model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
     if not SERVES[kernel](model.lm_head):
-        pytest.skip("no oneDNN on this build")
+        pytest.skip(f"no {kernel} kernel on this machine (packed: oneDNN; native: a C compiler, libgomp)")
     # 14: the patch projection, 3 layers × 4 Linears, the LM head; gemv: the head (no bias)
     assert len(kernels.apply(model, lambda name, m: kernel if SERVES[kernel](m) else None)) == swapped
     with torch.inference_mode():
@@ -192,3 +193,43 @@ def test_cpu_decode_attention_equals_sdpa(monkeypatch, chunk, dtype):
     else:
         theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert (ours.float() - truth).abs().max() <= (theirs.float() - truth).abs().max() * 1.25
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler or no libgomp in torch")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_kernel_is_float32_accumulated_f_linear(rows, dtype):
+    torch.manual_seed(rows)
+    w, b = torch.randn(515, 333).to(dtype), torch.randn(515).to(dtype)
+    x = torch.randn(rows, 7, 333).to(dtype)[:, -1]  # a strided view, as a prefill's last positions
+    for bias in (b, None):
+        exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        got = native.linear(x, w, bias)
+        assert got.dtype == dtype and got.shape == (rows, 515)
+        err = (got.double() - exact).abs()
+        if dtype == torch.float32:
+            assert err.max().item() < 1e-4
+        else:  # a float32-accurate sum rounded once to bf16: within one bf16 ulp (2⁻⁸ relative)
+            assert (err <= exact.abs() * 2 ** -8 + 1e-6).all()
+    with pytest.raises(ValueError, match="at most 2 rows"):
+        native.linear(torch.randn(3, 333).to(dtype), w, b)
+
+
+@needs_native
+def test_compiled_decode_through_the_native_kernel_gives_the_eager_greedy_ids(ckpt, batch, plain32):
+    model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
+    assert len(kernels.apply(model, every("native"))) == 14
+    with torch.inference_mode():
+        assert generate(model, batch, 12, eos_id=-1, compile=True).tolist() == plain32[2][:, :12].tolist()
+
+
+def test_no_compiler_means_no_native_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.library() is None and not native.available()
+    assert "native" not in kernels.candidates(torch.nn.Linear(8, 8).bfloat16())
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("FUYU_NATIVE", "0")
+    assert native.library() is None
