@@ -15,12 +15,18 @@ pytestmark = pytest.mark.parity
 VOCAB = 300
 
 
-def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path):
+@pytest.mark.parametrize("kernel", ["plain", "native"])
+def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path, kernel):
     """Three random checkpoints × three samples (image, wide image, text only) × 24 steps, pooled:
     on 72 positions one near-tie flips top-1 agreement by 0.014 either way, on 216 the pooled
     numbers measure the implementations rather than luck. Measured (seeds 0-2): ours max 0.082
-    mean 0.0125 top-1 0.981; reference max 0.096 mean 0.014 top-1 0.972."""
+    mean 0.0125 top-1 0.981; reference max 0.096 mean 0.014 top-1 0.972. "native": every Linear
+    on model/native.py's kernel (decode steps; prefill-sized calls stay F.linear)."""
     from fuyu.benchmarks.accuracy import errors, meets_contract
+    from fuyu.model import kernels, load_pretrained, native
+
+    if kernel == "native" and not native.available():
+        pytest.skip("no C compiler or no libgomp in torch: no native kernel")
 
     pooled = {"truth": [], "ref": [], "ours": []}
     for seed in range(3):
@@ -30,11 +36,14 @@ def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path)
         for i, shape in enumerate([(3, 4, 6), (2, 6, 3), (0, 0, 9)]):
             b = make_batch([shape], VOCAB, seed=10 * seed + i)
             samples.append((b.input_ids, b.image_patches if b.image_patches.shape[0] else None))
-        result = compare(ckpt, samples, steps=24, keep_logits=True)
+        model = load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain")
+        if kernel == "native":
+            kernels.apply(model, lambda name, m: "native" if "native" in kernels.candidates(m) else None)
+        result = compare(ckpt, samples, steps=24, keep_logits=True, ours=model)
         for k in pooled:
             pooled[k] += result["logits"][k]
     ref, ours = errors(pooled["truth"], pooled["ref"]), errors(pooled["truth"], pooled["ours"])
-    print(f"tiny checkpoints, bf16 vs float32 reference: ours {ours}, reference {ref}")
+    print(f"tiny checkpoints, bf16 vs float32 reference, {kernel} kernels: ours {ours}, reference {ref}")
     assert meets_contract(ours, ref), f"ours {ours}, reference {ref}"
 
 
