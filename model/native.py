@@ -201,11 +201,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     lib = library()
     N, K = weight.shape
     rows = x.reshape(-1, K)
-    if lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or x.dtype != weight.dtype:
-        raise ValueError("native.linear: a CPU float32/bfloat16 weight, inputs of its dtype, "
+    if (lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or x.dtype != weight.dtype
+            or x.device.type != "cpu"):
+        raise ValueError("native.linear: a CPU float32/bfloat16 weight, CPU inputs of its dtype, "
                          f"at most {MAX_ROWS} rows, and a built kernel are required")
-    if not x.device.type == "cpu":
-        raise ValueError("native.linear: inputs on the CPU")
     xf = rows if rows.dtype == torch.float32 else rows.float()
     if not xf.is_contiguous():
         xf = xf.contiguous()
