@@ -122,15 +122,29 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gemv rows<={GEMV_MAX_ROWS}"
 
 
-class NativeLinear(nn.Module):
-    """nn.Linear (plain weight) whose 1–2-row calls go through model/native.py's kernel."""
+class _PlainWeightLinear(nn.Module):
+    """An nn.Linear whose plain weight and bias are kept as they are, with a faster path for
+    some calls (the subclass's forward); `note` says which, in the repr."""
 
-    kernel = "native"
+    note = ""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+
+    def plain(self) -> nn.Linear:
+        return _linear(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.note}"
+
+
+class NativeLinear(_PlainWeightLinear):
+    """nn.Linear (plain weight) whose 1–2-row calls go through model/native.py's kernel."""
+
+    kernel = "native"
+    note = f"native rows<={native.MAX_ROWS}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > native.MAX_ROWS * x.shape[-1] or x.requires_grad or x.dtype != self.weight.dtype:
@@ -138,12 +152,6 @@ class NativeLinear(nn.Module):
         if torch.compiler.is_compiling():  # inside a compiled decode step: an op of its graph
             return _native_linear(x, self.weight, self.bias)
         return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
-
-    def plain(self) -> nn.Linear:
-        return _linear(self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native rows<={native.MAX_ROWS}"
 
 
 @torch.library.custom_op("fuyu::native_linear", mutates_args=())
@@ -157,16 +165,12 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-class MvLinear(nn.Module):
+class MvLinear(_PlainWeightLinear):
     """nn.Linear (plain weight) whose one-row calls go through torch.mv: BLAS's GEMV streams a
     16-bit weight faster than F.linear's GEMM path on some CPUs (and slower on others)."""
 
     kernel = "mv"
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+    note = "mv for 1 row"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1] or x.requires_grad:
@@ -174,12 +178,6 @@ class MvLinear(nn.Module):
         y = torch.mv(self.weight, x.reshape(-1))
         y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], -1)
-
-    def plain(self) -> nn.Linear:
-        return _linear(self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mv for 1 row"
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -116,13 +116,12 @@ GEMV(fuyu_gemv_f32, float, widen_f32, widen_f32)
 DTYPES = {torch.bfloat16: "fuyu_gemv_bf16", torch.float32: "fuyu_gemv_f32"}
 
 
-def _torch_openmp() -> str | None:
-    """The libgomp torch has loaded (its soname is what our library links), else None."""
+def _torch_has_libgomp() -> bool:
+    """Whether torch has loaded libgomp: its soname is what our library links, so it shares it."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        return "libgomp" in Path("/proc/self/maps").read_text()
     except OSError:
-        return None
-    return next((line.split()[-1] for line in maps.splitlines() if "libgomp" in line), None)
+        return False
 
 
 def _cpu_flags() -> str:
@@ -141,7 +140,7 @@ def library_path() -> Path:
 
 
 def _load(path: Path) -> ctypes.CDLL | None:
-    if _torch_openmp() is None:
+    if not _torch_has_libgomp():
         return None
     if not path.exists() and not _build(path):
         return None
@@ -201,15 +200,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     lib = library()
     N, K = weight.shape
     rows = x.reshape(-1, K)
-    if (lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or x.dtype != weight.dtype
-            or x.device.type != "cpu"):
-        raise ValueError("native.linear: a CPU float32/bfloat16 weight, CPU inputs of its dtype, "
-                         f"at most {MAX_ROWS} rows, and a built kernel are required")
+    if (lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or not weight.is_contiguous()
+            or x.dtype != weight.dtype or x.device.type != "cpu"
+            or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
+        raise ValueError("native.linear: a contiguous CPU float32/bfloat16 weight, a bias and CPU "
+                         f"inputs of its dtype, at most {MAX_ROWS} rows, and a built kernel are required")
     xf = rows if rows.dtype == torch.float32 else rows.float()
     if not xf.is_contiguous():
         xf = xf.contiguous()
-    if not weight.is_contiguous() or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous())):
-        raise ValueError("native.linear: a contiguous weight, and a bias of its dtype")
     y = torch.empty(rows.shape[0], N, dtype=weight.dtype)
     getattr(lib, DTYPES[weight.dtype])(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                                        y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
