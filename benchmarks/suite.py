@@ -74,7 +74,8 @@ def run(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repe
 
 
 def kernel_choice(net) -> dict:
-    """{weight: {"kernel", "modules", "ms": {kernel: [1, 2, 256 rows]}}} (empty off CPU)."""
+    """{weight: {"kernel", "modules", "ms": {kernel: [ms at each of tuning.ROWS]}}}
+    (empty off CPU)."""
     from fuyu.model import tuning
 
     if net.embed_tokens.weight.device.type != "cpu":

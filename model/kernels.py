@@ -1,18 +1,25 @@
 """CPU kernel variants of nn.Linear, swapped in after loading, each equivalent to the plain op.
 
-Which one serves which weight is decided by timing on the machine (model/tuning.py); this module
+A kernel name says how decode-sized calls are served and, after a "+", prefill-sized ones where
+that differs. Which one serves which weight is decided by timing on the machine
+(model/tuning.py); this module
 only holds the variants and the swap, and does no I/O. Every variant gives back its plain
 nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
 
   linear   F.linear on the plain weight (no swap)
   packed   oneDNN's blocked weight layout (PackedLinear): no per-call weight reorder
   mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
-  native   our own C matrix-vector kernel (model/native.py, compiled on the machine) for 1–2-row
-           inputs, F.linear otherwise (NativeLinear): reads 16-bit weights at about the memory's
-           read rate where oneDNN's GEMV does not (AMD EPYC)
+  native   our own C matrix-vector kernel (model/native.py, compiled on the machine) for inputs of
+           up to 8 rows (a decode batch), F.linear otherwise (NativeLinear): reads 16-bit weights at
+           about the memory's read rate where oneDNN's GEMV does not (AMD EPYC)
   gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
            (GemvLinear; F.linear above that), which streams a big LM head at close to the
            memory bandwidth on some CPUs (AMD EPYC) and not on others
+  +f32     suffix: prefill-sized calls (more rows than a decode batch) as one float32 GEMM over the
+           exactly widened 16-bit weight, rounded once (wide_linear): where the CPU has no fast
+           16-bit GEMM (AVX2 without AVX-512 BF16: oneDNN's bf16 GEMM runs at 16-19 GFLOP/s, float32
+           at 70-110 on a 2-core AMD EPYC) a prefill is 4-5x faster, and no less accurate.
+           "linear+f32" is F.linear for the rest
   int8 / int8+dequant   for Int8Linear: torch's int8 kernel, or for prefill-sized inputs the
            weight dequantized per call into one 16-bit GEMM (the int8 kernel is ~5× slower there)
 """
@@ -28,6 +35,8 @@ from fuyu.model.quantize import Int8Linear
 
 GEMV_MAX_ROWS = 2  # one multiply-reduce per row, fused by inductor into one pass over the weight
 DEQUANT_FROM_ROWS = 32  # Int8Linear "int8+dequant": inputs with this many rows or more
+WIDE_FROM_ROWS = native.MAX_ROWS + 1  # "+f32": inputs with more rows than a decode batch
+WIDE_BLOCK = 1 << 20  # weight elements widened to float32 at a time (4 MiB)
 
 
 class PackedLinear(nn.Module):
@@ -122,33 +131,71 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gemv rows<={GEMV_MAX_ROWS}"
 
 
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for 16-bit x and weights as float32 GEMMs over the exactly
+    widened operands, rounded once to the weights' dtype. The weight is widened a block of rows
+    at a time, so the float32 copy stays small (an LM head's would be 1 GiB)."""
+    N, K = weight.shape
+    xf = x.reshape(-1, K).float()
+    y = torch.empty(xf.shape[0], N, dtype=weight.dtype, device=x.device)
+    step = max(1, WIDE_BLOCK // K)
+    for i in range(0, N, step):
+        b = None if bias is None else bias[i:i + step].float()
+        y[:, i:i + step] = F.linear(xf, weight[i:i + step].float(), b)
+    return y.view(*x.shape[:-1], N)
+
+
 class _PlainWeightLinear(nn.Module):
     """An nn.Linear whose plain weight and bias are kept as they are, with a faster path for
-    some calls (the subclass's forward); `note` says which, in the repr."""
+    some calls (the subclass's forward); the calls it does not serve go to `large`: F.linear, or
+    with wide=True ("+f32") prefill-sized ones to wide_linear. `note` says which, in the repr."""
 
+    base = "linear"
     note = ""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, wide: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.wide = wide
+
+    @property
+    def kernel(self) -> str:
+        return self.base + ("+f32" if self.wide else "")
+
+    def large(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide and x.numel() >= WIDE_FROM_ROWS * x.shape[-1] and not x.requires_grad:
+            return wide_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.large(x)
 
     def plain(self) -> nn.Linear:
         return _linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.note}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.note}"
+                + (f", float32 GEMM from {WIDE_FROM_ROWS} rows" if self.wide else "")).replace(", , ", ", ")
+
+
+class WideLinear(_PlainWeightLinear):
+    """nn.Linear (plain weight): F.linear, but prefill-sized calls as float32 GEMMs ("linear+f32")."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear, wide=True)
 
 
 class NativeLinear(_PlainWeightLinear):
-    """nn.Linear (plain weight) whose 1–2-row calls go through model/native.py's kernel."""
+    """nn.Linear (plain weight) whose decode-sized calls (≤ native.MAX_ROWS rows) go through
+    model/native.py's kernel."""
 
-    kernel = "native"
+    base = "native"
     note = f"native rows<={native.MAX_ROWS}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > native.MAX_ROWS * x.shape[-1] or x.requires_grad or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
+            return self.large(x)
         if torch.compiler.is_compiling():  # inside a compiled decode step: an op of its graph
             return _native_linear(x, self.weight, self.bias)
         return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
@@ -169,12 +216,12 @@ class MvLinear(_PlainWeightLinear):
     """nn.Linear (plain weight) whose one-row calls go through torch.mv: BLAS's GEMV streams a
     16-bit weight faster than F.linear's GEMM path on some CPUs (and slower on others)."""
 
-    kernel = "mv"
+    base = "mv"
     note = "mv for 1 row"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1] or x.requires_grad:
-            return F.linear(x, self.weight, self.bias)
+            return self.large(x)
         y = torch.mv(self.weight, x.reshape(-1))
         y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], -1)
@@ -196,7 +243,7 @@ def can_pack(weight: torch.Tensor) -> bool:
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-SWAPPED = (PackedLinear, GemvLinear, MvLinear, NativeLinear)
+SWAPPED = (PackedLinear, GemvLinear, _PlainWeightLinear)
 
 
 def eligible(module: nn.Module) -> bool:
@@ -207,11 +254,11 @@ def eligible(module: nn.Module) -> bool:
 
 
 def candidates(module: nn.Module) -> list[str]:
-    """Kernel names that can serve `module` (first: what it is now, unswapped)."""
+    """Kernel names for `module`'s decode-sized calls (first: what it is now, unswapped)."""
     if not eligible(module):
         return []
     if type(module) is Int8Linear:
-        return ["int8", "int8+dequant"]
+        return ["int8"]
     names = ["linear"]
     if can_pack(module.weight):
         names.append("packed")
@@ -224,16 +271,47 @@ def candidates(module: nn.Module) -> list[str]:
     return names
 
 
+def prefill_candidates(module: nn.Module) -> list[str]:
+    """Kernel names for `module`'s prefill-sized calls: F.linear, oneDNN packed, float32 GEMMs;
+    the int8 kernel or the weight dequantized per call."""
+    if not eligible(module):
+        return []
+    if type(module) is Int8Linear:
+        return ["int8", "int8+dequant"]
+    names = ["linear"]
+    if can_pack(module.weight):
+        names.append("packed")
+    if module.weight.dtype in (torch.bfloat16, torch.float16):
+        names.append("linear+f32")
+    return names
+
+
+def compose(decode: str, prefill: str) -> str | None:
+    """The kernel that serves decode-sized calls as `decode` and prefill-sized ones as `prefill`
+    (names from candidates and prefill_candidates), or None where no one kernel does both."""
+    if "packed" in (decode, prefill):  # the packed weight replaces the plain one: both or neither
+        return "packed" if decode == prefill else None
+    if decode == "int8":
+        return prefill
+    if prefill == "linear":
+        return decode
+    return None if decode == "gemv" else decode + "+f32"  # (gemv keeps F.linear for the rest)
+
+
 def use(module: nn.Module, kernel: str) -> nn.Module:
     """`module` (plain) served by `kernel`: a new module, or the same one set up for it."""
     if kernel == "packed":
         return PackedLinear(module)
     if kernel == "gemv":
         return GemvLinear(module)
-    if kernel == "mv":
-        return MvLinear(module)
-    if kernel == "native":
-        return NativeLinear(module)
+    base, _, suffix = kernel.partition("+")
+    wide = suffix == "f32"
+    if base == "mv":
+        return MvLinear(module, wide)
+    if base == "native":
+        return NativeLinear(module, wide)
+    if kernel == "linear+f32":
+        return WideLinear(module)
     if isinstance(module, Int8Linear):
         module.dequantize_from = DEQUANT_FROM_ROWS if kernel == "int8+dequant" else None
     return module

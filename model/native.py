@@ -33,13 +33,28 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 2  # input rows it serves (the CLI's CPU batch); above this it is compute-bound and
+MAX_ROWS = 8  # input rows it serves (the CLI's CPU batch); above this it is compute-bound and
 # oneDNN's GEMMs, which multiply bf16 pairs in one instruction where the CPU can, win
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+
+/* One vector register's worth of floats: 16 with AVX-512, 8 with AVX2, 4 on SSE/NEON. A vector
+   wider than the CPU's registers would be split and spilled to the stack by GCC (seen: AVX2 at
+   64 bytes ran at a third of the memory's read rate), so the width follows the target. */
+#if __BIGGEST_ALIGNMENT__ >= 64
+#define VB 64
+#elif __BIGGEST_ALIGNMENT__ >= 32
+#define VB 32
+#else
+#define VB 16
+#endif
+#define L (VB / 4)
+typedef float vf __attribute__((vector_size(VB)));
+typedef uint32_t vu __attribute__((vector_size(VB)));
+typedef uint16_t vh __attribute__((vector_size(VB / 2)));
 
 static inline float widen_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline float widen_f32(float v) { return v; }
@@ -49,62 +64,67 @@ static inline uint16_t round_bf16(float f) {  /* round to nearest even, as torch
     u += 0x7fff + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }
-
-/* Sixteen floats as one value: a vector register (or two, or four, where the CPU's are narrower). */
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-
-static inline vf load_uint16_t(const uint16_t *p) {  /* 16 bf16 -> float32: the bits shifted up */
+static inline vf load_uint16_t(const uint16_t *p) {  /* L bf16 -> float32: the bits shifted up */
     vh h; memcpy(&h, p, sizeof h);
     vu u = __builtin_convertvector(h, vu) << 16;
     vf f; memcpy(&f, &u, sizeof f); return f;
 }
 static inline vf load_float(const float *p) { vf f; memcpy(&f, p, sizeof f); return f; }
-static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < L; i++) s += v[i]; return s; }
 
-/* One weight row against 1 or 2 input rows in one pass over the row: four independent 16-wide
-   partial sums per input (successive multiply-adds do not wait on each other), added at the end. */
-#define ROWS(T, W)                                                                          \
-static void rows1_##T(const T *w, const float *x, int64_t K, float *s) {                  \
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                              \
+/* One weight row against B input rows in one pass over the weight row: each weight vector is
+   loaded and widened once and multiplied into B accumulators; U independent accumulators per input
+   row so successive multiply-adds do not wait on each other. B and U are constants in each
+   instance, so the accumulators live in registers. The inputs come interleaved (xi: for each
+   L-wide slice of K, that slice of every row in turn), so they are read as one sequential stream:
+   B rows 4 KB apart would fall into one set of the L1 cache and evict each other. The last K % L
+   columns are read from the rows as given (x). */
+#define DOT(T, W, B, U)                                                                     \
+static void dot##B##_##T(const T *w, const float *xi, const float *x, int64_t K, float *s) {\
+    vf a[B][U];                                                                             \
+    for (int b = 0; b < B; b++) for (int u = 0; u < U; u++) a[b][u] = (vf){0};              \
     int64_t k = 0;                                                                          \
-    for (; k + 64 <= K; k += 64) {                                                          \
-        a0 += load_##T(w + k) * load_float(x + k);                                          \
-        a1 += load_##T(w + k + 16) * load_float(x + k + 16);                                \
-        a2 += load_##T(w + k + 32) * load_float(x + k + 32);                                \
-        a3 += load_##T(w + k + 48) * load_float(x + k + 48);                                \
+    for (; k + U * L <= K; k += U * L)                                                      \
+        for (int u = 0; u < U; u++) {                                                       \
+            vf v = load_##T(w + k + u * L);                                                 \
+            const float *p = xi + (k + u * L) * B;                                          \
+            for (int b = 0; b < B; b++) a[b][u] += v * load_float(p + b * L);               \
+        }                                                                                   \
+    for (; k + L <= K; k += L) {                                                            \
+        vf v = load_##T(w + k);                                                             \
+        for (int b = 0; b < B; b++) a[b][0] += v * load_float(xi + k * B + b * L);          \
     }                                                                                       \
-    for (; k + 16 <= K; k += 16) a0 += load_##T(w + k) * load_float(x + k);                 \
-    float t = hsum((a0 + a1) + (a2 + a3));                                                  \
-    for (; k < K; k++) t += W(w[k]) * x[k];                                                 \
-    s[0] = t;                                                                               \
-}                                                                                           \
-static void rows2_##T(const T *w, const float *x, int64_t K, float *s) {                  \
-    const float *y = x + K;                                                                 \
-    vf a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                              \
-    int64_t k = 0;                                                                          \
-    for (; k + 32 <= K; k += 32) {                                                          \
-        vf v0 = load_##T(w + k), v1 = load_##T(w + k + 16);                                 \
-        a0 += v0 * load_float(x + k); a1 += v1 * load_float(x + k + 16);                    \
-        b0 += v0 * load_float(y + k); b1 += v1 * load_float(y + k + 16);                    \
+    for (int b = 0; b < B; b++) {                                                           \
+        vf t = a[b][0];                                                                     \
+        for (int u = 1; u < U; u++) t += a[b][u];                                           \
+        float r = hsum(t);                                                                  \
+        for (int64_t j = k; j < K; j++) r += W(w[j]) * x[b * K + j];                        \
+        s[b] = r;                                                                           \
     }                                                                                       \
-    float t = hsum(a0 + a1), u = hsum(b0 + b1);                                             \
-    for (; k < K; k++) { float v = W(w[k]); t += v * x[k]; u += v * y[k]; }                 \
-    s[0] = t; s[1] = u;                                                                     \
 }
-ROWS(uint16_t, widen_bf16)
-ROWS(float, widen_f32)
+#define DOTS(T, W) DOT(T, W, 1, 4) DOT(T, W, 2, 2) DOT(T, W, 3, 2) DOT(T, W, 4, 1) \
+                   DOT(T, W, 5, 1) DOT(T, W, 6, 1) DOT(T, W, 7, 1) DOT(T, W, 8, 1)
+DOTS(uint16_t, widen_bf16)
+DOTS(float, widen_f32)
 
-/* y (B, N) = x (B, K) @ w (N, K)^T + bias (N), B <= 2: x float32; w and bias in one dtype
-   (bias may be NULL); y in the weights' dtype. */
+/* y (B, N) = x (B, K) @ w (N, K)^T + bias (N), 1 <= B <= 8: x float32; w and bias in one dtype
+   (bias may be NULL); y in the weights' dtype. Weight rows are split over the threads. xi is
+   scratch for the interleaved inputs, B * K floats. */
 #define GEMV(NAME, T, W, STORE)                                                             \
 void NAME(const float *x, const T *w, const T *bias, T *y, int64_t B, int64_t N, int64_t K, \
-          int threads) {                                                                    \
+          int threads, float *xi) {                                                         \
+    for (int64_t k = 0; k + L <= K; k += L)                                                 \
+        for (int64_t b = 0; b < B; b++) memcpy(xi + k * B + b * L, x + b * K + k, VB);      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
     for (int64_t n = 0; n < N; n++) {                                                       \
-        float s[2];                                                                         \
-        if (B == 1) rows1_##T(w + n * K, x, K, s); else rows2_##T(w + n * K, x, K, s);      \
+        float s[8];                                                                         \
+        const T *r = w + n * K;                                                             \
+        switch (B) {                                                                        \
+        case 1: dot1_##T(r, xi, x, K, s); break; case 2: dot2_##T(r, xi, x, K, s); break;   \
+        case 3: dot3_##T(r, xi, x, K, s); break; case 4: dot4_##T(r, xi, x, K, s); break;   \
+        case 5: dot5_##T(r, xi, x, K, s); break; case 6: dot6_##T(r, xi, x, K, s); break;   \
+        case 7: dot7_##T(r, xi, x, K, s); break; default: dot8_##T(r, xi, x, K, s); break;  \
+        }                                                                                   \
         float b = bias ? W(bias[n]) : 0.f;                                                  \
         for (int64_t c = 0; c < B; c++) y[c * N + n] = STORE(s[c] + b);                     \
     }                                                                                       \
@@ -150,7 +170,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
         return None
     for name in DTYPES.values():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
         fn.restype = None
     return lib
 
@@ -209,6 +229,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if not xf.is_contiguous():
         xf = xf.contiguous()
     y = torch.empty(rows.shape[0], N, dtype=weight.dtype)
+    scratch = torch.empty(xf.numel(), dtype=torch.float32)  # the inputs, interleaved
     getattr(lib, DTYPES[weight.dtype])(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                                       y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
+                                       y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads(),
+                                       scratch.data_ptr())
     return y.view(*x.shape[:-1], N)

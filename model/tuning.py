@@ -1,10 +1,13 @@
 """Which CPU kernel serves each weight, decided by timing the candidates on this machine, once.
 
 For every (module kind, dtype, shape) the candidates of model/kernels.py are timed on synthetic
-weights of that shape at decode-sized inputs (1 and 2 rows) and a prefill-sized one (256 rows), in
-alternating rounds, medians. The winner minimises the time of 16 decode steps at each batch size
-plus a 1,024-token prefill (16·t₁ + 16·t₂ + 4·t₂₅₆; the LM head, which generation only runs on one
-position per row, without the prefill term). Choices are remembered per (CPU model, torch version,
+weights of that shape at decode-sized inputs (1, 2 and 8 rows: kernels.candidates) and a
+prefill-sized one (128 rows: kernels.prefill_candidates), in alternating rounds, medians. The
+winner, a decode kernel and a prefill one that one module can hold together (kernels.compose),
+minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU batch), 4 at batch
+8 (a caption batch of mixed sizes, decoded together) and a 1,024-token prefill
+(16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
+without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
 pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon).
 
@@ -32,11 +35,12 @@ from fuyu.model import kernels
 from fuyu.model.quantize import Int8Linear
 
 MODES = ("auto", "plain", "tune")
-ROWS = (1, 2, 256)
-PREFILL_ROWS = ROWS[-1]  # decode steps at batch 1 and 2 (the CLI's CPU batch), a prefill-sized input
-# What a choice minimises: the time of 16 decode steps at each batch size and a 1,024-token prefill.
-# The LM head only ever sees one position per row in generation, so its prefill time does not count.
-WEIGHTS = {"layer": (16, 16, 4), "head": (16, 16, 0)}
+ROWS = (1, 2, 8, 128)
+PREFILL_ROWS = ROWS[-1]  # decode steps at batch 1, 2 and 8, a prefill-sized input
+# What a choice minimises: the time of 16 decode steps at batch 1 and 2, 4 at batch 8 and a
+# 1,024-token prefill. The LM head only ever sees one position per row in generation, so its
+# prefill time does not count.
+WEIGHTS = {"layer": (16, 16, 4, 8), "head": (16, 16, 4, 0)}
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
 # Decode-sized calls cycle through distinct weight copies adding up to more than the last-level
 # cache, so they time reads from memory, as a decode step's are; not less than this:
@@ -48,7 +52,7 @@ NOISY = 1.0
 CPU_SHARE = 0.7
 CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one copy is timed
 GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
-FORMAT = 2  # 2: the native kernel joined the candidates, so older choices are timed again
+FORMAT = 3  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings
 
 
 def mode(kernels_arg: str | None = None) -> str:
@@ -153,8 +157,12 @@ def _candidates(module: nn.Module, tune: bool) -> list[str]:
 
 
 def measure(module: nn.Module, tune: bool = False, head: bool = False) -> dict:
-    """Time each candidate kernel for `module`'s shape and dtype on synthetic weights."""
-    names = _candidates(module, tune)
+    """Time each candidate kernel for `module`'s shape and dtype on synthetic weights: decode
+    kernels at the decode sizes, prefill kernels at the prefill size; pick the best pair."""
+    weights = WEIGHTS["head" if head else "layer"]
+    decode = _candidates(module, tune)
+    prefill = kernels.prefill_candidates(module) if weights[-1] else []
+    names = list(dict.fromkeys(decode + prefill))
     rows = min(module.out_features, max(1, MAX_TIMED_ELEMENTS // module.in_features))
     nbytes = rows * module.in_features * _itemsize(module)
     copies = 1 if nbytes < CACHED_BYTES else max(1, min(24, pool_bytes() // nbytes))
@@ -162,30 +170,41 @@ def measure(module: nn.Module, tune: bool = False, head: bool = False) -> dict:
     pool = _synthetic(module, rows, copies)
     served = {name: [kernels.use(_clone_plain(m), name) for m in pool] for name in names}
     dtype = _act_dtype(module)
-    weights = WEIGHTS["head" if head else "layer"]
     xs = {M: torch.randn(M, module.in_features).to(dtype) for M, w in zip(ROWS, weights) if w}
-    times: dict = {name: {M: [] for M in xs} for name in names}
+    times: dict = {name: {M: [] for M in xs if name in (prefill if M == PREFILL_ROWS else decode)}
+                   for name in names}
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
             for name in names:
-                for M, x in xs.items():
+                for M in times[name]:
                     mods = (served[name] if M < PREFILL_ROWS else served[name][:1]) * reps
                     start = time.perf_counter()
                     for m in mods:
-                        m(x)
+                        m(xs[M])
                     if r:
                         times[name][M].append((time.perf_counter() - start) / len(mods))
     ms = {name: [round(statistics.median(t[M]) * 1e3, 4) if M in t else None for M in ROWS]
           for name, t in times.items()}
-    best = min(names, key=lambda n: sum(w * t for w, t in zip(weights, ms[n]) if w))
-    # Another process on our cores: a candidate's objective differs between rounds by more than
+
+    def objective(d: str, p: str | None, r: int | None = None) -> float:
+        """Weighted time of decode kernel d and prefill kernel p, median or in round r."""
+        at = (lambda n, M: statistics.median(times[n][M])) if r is None else (lambda n, M: times[n][M][r])
+        return sum(w * at(p if M == PREFILL_ROWS else d, M) for w, M in zip(weights, ROWS) if w)
+
+    pairs = {}  # kernel name: (decode, prefill)
+    for d in decode:
+        for p in prefill or [None]:
+            k = d if p is None else kernels.compose(d, p)
+            if k is not None and (k not in pairs or objective(d, p) < objective(*pairs[k])):
+                pairs[k] = (d, p)
+    best = min(pairs, key=lambda k: objective(*pairs[k]))
+    # Another process on our cores: a choice's objective differs between rounds by more than
     # NOISY, or our threads got less than CPU_SHARE of the CPU time they could have had (another
     # process whose OpenMP threads spin makes every call wait a scheduler time slice, alike for
     # every kernel). The choice then serves this load but is not remembered: a quieter load times again.
     share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
-    per_round = [[sum(w * t[M][r] for w, M in zip(weights, ROWS) if w) for r in range(ROUNDS)]
-                 for t in times.values()]  # each candidate's objective, round by round
+    per_round = [[objective(*pair, r) for r in range(ROUNDS)] for pair in pairs.values()]
     spread = max((max(o) - min(o)) / max(min(o), 1e-9) for o in per_round)
     return {"kernel": best, "ms": ms, "tuned": tune, "timed_rows": rows, "cpu_share": round(share, 2),
             "noisy": spread > NOISY or share < CPU_SHARE}

@@ -39,16 +39,19 @@ def plain32(ckpt, batch):
 
 
 def every(kernel):
-    return lambda name, module: kernel if kernel in kernels.candidates(module) else None
+    offered = lambda m: kernels.candidates(m) + kernels.prefill_candidates(m)  # noqa: E731
+    return lambda name, module: kernel if kernel in offered(module) else None
 
 
 # Which Linears each kernel can serve in float32 (tuning offers mv and gemv for 16-bit weights only,
 # but the modules serve any dtype, so their equivalence is tested where it is exact enough).
 SERVES = {"packed": lambda m: kernels.can_pack(m.weight), "mv": lambda m: True, "gemv": lambda m: m.bias is None,
-          "native": lambda m: native.available()}
+          "native": lambda m: native.available(), "linear+f32": lambda m: True,
+          "native+f32": lambda m: native.available()}
 
 
-@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1), ("native", 14)])
+@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1), ("native", 14),
+                                             ("linear+f32", 14), ("native+f32", 14)])
 def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel, swapped):
     model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
     if not SERVES[kernel](model.lm_head):
@@ -125,8 +128,11 @@ def test_kernel_choice_is_timed_once_per_machine_and_cached_in_the_user_cache(ck
     report = tuning.report(model, tuning.load_choices())
     assert sum(r["modules"] for r in report.values()) == 3 * 4 + 2
     for row in report.values():
-        if row["ms"]:  # timed: the winner among them, each at 1, 2 and 256 rows
-            assert row["kernel"] in row["ms"] and all(len(ms) == 3 for ms in row["ms"].values())
+        if row["ms"]:  # timed: the winner among them, decode kernels at 1, 2, 8 rows, prefill ones at 128
+            assert all(len(ms) == len(tuning.ROWS) for ms in row["ms"].values())
+            decode, _, prefill = row["kernel"].partition("+")
+            assert row["ms"][decode][0] is not None
+            assert prefill == "" or row["ms"]["linear+" + prefill][-1] is not None
     assert sum(bool(row["ms"]) for row in report.values()) == 5
     load_pretrained(ckpt, dtype=torch.bfloat16)
     assert len(timed) == 5  # the second load reads the choices
@@ -199,7 +205,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler 
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_kernel_is_float32_accumulated_f_linear(rows, dtype):
     torch.manual_seed(rows)
@@ -214,8 +220,30 @@ def test_native_kernel_is_float32_accumulated_f_linear(rows, dtype):
             assert err.max().item() < 1e-4
         else:  # a float32-accurate sum rounded once to bf16: within one bf16 ulp (2⁻⁸ relative)
             assert (err <= exact.abs() * 2 ** -8 + 1e-6).all()
-    with pytest.raises(ValueError, match="at most 2 rows"):
-        native.linear(torch.randn(3, 333).to(dtype), w, b)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        native.linear(torch.randn(9, 333).to(dtype), w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_prefill_gemm_rounds_once_and_is_no_less_accurate(dtype):
+    """+f32: a float32 GEMM over the widened weight, block by block, rounded once at the end."""
+    torch.manual_seed(0)
+    w, b = torch.randn(2100, 96).to(dtype), torch.randn(2100).to(dtype)
+    x = torch.randn(3, 11, 96).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    got = kernels.wide_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (3, 11, 2100)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    assert ((got.double() - exact).abs() <= exact.abs() * ulp + 1e-5).all()
+    plain = torch.nn.functional.linear(x, w, b)
+    # (where F.linear also rounds a float32 sum once, the two differ only in ties and sum order)
+    assert (got.double() - exact).abs().mean() <= (plain.double() - exact).abs().mean() * 1.05
+    layer = torch.nn.Linear(96, 2100).to(dtype)
+    wide = kernels.use(layer, "linear+f32")
+    assert kernels.kernel_of(wide) == "linear+f32" and torch.equal(wide.plain().weight, layer.weight)
+    with torch.inference_mode():  # decode-sized calls stay F.linear
+        one = x[:1, :1]
+        assert torch.equal(wide(one), torch.nn.functional.linear(one, layer.weight, layer.bias))
 
 
 @needs_native

@@ -43,6 +43,7 @@ def benchmark(
 
     from fuyu import threads as cpu_threads
     from fuyu.benchmarks import suite, workloads
+    from fuyu.model import tuning
     from fuyu.errors import FuyuError
     from fuyu.render import benchmark_table, stderr_console
     from fuyu.runner import resolve_device, resolve_dtype
@@ -77,9 +78,11 @@ def benchmark(
     res.update(workloads.peak_memory(dev))
     benchmark_table(console, res)
     for weight, pick in res["kernels"].items():
-        timed = ", ".join(f"{k} " + "/".join(map(str, v)) + " ms" for k, v in pick["ms"].items())
+        timed = ", ".join(f"{k} " + "/".join("-" if t is None else str(t) for t in v) + " ms"
+                          for k, v in pick["ms"].items())
+        rows = "/".join(map(str, tuning.ROWS))
         console.print(f"kernel {pick['kernel']:>12} for {pick['modules']:2d} × {weight}"
-                      + (f"  (1/2/256 rows: {timed})" if timed else ""), markup=False, highlight=False)
+                      + (f"  ({rows} rows: {timed})" if timed else ""), markup=False, highlight=False)
     typer.echo(json.dumps(res))
 
 
