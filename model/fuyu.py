@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuyu.model import native
 from fuyu.model.cache import KVCache, LayerKV
 from fuyu.model.config import FuyuConfig
 
@@ -50,7 +51,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     For CPU decoding: SDPA's flash kernel is made for blocks of queries and costs 2.5–4× this
     for one (bf16, AMD EPYC: 0.64 vs 0.21 ms at 16 heads × 512 slots). The keys and values are
     widened to float32 a slice of slots at a time, so the copies stay small and cache-resident.
+    Eagerly, where model/native.py's kernel is built, it does all of this in one pass over the
+    cache without the float32 copies (~5 ms of a 45 ms mid-size step on a 2-core AMD EPYC).
     """
+    if not torch.compiler.is_compiling():
+        out = native.attend(q, k, v, mask)
+        if out is not None:
+            return out
     S = k.shape[2]
     step = max(1, DECODE_CHUNK // (k.shape[0] * k.shape[1] * k.shape[3]))
     qf = q.float() * q.shape[-1] ** -0.5

@@ -9,7 +9,8 @@ minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU b
 (16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
 without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
-pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon).
+pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 6 s on a
+2-core AVX2-only EPYC, whose 16-bit prefill GEMMs alone take 60 ms a call).
 
 The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~30 s the first time on a
 machine and ~3 s in each new process, so it is timed only in "tune" mode (`FUYU_KERNELS=tune`);

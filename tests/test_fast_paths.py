@@ -177,14 +177,19 @@ def test_rotary_rounds_like_the_reference_formula():
     assert torch.equal(apply_partial_rotary(x, cos, sin), torch.cat((rot * c + rotate_half * s, rest), -1))
 
 
-@pytest.mark.parametrize("chunk", [1 << 20, 64 * 8])  # one slice of slots, and many (with a short last one)
+@pytest.mark.parametrize("path, chunk", [("native", 0), ("torch", 1 << 20), ("torch", 64 * 8)])  # torch:
+# one slice of slots, and many (with a short last one)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_decode_attention_equals_sdpa(monkeypatch, chunk, dtype):
-    """One query per row over a masked cache: float32 within 1e-5 of SDPA; in bf16 no further
-    from float32 SDPA than bf16 SDPA itself is."""
+def test_cpu_decode_attention_equals_sdpa(monkeypatch, path, chunk, dtype):
+    """One query per row over a masked cache, through model/native.py's kernel or the torch ops:
+    float32 within 1e-5 of SDPA; in bf16 no further from float32 SDPA than bf16 SDPA itself is."""
     from fuyu.model import fuyu
 
-    monkeypatch.setattr(fuyu, "DECODE_CHUNK", chunk)
+    if path == "native" and not native.available():
+        pytest.skip("no C compiler or no libgomp in torch")
+    if path == "torch":
+        monkeypatch.setattr(native, "attend", lambda *args: None)
+        monkeypatch.setattr(fuyu, "DECODE_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     B, H, S, d = 3, 4, 77, 16
     q, k, v = (torch.randn(B, H, n, d, generator=g) for n in (1, S, S))
