@@ -175,8 +175,9 @@ class _PlainWeightLinear(nn.Module):
         return _linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.note}"
-                + (f", float32 GEMM from {WIDE_FROM_ROWS} rows" if self.wide else "")).replace(", , ", ", ")
+        wide = f"float32 GEMM from {WIDE_FROM_ROWS} rows" if self.wide else ""
+        return ", ".join(p for p in (f"in_features={self.in_features}", f"out_features={self.out_features}",
+                                     self.note, wide) if p)
 
 
 class WideLinear(_PlainWeightLinear):
