@@ -11,14 +11,14 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
   mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
   native   our own C matrix-vector kernel (model/native.py, compiled on the machine) for inputs of
            up to 8 rows (a decode batch), F.linear otherwise (NativeLinear): reads 16-bit weights at
-           about the memory's read rate where oneDNN's GEMV does not (AMD EPYC)
+           about the memory's read rate where oneDNN's GEMV does not (both AMD EPYC kinds)
   gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
            (GemvLinear; F.linear above that), which streams a big LM head at close to the
            memory bandwidth on some CPUs (AMD EPYC) and not on others
   +f32     suffix: prefill-sized calls (more rows than a decode batch) as one float32 GEMM over the
            exactly widened 16-bit weight, rounded once (wide_linear): where the CPU has no fast
            16-bit GEMM (AVX2 without AVX-512 BF16: oneDNN's bf16 GEMM runs at 16-19 GFLOP/s, float32
-           at 70-110 on a 2-core AMD EPYC) a prefill is 4-5x faster, and no less accurate.
+           at 70-110 on a 2-core AVX2-only AMD EPYC) a prefill is 4-5x faster, no less accurate.
            "linear+f32" is F.linear for the rest
   int8 / int8+dequant   for Int8Linear: torch's int8 kernel, or for prefill-sized inputs the
            weight dequantized per call into one 16-bit GEMM (the int8 kernel is ~5× slower there)
