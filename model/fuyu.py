@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuyu.model import native
+from fuyu.model import kernels, native
 from fuyu.model.cache import KVCache, LayerKV
 from fuyu.model.config import FuyuConfig
 
@@ -161,6 +161,13 @@ class Fuyu(nn.Module):
         x = x.float()  # the residual stream stays float32 (16-bit weights: fewer roundings than the reference)
         window = cache.window(input_ids.shape[1])
         cos, sin = cache.rotary(positions)
+        if cache.decoding and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            # an eager decode step: every layer in one CPU kernel call where tuning picked the
+            # native GEMV for their Linears (the same computation; kernels.decode_layers)
+            layers = kernels.decode_layers(self, cache)
+            out = None if layers is None else layers(x, cos, sin, window.slots, window.mask)
+            if out is not None:
+                return self.final_layernorm(out).to(dt)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache.layer(i, window))
         return self.final_layernorm(x).to(dt)

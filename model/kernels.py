@@ -202,6 +202,42 @@ class NativeLinear(_PlainWeightLinear):
         return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
 
 
+def decode_layers(model: nn.Module, cache) -> native.Layers | None:
+    """A Fuyu model's decoder layers as one call of model/native.py's kernel for the decode steps
+    over `cache` (prepared at its first step, kept by the cache), or None where it does not serve
+    them: every layer then runs its torch ops.
+
+    Served where tuning picked the native GEMV for all four Linears of every layer: the layers
+    then do the same GEMVs with nothing in between, where their torch ops (LayerNorms, rotary,
+    casts, the cache write: ~30 small ops a layer) and the Python around them took ~7 ms of a
+    ~60 ms batch-1 mid-size step (2-core AVX2-only AMD EPYC) and let the OpenMP threads fall
+    asleep between GEMVs. Prepared once per cache: a model changed in the middle of a generation
+    (moved, or its kernels swapped) keeps what it was prepared with until the next cache."""
+    plan = cache.prepared
+    if plan is None or plan[0] is not model:
+        cache.prepared = plan = (model, _prepare_layers(model, cache))
+    return plan[1]
+
+
+def _prepare_layers(model: nn.Module, cache) -> native.Layers | None:
+    tensors, eps = [], None
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        norms = (block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm)
+        eps = norms[0].eps if eps is None else eps
+        if (not all(type(m) is NativeLinear for m in linears)
+                or any(n.eps != eps or not n.elementwise_affine for n in norms)):
+            return None
+        ln1, qln, kln, ln2 = norms
+        qkv, dense, up, down = linears
+        tensors.append([ln1.weight, ln1.bias, qkv.weight, qkv.bias, qln.weight, qln.bias, kln.weight, kln.bias,
+                        dense.weight, dense.bias, ln2.weight, ln2.bias, up.weight, up.bias, down.weight, down.bias])
+    if not tensors:
+        return None
+    return native.Layers.build(tensors, cache.k, cache.v, eps, model.layers[0].mlp.dense_h_to_4h.out_features)
+
+
 @torch.library.custom_op("fuyu::native_linear", mutates_args=())
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """An op of its own, so a compiled decode step keeps the call inside its graph."""

@@ -9,7 +9,10 @@ float32 and rounded once to the weights' dtype, so it is at least as accurate as
 Rows are split over OpenMP threads. It serves up to 8 input rows (a decode batch); the module that
 uses it (kernels.NativeLinear) hands bigger calls to F.linear or a float32 GEMM. The same library
 holds one-query decode attention (`attend`): scores, softmax and the weighted sum of values in
-float32, reading the 16-bit cache once, without the float32 copies the torch ops need.
+float32, reading the 16-bit cache once, without the float32 copies the torch ops need; and all
+decoder layers of a decode step in one call (`Layers`: LayerNorms, these GEMVs, q/k LayerNorm,
+rotary, the cache write and this attention, with the roundings of model/fuyu.py's torch ops), so
+that nothing but weight reads fills a step: no torch op, no Python, no sleeping thread in between.
 
 It is plain C (GCC/Clang vector extensions, no intrinsics) compiled with the system's C compiler
 (`$CC`, else `cc`) and `-O3 -march=native -fopenmp` the first time it is asked for, into
@@ -41,6 +44,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 SOURCE = r"""
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,15 +120,23 @@ static void dot##B##_##T(const T *w, const float *xi, const float *x, int64_t K,
 DOTS(uint16_t, widen_bf16)
 DOTS(float, widen_f32)
 
-/* y (B, N) = x (B, K) @ w (N, K)^T + bias (N), 1 <= B <= 8: x float32; w and bias in one dtype
-   (bias may be NULL); y in the weights' dtype. Weight rows are split over the threads. xi is
-   scratch for the interleaved inputs, B * K floats. */
-#define GEMV(NAME, T, W, STORE)                                                             \
-void NAME(const float *x, const T *w, const T *bias, T *y, int64_t B, int64_t N, int64_t K, \
-          int threads, float *xi) {                                                         \
-    for (int64_t k = 0; k + L <= K; k += L)                                                 \
-        for (int64_t b = 0; b < B; b++) memcpy(xi + k * B + b * L, x + b * K + k, VB);      \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
+/* The inputs x (B, K) interleaved into xi (see DOT). */
+static void interleave(const float *x, int64_t B, int64_t K, float *xi) {
+    for (int64_t k = 0; k + L <= K; k += L)
+        for (int64_t b = 0; b < B; b++) memcpy(xi + k * B + b * L, x + b * K + k, VB);
+}
+
+/* What a GEMV does with y = s + bias, each value first rounded to the weights' dtype as torch's
+   Linear would: store it in that dtype (OUT), keep it in float32 (KEEP), add it to a float32
+   residual (ADD), or keep its squared ReLU rounded again (RELU2: torch's relu_ then square_). */
+enum { OUT, KEEP, ADD, RELU2 };
+
+/* y (B, N) from x (B, K) @ w (N, K)^T + bias (N), 1 <= B <= 8, inside a parallel region: the
+   weight rows are split over its threads (an orphaned omp for, with its barrier at the end). */
+#define ROWS(T, W, STORE)                                                                   \
+static void rows_##T(const float *xi, const float *x, const T *w, const T *bias, int64_t B,  \
+                     int64_t N, int64_t K, int mode, T *yt, float *yf) {                    \
+    _Pragma("omp for schedule(static)")                                                     \
     for (int64_t n = 0; n < N; n++) {                                                       \
         float s[8];                                                                         \
         const T *r = w + n * K;                                                             \
@@ -135,59 +147,245 @@ void NAME(const float *x, const T *w, const T *bias, T *y, int64_t B, int64_t N,
         case 7: dot7_##T(r, xi, x, K, s); break; default: dot8_##T(r, xi, x, K, s); break;  \
         }                                                                                   \
         float b = bias ? W(bias[n]) : 0.f;                                                  \
-        for (int64_t c = 0; c < B; c++) y[c * N + n] = STORE(s[c] + b);                     \
+        for (int64_t c = 0; c < B; c++) {                                                   \
+            T y = STORE(s[c] + b);                                                          \
+            float t = W(y);                                                                 \
+            switch (mode) {                                                                 \
+            case OUT: yt[c * N + n] = y; break;                                             \
+            case KEEP: yf[c * N + n] = t; break;                                            \
+            case ADD: yf[c * N + n] += t; break;                                            \
+            default: t = t < 0.f ? 0.f : t; yf[c * N + n] = W(STORE(t * t)); break;         \
+            }                                                                               \
+        }                                                                                   \
     }                                                                                       \
 }
-GEMV(fuyu_gemv_bf16, uint16_t, widen_bf16, round_bf16)
-GEMV(fuyu_gemv_f32, float, widen_f32, widen_f32)
+ROWS(uint16_t, widen_bf16, round_bf16)
+ROWS(float, widen_f32, widen_f32)
+
+/* y (B, N) = x (B, K) @ w (N, K)^T + bias (N), 1 <= B <= 8: x float32; w and bias in one dtype
+   (bias may be NULL); y in the weights' dtype. xi is scratch for the interleaved inputs, B * K
+   floats. */
+#define GEMV(NAME, T)                                                                       \
+void NAME(const float *x, const T *w, const T *bias, T *y, int64_t B, int64_t N, int64_t K, \
+          int threads, float *xi) {                                                         \
+    interleave(x, B, K, xi);                                                                \
+    _Pragma("omp parallel num_threads(threads)")                                            \
+    rows_##T(xi, x, w, bias, B, N, K, OUT, y, NULL);                                        \
+}
+GEMV(fuyu_gemv_bf16, uint16_t)
+GEMV(fuyu_gemv_f32, float)
+
+/* exp(x) in float32 within ~1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r
+   times 2^n), for softmax's x <= 0: below -87.3 it is 0, -inf included; NaN stays NaN. libm's
+   expf one value at a time was a third of the decode attention's time. */
+typedef int32_t vi __attribute__((vector_size(VB)));
+static inline vf vexp(vf x) {
+    vi under = x < -87.3365478515625f;
+    x = (vf)(((vi)x & ~under) | ((vi)((vf){0} - 87.3365478515625f) & under));
+    vf t = x * 1.44269504088896341f + 12582912.f;  /* 1.5 * 2^23: rounds n to an integer */
+    vi n = (vi)t - 0x4B400000;
+    vf nf = t - 12582912.f;
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf y = 1.9875691500E-4f + (vf){0};
+    y = y * r + 1.3981999507E-3f; y = y * r + 8.3334519073E-3f; y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f; y = y * r + 5.0000001201E-1f;
+    y = y * r * r + r + 1.f;
+    y = y * (vf)((n + 127) << 23);
+    return (vf)((vi)y & ~under);
+}
+
+#define OV (L >= 16 ? 4 : 8)  /* vectors of o summed in registers at a time (d = 64: all of it) */
+#define AHEAD 2048  /* bytes of keys / values prefetched ahead */
+
+/* One query against the S slots of one head's cache ks, vs (S, d): o (d) = softmax(q.k_s * scale,
+   masked) . v, all in float32 (p: S floats of scratch). Slots after the last seen one are not
+   read; keys are taken four slots at a time (independent sums), the exponentials a vector at a
+   time, and the weighted values summed in registers, 4 vectors of o at a time. */
+#define ATTEND_ONE(T, W)                                                                    \
+static void attend_one_##T(const float *q, const T *ks, const T *vs, const uint8_t *m,       \
+                           int64_t S, int64_t d, float scale, float *p, float *o) {         \
+    int64_t n = S, s = 0;                                                                   \
+    while (n > 0 && !m[n - 1]) n--;                                                         \
+    if (d % L == 0)                                                                         \
+        for (; s + 4 <= n; s += 4) {                                                        \
+            const T *k = ks + s * d;                                                        \
+            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                      \
+            for (int64_t c = 0; c < 4 * d * (int64_t)sizeof(T); c += 64)                   \
+                __builtin_prefetch((const char *)k + AHEAD + c);                            \
+            for (int64_t j = 0; j < d; j += L) {                                            \
+                vf x = load_float(q + j);                                                   \
+                a0 += load_##T(k + j) * x; a1 += load_##T(k + d + j) * x;                   \
+                a2 += load_##T(k + 2 * d + j) * x; a3 += load_##T(k + 3 * d + j) * x;      \
+            }                                                                               \
+            p[s] = hsum(a0) * scale; p[s + 1] = hsum(a1) * scale;                           \
+            p[s + 2] = hsum(a2) * scale; p[s + 3] = hsum(a3) * scale;                       \
+        }                                                                                   \
+    for (; s < n; s++) {                                                                    \
+        const T *k = ks + s * d;                                                            \
+        int64_t j = 0; vf a = {0};                                                          \
+        for (; j + L <= d; j += L) a += load_##T(k + j) * load_float(q + j);                \
+        float t = hsum(a);                                                                  \
+        for (; j < d; j++) t += W(k[j]) * q[j];                                             \
+        p[s] = t * scale;                                                                   \
+    }                                                                                       \
+    float top = -INFINITY, sum = 0.f;                                                       \
+    for (s = 0; s < n; s++) {                                                               \
+        if (!m[s]) p[s] = -INFINITY;                                                        \
+        else if (p[s] > top) top = p[s];                                                    \
+    }                                                                                       \
+    vf acc = {0};                                                                           \
+    for (s = 0; s + L <= n; s += L) {                                                       \
+        vf e = vexp(load_float(p + s) - top);                                               \
+        memcpy(p + s, &e, sizeof e);                                                        \
+        acc += e;                                                                           \
+    }                                                                                       \
+    sum = hsum(acc);                                                                        \
+    for (; s < n; s++) { p[s] = m[s] ? expf(p[s] - top) : 0.f; sum += p[s]; }               \
+    int64_t j = 0;                                                                          \
+    for (; j + OV * L <= d; j += OV * L) {                                                  \
+        vf acc[OV];                                                                         \
+        for (int u = 0; u < OV; u++) acc[u] = (vf){0};                                      \
+        for (s = 0; s < n; s++) {                                                           \
+            if (!m[s]) continue;                                                            \
+            const T *v = vs + s * d + j;                                                    \
+            if (j == 0)                                                                     \
+                for (int64_t c = 0; c < d * (int64_t)sizeof(T); c += 64)                    \
+                    __builtin_prefetch((const char *)v + AHEAD + c);                        \
+            float w = p[s];                                                                 \
+            for (int u = 0; u < OV; u++) acc[u] += w * load_##T(v + u * L);                 \
+        }                                                                                   \
+        for (int u = 0; u < OV; u++) {                                                      \
+            vf t = acc[u] / sum;                                                            \
+            memcpy(o + j + u * L, &t, VB);                                                  \
+        }                                                                                   \
+    }                                                                                       \
+    for (; j < d; j++) {                                                                    \
+        float t = 0.f;                                                                      \
+        for (s = 0; s < n; s++) if (m[s]) t += p[s] * W(vs[s * d + j]);                     \
+        o[j] = t / sum;                                                                     \
+    }                                                                                       \
+}
+ATTEND_ONE(uint16_t, widen_bf16)
+ATTEND_ONE(float, widen_f32)
 
 /* Decode attention, one query per (row, head): out = softmax(q.k_s * scale, masked) . v over the
    S slots of the cache k, v (B, H, S, d) in T; q (B, H, d) float32; mask (B, S) bytes, 0 = not
    seen; out (B, H, d) in T, rounded once. Keys and values are read once, widened in registers,
    everything else is float32; (row, head) pairs are split over the threads. */
-#define ATTEND(NAME, T, W, STORE)                                                           \
+#define ATTEND(NAME, T, STORE)                                                              \
 void NAME(const float *q, const T *k, const T *v, const uint8_t *mask, T *out, int64_t B,    \
           int64_t H, int64_t S, int64_t d, float scale, int threads) {                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
     for (int64_t bh = 0; bh < B * H; bh++) {                                                \
-        const float *qi = q + bh * d;                                                       \
-        const T *ki = k + bh * S * d, *vi = v + bh * S * d;                                 \
-        const uint8_t *m = mask + (bh / H) * S;                                             \
-        float *p = malloc(sizeof(float) * (S + d));                                         \
-        float *o = p + S, top = -INFINITY, sum = 0.f;                                       \
-        for (int64_t s = 0; s < S; s++) {                                                   \
-            if (!m[s]) continue;                                                            \
-            const T *ks = ki + s * d;                                                       \
-            int64_t j = 0; vf a = {0};                                                      \
-            for (; j + L <= d; j += L) a += load_##T(ks + j) * load_float(qi + j);          \
-            float t = hsum(a);                                                              \
-            for (; j < d; j++) t += W(ks[j]) * qi[j];                                       \
-            p[s] = t * scale;                                                               \
-            if (p[s] > top) top = p[s];                                                     \
-        }                                                                                   \
-        for (int64_t s = 0; s < S; s++) if (m[s]) { p[s] = expf(p[s] - top); sum += p[s]; } \
-        for (int64_t j = 0; j < d; j++) o[j] = 0.f;                                         \
-        for (int64_t s = 0; s < S; s++) {                                                   \
-            if (!m[s]) continue;                                                            \
-            const T *vs = vi + s * d;                                                       \
-            float w = p[s] / sum;                                                           \
-            int64_t j = 0;                                                                  \
-            for (; j + L <= d; j += L) {                                                    \
-                vf acc = load_float(o + j) + w * load_##T(vs + j);                          \
-                memcpy(o + j, &acc, sizeof acc);                                            \
-            }                                                                               \
-            for (; j < d; j++) o[j] += w * W(vs[j]);                                        \
-        }                                                                                   \
+        float *p = malloc(sizeof(float) * (S + d)), *o = p + S;                             \
+        attend_one_##T(q + bh * d, k + bh * S * d, v + bh * S * d, mask + (bh / H) * S,     \
+                       S, d, scale, p, o);                                                  \
         for (int64_t j = 0; j < d; j++) out[bh * d + j] = STORE(o[j]);                      \
         free(p);                                                                            \
     }                                                                                       \
 }
-ATTEND(fuyu_attend_bf16, uint16_t, widen_bf16, round_bf16)
-ATTEND(fuyu_attend_f32, float, widen_f32, widen_f32)
+ATTEND(fuyu_attend_bf16, uint16_t, round_bf16)
+ATTEND(fuyu_attend_f32, float, widen_f32)
+
+/* LayerNorm of x (n) in float32 (mean and variance summed in double), affine with weights in T
+   (bias may be NULL), into y; rounded to T and kept as float32 when `round` is set. */
+#define LAYER_NORM(T, W, STORE)                                                             \
+static void layer_norm_##T(const float *x, int64_t n, const T *w, const T *b, float eps,    \
+                           int round, float *y) {                                           \
+    double sum = 0., sq = 0.;                                                               \
+    for (int64_t i = 0; i < n; i++) sum += x[i];                                            \
+    float mean = (float)(sum / n);                                                          \
+    for (int64_t i = 0; i < n; i++) { double c = x[i] - mean; sq += c * c; }                \
+    float r = 1.f / sqrtf((float)(sq / n) + eps);                                           \
+    for (int64_t i = 0; i < n; i++) {                                                       \
+        float t = (x[i] - mean) * r * W(w[i]) + (b ? W(b[i]) : 0.f);                        \
+        y[i] = round ? W(STORE(t)) : t;                                                     \
+    }                                                                                       \
+}
+LAYER_NORM(uint16_t, widen_bf16, round_bf16)
+LAYER_NORM(float, widen_f32, widen_f32)
+
+/* The decoder layers for one new token per row (a decode step), in one parallel region, no torch
+   op in between: x (B, D) float32, the residual stream, updated in place, layer after layer:
+   x += dense(attention(rotary(qk-LayerNorm(qkv(LN1(x)))))); x += down(relu²(up(LN2(x)))).
+   p: 16 tensors in T per layer: LN1 w, b; qkv w, b; q-LN w, b; k-LN w, b; dense w, b; LN2 w, b;
+   up w, b; down w, b (biases may be NULL). cos, sin (B, R2): each row's rotary angles; kcs, vcs:
+   each layer's cache (B, H, S, d), this token's key and value written at slot *slot; mask (B, S).
+   Every rounding is the one the torch ops make (model/fuyu.py: a matmul's input and output in T,
+   LayerNorms, rotary and attention in float32). work: Layers.work_floats + threads * S floats. */
+#define LAYERS(NAME, T, W, STORE)                                                           \
+int NAME(float *x, const void *const *p, void *const *kcs, void *const *vcs, const float *cos, \
+         const float *sin, const int64_t *slot, const uint8_t *mask, int64_t n_layers,      \
+         int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S, int64_t I, float eps,      \
+         int threads, float *work) {                                                        \
+    int64_t D = H * d, M = D > I ? D : I, at = *slot;                                       \
+    if (at < 0 || at >= S) return -1;                                                       \
+    float *h = work, *xi = h + B * M, *qkv = xi + B * M, *q = qkv + B * 3 * D;              \
+    float *att = q + B * D, *up = att + B * D, *scores = up + B * I;                        \
+    float scale = 1.f / sqrtf((float)d);                                                    \
+    _Pragma("omp parallel num_threads(threads)")                                            \
+    for (int64_t l = 0; l < n_layers; l++) {                                                \
+        const T *const *w = (const T *const *)p + 16 * l;                                   \
+        T *kc = (T *)kcs[l], *vc = (T *)vcs[l];                                             \
+        _Pragma("omp single")                                                               \
+        {                                                                                   \
+            for (int64_t b = 0; b < B; b++)                                                 \
+                layer_norm_##T(x + b * D, D, w[0], w[1], eps, 1, h + b * D);                \
+            interleave(h, B, D, xi);                                                        \
+        }                                                                                   \
+        rows_##T(xi, h, w[2], w[3], B, 3 * D, D, KEEP, NULL, qkv);                          \
+        _Pragma("omp for schedule(static)")                                                 \
+        for (int64_t bh = 0; bh < B * H; bh++) {                                            \
+            int64_t b = bh / H, head = bh % H;                                              \
+            const float *src = qkv + b * 3 * D + head * 3 * d; /* [q | k | v] of a head */  \
+            const float *c = cos + b * R2, *s = sin + b * R2;                               \
+            float t[2][512];                                                                \
+            layer_norm_##T(src, d, w[4], w[5], eps, 0, t[0]);                               \
+            layer_norm_##T(src + d, d, w[6], w[7], eps, 0, t[1]);                           \
+            for (int i = 0; i < 2; i++)                                                     \
+                for (int64_t j = 0; j < R2; j++) {                                          \
+                    float a = t[i][j], e = t[i][j + R2];                                    \
+                    t[i][j] = a * c[j] - e * s[j];                                          \
+                    t[i][j + R2] = e * c[j] + a * s[j];                                     \
+                }                                                                           \
+            T *kd = kc + (bh * S + at) * d, *vd = vc + (bh * S + at) * d;                   \
+            for (int64_t j = 0; j < d; j++) {                                               \
+                q[bh * d + j] = W(STORE(t[0][j]));                                          \
+                kd[j] = STORE(t[1][j]);                                                     \
+                vd[j] = STORE(src[2 * d + j]);                                              \
+            }                                                                               \
+        }                                                                                   \
+        _Pragma("omp for schedule(static)")                                                 \
+        for (int64_t bh = 0; bh < B * H; bh++) {                                            \
+            float o[512];                                                                   \
+            attend_one_##T(q + bh * d, kc + bh * S * d, vc + bh * S * d, mask + (bh / H) * S, \
+                           S, d, scale, scores + omp_get_thread_num() * S, o);              \
+            for (int64_t j = 0; j < d; j++) att[bh * d + j] = W(STORE(o[j]));               \
+        }                                                                                   \
+        _Pragma("omp single")                                                               \
+        interleave(att, B, D, xi);                                                          \
+        rows_##T(xi, att, w[8], w[9], B, D, D, ADD, NULL, x);                               \
+        _Pragma("omp single")                                                               \
+        {                                                                                   \
+            for (int64_t b = 0; b < B; b++)                                                 \
+                layer_norm_##T(x + b * D, D, w[10], w[11], eps, 1, h + b * D);              \
+            interleave(h, B, D, xi);                                                        \
+        }                                                                                   \
+        rows_##T(xi, h, w[12], w[13], B, I, D, RELU2, NULL, up);                            \
+        _Pragma("omp single")                                                               \
+        interleave(up, B, I, xi);                                                           \
+        rows_##T(xi, up, w[14], w[15], B, D, I, ADD, NULL, x);                              \
+    }                                                                                       \
+    return 0;                                                                               \
+}
+LAYERS(fuyu_layers_bf16, uint16_t, widen_bf16, round_bf16)
+LAYERS(fuyu_layers_f32, float, widen_f32, widen_f32)
 """
 
 DTYPES = {torch.bfloat16: "fuyu_gemv_bf16", torch.float32: "fuyu_gemv_f32"}
 ATTEND = {torch.bfloat16: "fuyu_attend_bf16", torch.float32: "fuyu_attend_f32"}
+LAYERS = {torch.bfloat16: "fuyu_layers_bf16", torch.float32: "fuyu_layers_f32"}
+MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
 
 
 def _torch_has_libgomp() -> bool:
@@ -230,6 +428,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
         fn.restype = None
+    for name in LAYERS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -309,3 +511,64 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     getattr(lib, ATTEND[k.dtype])(qf.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
                                   B, H, S, d, d ** -0.5, torch.get_num_threads())
     return out
+
+
+
+class Layers:
+    """A model's decoder layers over one KV cache, prepared for decode steps (one new token per
+    row) that run all layers in one call of the kernel: weights, biases and cache checked and
+    their addresses gathered once, not at every step.
+
+    tensors: per layer, 16 weights and biases in the cache's dtype, in the order of LAYERS' C
+    comment (a bias may be None); k, v: each layer's cache (B, H, S, d). `build` returns None
+    where the kernel does not serve them. The object holds the tensors, so the addresses stay
+    valid for as long as it lives."""
+
+    def __init__(self, lib, tensors, k, v, eps: float, intermediate: int):
+        self.fn = getattr(lib, LAYERS[k[0].dtype])
+        self.tensors, self.k, self.v = tensors, k, v  # kept alive: their addresses are used
+        self.eps, self.intermediate = eps, intermediate
+        B, H, S, d = k[0].shape
+        self.shape = (B, H, S, d)
+        flat = [t for layer in tensors for t in layer]
+        self.pointers = (ctypes.c_void_p * len(flat))(*(None if t is None else t.data_ptr() for t in flat))
+        self.k_pointers = (ctypes.c_void_p * len(k))(*(t.data_ptr() for t in k))
+        self.v_pointers = (ctypes.c_void_p * len(v))(*(t.data_ptr() for t in v))
+        M = max(H * d, intermediate)
+        self.work_floats = B * (2 * M + 5 * H * d + intermediate)  # + S per thread (scores)
+
+    @classmethod
+    def build(cls, tensors: list[list[torch.Tensor | None]], k: list[torch.Tensor], v: list[torch.Tensor],
+              eps: float, intermediate: int) -> Layers | None:
+        lib = library()
+        if lib is None or not k or len(k) != len(v) or len(k) != len(tensors):
+            return None
+        shape, dt = k[0].shape, k[0].dtype
+        B, H, S, d = shape
+        ok = (dt in LAYERS and B <= MAX_ROWS and d <= MAX_HEAD_DIM
+              and all(t.shape == shape and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
+                      for t in (*k, *v))
+              and all(len(layer) == 16 and all(t is None or (t.dtype == dt and t.device.type == "cpu"
+                                                             and t.is_contiguous()) for t in layer)
+                      for layer in tensors))
+        return cls(lib, tensors, k, v, eps, intermediate) if ok else None
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor | None:
+        """The residual stream x (B, 1, D) float32 after every layer, each layer's key and value
+        written at slot `slot` (1,); cos, sin (B, 1, 1, R/2) float32; mask (B, 1, 1, S) bool.
+        None where these inputs are not served (the caller has the torch ops)."""
+        B, H, S, d = self.shape
+        if (x.shape != (B, 1, H * d) or x.dtype != torch.float32 or cos.shape[:3] != (B, 1, 1)
+                or 2 * cos.shape[-1] > d or cos.dtype != torch.float32 or sin.shape != cos.shape
+                or sin.dtype != torch.float32 or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool
+                or slot.shape != (1,) or slot.dtype != torch.long
+                or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and mask.is_contiguous())):
+            return None
+        out, threads = x.clone(), torch.get_num_threads()
+        work = torch.empty(self.work_floats + threads * S, dtype=torch.float32)
+        if self.fn(out.data_ptr(), self.pointers, self.k_pointers, self.v_pointers, cos.data_ptr(),
+                   sin.data_ptr(), slot.data_ptr(), mask.data_ptr(), len(self.k), B, H, d, cos.shape[-1],
+                   S, self.intermediate, self.eps, threads, work.data_ptr()):
+            raise IndexError(f"KV cache slot {int(slot)} is outside the cache's {S} slots")
+        return out

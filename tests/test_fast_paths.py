@@ -266,3 +266,51 @@ def test_no_compiler_means_no_native_kernel(tmp_path, monkeypatch):
     monkeypatch.delenv("CC")
     monkeypatch.setenv("FUYU_NATIVE", "0")
     assert native.library() is None
+
+
+@needs_native
+@pytest.mark.parametrize("hidden, heads", [(96, 6), (128, 2), (60, 3)])  # head dims 16, 64, 20 (no vector multiple)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layers_in_one_native_call_equal_their_torch_ops(tmp_path, monkeypatch, hidden, heads, dtype):
+    """kernels.decode_layers (every layer of a decode step in one call) against the layers' torch
+    ops, teacher-forced over left-padded rows: float32 within 1e-4 and the same greedy ids; bf16
+    no further from the torch ops than they are from float32."""
+    from fuyu.model import decode_step, prefill
+
+    ckpt = make_checkpoint(tmp_path / "c", hidden=hidden, heads=heads, layers=2, vocab_size=VOCAB,
+                           tokenizer=False, seed=5)
+    batch = make_batch([(2, 3, 4), (1, 2, 7), (2, 2, 1)], VOCAB, seed=3)
+    forced = torch.randint(10, VOCAB, (6, 3), generator=torch.Generator().manual_seed(1))
+    served = []
+    real = kernels.decode_layers
+
+    def run(model, fused):
+        monkeypatch.setattr(kernels, "decode_layers", lambda m, c: served.append(real(m, c)) or served[-1]
+                            if fused else None)
+        with torch.inference_mode():
+            cache, last = prefill(model, batch, max_new_tokens=len(forced))
+            return torch.stack([last] + [decode_step(model, cache, ids) for ids in forced]).float()
+
+    f32 = run(load_pretrained(ckpt, dtype=torch.float32, kernels="plain"), fused=False)
+    model = load_pretrained(ckpt, dtype=dtype, kernels="plain")
+    kernels.apply(model, every("native"))
+    ours, torch_ops = run(model, fused=True), run(model, fused=False)
+    assert served and all(layers is not None for layers in served)
+    if dtype == torch.float32:
+        assert (ours - torch_ops).abs().max().item() < 1e-4
+        assert torch.equal(ours.argmax(-1), torch_ops.argmax(-1))
+    else:
+        assert (ours - torch_ops).abs().max() <= 2 * (torch_ops - f32).abs().max()
+        assert (ours - f32).abs().mean() <= 1.25 * (torch_ops - f32).abs().mean()
+
+
+@needs_native
+def test_decode_layers_need_the_native_gemv_in_every_layer(ckpt):
+    from fuyu.model import KVCache
+
+    model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
+    assert kernels.decode_layers(model, KVCache.for_model(model, 1, 8)) is None  # plain: the torch ops
+    kernels.apply(model, lambda name, m: "native" if name != "layers.1.mlp.dense_4h_to_h" else None)
+    assert kernels.decode_layers(model, KVCache.for_model(model, 1, 8)) is None
+    kernels.apply(model, every("native"))
+    assert isinstance(kernels.decode_layers(model, KVCache.for_model(model, 1, 8)), native.Layers)
