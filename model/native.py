@@ -380,11 +380,43 @@ int NAME(float *x, const void *const *p, void *const *kcs, void *const *vcs, con
 }
 LAYERS(fuyu_layers_bf16, uint16_t, widen_bf16, round_bf16)
 LAYERS(fuyu_layers_f32, float, widen_f32, widen_f32)
+
+/* out[b] = the index of the largest of row b's V values, as torch.argmax: the first one where
+   several tie, the first NaN where there is one. A vector pass finds the maximum, a second the
+   first place it occurs. Rows are few (a decode batch); each is read in one thread. */
+#define ARGMAX(NAME, T, W)                                                                  \
+void NAME(const T *x, int64_t B, int64_t V, int64_t *out) {                                  \
+    for (int64_t b = 0; b < B; b++) {                                                       \
+        const T *r = x + b * V;                                                             \
+        vf top = (vf){0} - INFINITY;                                                        \
+        vi nan = {0};                                                                       \
+        int64_t j = 0;                                                                      \
+        for (; j + L <= V; j += L) {                                                        \
+            vf v = load_##T(r + j);                                                         \
+            vi gt = v > top;                                                                \
+            nan |= v != v;                                                                  \
+            top = (vf)(((vi)v & gt) | ((vi)top & ~gt));                                     \
+        }                                                                                   \
+        float t = -INFINITY;                                                                \
+        int any_nan = 0;                                                                    \
+        for (int i = 0; i < L; i++) { any_nan |= nan[i] != 0; if (top[i] > t) t = top[i]; } \
+        for (; j < V; j++) { float v = W(r[j]); any_nan |= v != v; if (v > t) t = v; }      \
+        int64_t at = 0;                                                                     \
+        for (j = 0; j < V; j++) {                                                           \
+            float v = W(r[j]);                                                              \
+            if (any_nan ? v != v : v == t) { at = j; break; }                               \
+        }                                                                                   \
+        out[b] = at;                                                                        \
+    }                                                                                       \
+}
+ARGMAX(fuyu_argmax_bf16, uint16_t, widen_bf16)
+ARGMAX(fuyu_argmax_f32, float, widen_f32)
 """
 
 DTYPES = {torch.bfloat16: "fuyu_gemv_bf16", torch.float32: "fuyu_gemv_f32"}
 ATTEND = {torch.bfloat16: "fuyu_attend_bf16", torch.float32: "fuyu_attend_f32"}
 LAYERS = {torch.bfloat16: "fuyu_layers_bf16", torch.float32: "fuyu_layers_f32"}
+ARGMAX = {torch.bfloat16: "fuyu_argmax_bf16", torch.float32: "fuyu_argmax_f32"}
 MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
 
 
@@ -427,6 +459,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
     for name in ATTEND.values():
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+        fn.restype = None
+    for name in ARGMAX.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = None
     for name in LAYERS.values():
         fn = getattr(lib, name)
@@ -512,6 +548,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                   B, H, S, d, d ** -0.5, torch.get_num_threads())
     return out
 
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """x.argmax(-1) (same index on ties and NaN) of CPU float32/bfloat16 rows x (B, V), read once
+    as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×
+    slower. None where not served."""
+    lib = library()
+    if (lib is None or x.dtype not in ARGMAX or x.dim() != 2 or x.device.type != "cpu"
+            or not x.is_contiguous() or x.shape[1] == 0):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    getattr(lib, ARGMAX[x.dtype])(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 class Layers:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fuyu.model import generate, kernels, load_pretrained, logits, native, tuning
+from fuyu.model import generate, kernels, load_pretrained, logits, native, sample, tuning
 from fuyu.model.kernels import GemvLinear, PackedLinear, restore_plain
 from fuyu.testing.checkpoint import make_checkpoint
 from fuyu.testing.batches import make_batch
@@ -314,3 +314,17 @@ def test_decode_layers_need_the_native_gemv_in_every_layer(ckpt):
     assert kernels.decode_layers(model, KVCache.for_model(model, 1, 8)) is None
     kernels.apply(model, every("native"))
     assert isinstance(kernels.decode_layers(model, KVCache.for_model(model, 1, 8)), native.Layers)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_argmax_is_torch_argmax_with_ties_nan_and_infinities(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 1003, generator=g).to(dtype)  # 1003: a tail after the last whole vector
+    x[1, 40] = x[1, 900] = 50  # a tie: the first
+    x[2, 7] = x[2, 3] = float("nan")  # NaN wins, the first one
+    x[3] = float("-inf")
+    x[4, 1002] = 80  # the maximum in the tail
+    assert torch.equal(native.argmax(x), x.float().argmax(-1))
+    assert native.argmax(x.t()) is None and native.argmax(x.half()) is None  # not served: torch's
+    assert torch.equal(sample(x), x.float().argmax(-1))  # greedy sampling uses it
