@@ -22,6 +22,9 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
            "linear+f32" is F.linear for the rest
   int8 / int8+dequant   for Int8Linear: torch's int8 kernel, or for prefill-sized inputs the
            weight dequantized per call into one 16-bit GEMM (the int8 kernel is ~5× slower there)
+
+Where tuning picked "native" for every layer's Linears, an eager decode step goes further:
+`decode_layers` hands all decoder layers to one call of native.py's C (native.Layers).
 """
 
 from __future__ import annotations
