@@ -18,7 +18,7 @@ It is plain C (GCC/Clang vector extensions, no intrinsics) compiled with the sys
 (`$CC`, else `cc`) and `-O3 -march=native -fopenmp` the first time it is asked for, into
 `$XDG_CACHE_HOME/fuyu/native/` under a name that holds a hash of the source, the compiler, the
 flags and the CPU's feature flags, so a home folder shared by different machines never hands one a
-binary built for another (~0.2 s to build). It links the OpenMP runtime torch has already loaded
+binary built for another (once per machine: ~3.5 s on a 2-core AVX2-only AMD EPYC). It links the OpenMP runtime torch has already loaded
 (libgomp's soname), so it shares torch's thread pool rather than adding a second one that would
 spin against it; where torch brings no libgomp (macOS, Windows, other OpenMP builds) or no
 compiler works, `available()` is False and the kernel is simply not offered. `FUYU_NATIVE=0` turns

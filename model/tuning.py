@@ -9,8 +9,8 @@ minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU b
 (16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
 without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
-pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 6 s on a
-2-core AVX2-only EPYC, whose 16-bit prefill GEMMs alone take 60 ms a call).
+pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 3.5 s on
+a 2-core AVX2-only EPYC, whose 16-bit prefill GEMMs alone take 60 ms a call).
 
 The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~30 s the first time on a
 machine and ~3 s in each new process, so it is timed only in "tune" mode (`FUYU_KERNELS=tune`);
@@ -52,6 +52,10 @@ ROUNDS = 2
 NOISY = 1.0
 CPU_SHARE = 0.7
 CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one copy is timed
+# Decode calls per measurement, taken in turn around the pool (so each copy is cold when its turn
+# comes again): all 21-24 copies of a layer shape made tuning ~6 s on a CPU whose 16-bit F.linear
+# is slow (2-core AVX2-only AMD EPYC), for no better a choice.
+CALLS = 6
 GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
 FORMAT = 3  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings
 
@@ -174,12 +178,16 @@ def measure(module: nn.Module, tune: bool = False, head: bool = False) -> dict:
     xs = {M: torch.randn(M, module.in_features).to(dtype) for M, w in zip(ROWS, weights) if w}
     times: dict = {name: {M: [] for M in xs if name in (prefill if M == PREFILL_ROWS else decode)}
                    for name in names}
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, turn = time.perf_counter(), time.process_time(), 0
     with torch.inference_mode():
         for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
             for name in names:
                 for M in times[name]:
-                    mods = (served[name] if M < PREFILL_ROWS else served[name][:1]) * reps
+                    if M < PREFILL_ROWS:
+                        mods = [served[name][(turn + i) % copies] for i in range(min(CALLS, copies))] * reps
+                        turn += len(mods)
+                    else:
+                        mods = served[name][:1] * reps
                     start = time.perf_counter()
                     for m in mods:
                         m(xs[M])
