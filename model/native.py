@@ -18,7 +18,8 @@ It is plain C (GCC/Clang vector extensions, no intrinsics) compiled with the sys
 (`$CC`, else `cc`) and `-O3 -march=native -fopenmp` the first time it is asked for, into
 `$XDG_CACHE_HOME/fuyu/native/` under a name that holds a hash of the source, the compiler, the
 flags and the CPU's feature flags, so a home folder shared by different machines never hands one a
-binary built for another (once per machine: ~3.5 s on a 2-core AVX2-only AMD EPYC). It links the OpenMP runtime torch has already loaded
+binary built for another (once per machine: ~4 s on a 2-core AVX2-only AMD EPYC, started on a
+thread when a checkpoint starts loading: `build_in_background`). It links the OpenMP runtime torch has already loaded
 (libgomp's soname), so it shares torch's thread pool rather than adding a second one that would
 spin against it; where torch brings no libgomp (macOS, Windows, other OpenMP builds) or no
 compiler works, `available()` is False and the kernel is simply not offered. `FUYU_NATIVE=0` turns
@@ -34,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -493,7 +495,17 @@ def _build(path: Path) -> bool:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or None where it cannot be had."""
-    return _library(os.environ.get("FUYU_NATIVE"), os.environ.get("CC"), os.environ.get("XDG_CACHE_HOME"))
+    with _BUILDING:  # one build at a time; a call during a build waits for it
+        return _library(os.environ.get("FUYU_NATIVE"), os.environ.get("CC"), os.environ.get("XDG_CACHE_HOME"))
+
+
+_BUILDING = threading.Lock()
+
+
+def build_in_background() -> None:
+    """Start getting the library on a thread, so that a first build on a machine (~4 s on a 2-core
+    AVX2-only AMD EPYC) runs while the checkpoint loads, not after it (model/weights.py)."""
+    threading.Thread(target=library, name="fuyu-native-build", daemon=True).start()
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU b
 (16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
 without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
-pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 3.5 s on
+pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 2.4 s on
 a 2-core AVX2-only EPYC, whose 16-bit prefill GEMMs alone take 60 ms a call).
 
 The compiled GEMV (kernels.gemv) needs an inductor compile, up to ~30 s the first time on a
@@ -180,10 +180,12 @@ def measure(module: nn.Module, tune: bool = False, head: bool = False) -> dict:
                    for name in names}
     wall, cpu, turn = time.perf_counter(), time.process_time(), 0
     with torch.inference_mode():
-        for r in range(ROUNDS + 1):  # round 0 warms up (and compiles the GEMV)
+        for r in range(ROUNDS + 1):  # round 0 warms up
             for name in names:
                 for M in times[name]:
-                    if M < PREFILL_ROWS:
+                    if not r:  # a warm-up call (builds, compiles, first-touch allocations)
+                        mods = served[name][:1]
+                    elif M < PREFILL_ROWS:
                         mods = [served[name][(turn + i) % copies] for i in range(min(CALLS, copies))] * reps
                         turn += len(mods)
                     else:

@@ -17,7 +17,7 @@ from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
-from fuyu.model import tuning
+from fuyu.model import native, tuning
 from fuyu.model.quantize import aligned, quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -130,6 +130,8 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{ckpt}: not a directory; pass a checkpoint directory "
                               "(config.json + *.safetensors)")
     cfg, dtype = read_config(ckpt), resolve_dtype(dtype)
+    if device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain":
+        native.build_in_background()  # for the kernel step at the end
     try:
         stored = resolve_scheme(cfg.quantization)  # how the checkpoint's own tensors are quantized
     except ValueError as e:
