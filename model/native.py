@@ -307,6 +307,16 @@ static void layer_norm_##T(const float *x, int64_t n, const T *w, const T *b, fl
 LAYER_NORM(uint16_t, widen_bf16, round_bf16)
 LAYER_NORM(float, widen_f32, widen_f32)
 
+/* The B rows of x (B, D) LayerNormed and rounded into h, then interleaved into xi: a GEMV's input. */
+#define NORM_ROWS(T)                                                                        \
+static void norm_rows_##T(const float *x, int64_t B, int64_t D, const T *w, const T *b,     \
+                          float eps, float *h, float *xi) {                                 \
+    for (int64_t r = 0; r < B; r++) layer_norm_##T(x + r * D, D, w, b, eps, 1, h + r * D);  \
+    interleave(h, B, D, xi);                                                                \
+}
+NORM_ROWS(uint16_t)
+NORM_ROWS(float)
+
 /* The decoder layers for one new token per row (a decode step), in one parallel region, no torch
    op in between: x (B, D) float32, the residual stream, updated in place, layer after layer:
    x += dense(attention(rotary(qk-LayerNorm(qkv(LN1(x)))))); x += down(relu²(up(LN2(x)))).
@@ -330,11 +340,7 @@ int NAME(float *x, const void *const *p, void *const *kcs, void *const *vcs, con
         const T *const *w = (const T *const *)p + 16 * l;                                   \
         T *kc = (T *)kcs[l], *vc = (T *)vcs[l];                                             \
         _Pragma("omp single")                                                               \
-        {                                                                                   \
-            for (int64_t b = 0; b < B; b++)                                                 \
-                layer_norm_##T(x + b * D, D, w[0], w[1], eps, 1, h + b * D);                \
-            interleave(h, B, D, xi);                                                        \
-        }                                                                                   \
+        norm_rows_##T(x, B, D, w[0], w[1], eps, h, xi);                                     \
         rows_##T(xi, h, w[2], w[3], B, 3 * D, D, KEEP, NULL, qkv);                          \
         _Pragma("omp for schedule(static)")                                                 \
         for (int64_t bh = 0; bh < B * H; bh++) {                                            \
@@ -368,11 +374,7 @@ int NAME(float *x, const void *const *p, void *const *kcs, void *const *vcs, con
         interleave(att, B, D, xi);                                                          \
         rows_##T(xi, att, w[8], w[9], B, D, D, ADD, NULL, x);                               \
         _Pragma("omp single")                                                               \
-        {                                                                                   \
-            for (int64_t b = 0; b < B; b++)                                                 \
-                layer_norm_##T(x + b * D, D, w[10], w[11], eps, 1, h + b * D);              \
-            interleave(h, B, D, xi);                                                        \
-        }                                                                                   \
+        norm_rows_##T(x, B, D, w[10], w[11], eps, h, xi);                                   \
         rows_##T(xi, h, w[12], w[13], B, I, D, RELU2, NULL, up);                            \
         _Pragma("omp single")                                                               \
         interleave(up, B, I, xi);                                                           \
