@@ -178,8 +178,9 @@ GEMV(fuyu_gemv_bf16, uint16_t)
 GEMV(fuyu_gemv_f32, float)
 
 /* exp(x) in float32 within ~1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r
-   times 2^n), for softmax's x <= 0: below -87.3 it is 0, -inf included; NaN stays NaN. libm's
-   expf one value at a time was a third of the decode attention's time. */
+   times 2^n), for softmax's x <= 0: below -87.3 it is 0, -inf included; NaN stays NaN. A vector
+   at a time, where libm's expf takes one value a call (not timed apart: the attention's measured
+   gain, 0.25 -> 0.14-0.20 ms a layer on the AVX2 EPYC, came with the value-row prefetch). */
 typedef int32_t vi __attribute__((vector_size(VB)));
 static inline vf vexp(vf x) {
     vi under = x < -87.3365478515625f;
