@@ -1,0 +1,245 @@
+"""Our own C kernels for decode steps on CPU (csrc/ beside this file), built on the machine that runs them.
+
+At batch 1-2 a decode step is a stream of weight reads, and the LM head is 70% of them (mid
+checkpoint). None of torch's kernels reads 16-bit weights at the memory's read rate on every CPU:
+on an AMD EPYC, per call on the 512 MB bf16 head, oneDNN's packed GEMV takes 22-25 ms, F.linear
+30-33 ms, our GEMV 15-18 ms (a float32 streaming sum of as many bytes: 15 ms). Each weight row is
+read once, widened to float32 in registers and multiplied with each input row, accumulated in
+float32 and rounded once to the weights' dtype, so it is at least as accurate as oneDNN's bf16 GEMV.
+Rows are split over OpenMP threads. It serves up to 8 input rows (a decode batch); the module that
+uses it (kernels.NativeLinear) hands bigger calls to F.linear or a float32 GEMM. The same library
+holds one-query decode attention (`attend`): scores, softmax and the weighted sum of values in
+float32, reading the 16-bit cache once, without the float32 copies the torch ops need; and all
+decoder layers of a decode step in one call (`Layers`: LayerNorms, these GEMVs, q/k LayerNorm,
+rotary, the cache write and this attention, with the roundings of model/fuyu.py's torch ops), so
+that nothing but weight reads fills a step: no torch op, no Python, no sleeping thread in between.
+
+The library is compiled the first time it is asked for (build.py: the command, the
+flags, the cache under $XDG_CACHE_HOME/fuyu/native/ with a build log beside it; ~4 s on a 2-core
+AVX2-only AMD EPYC, started on a thread when a checkpoint starts loading: `build_in_background`).
+`python -m fuyu.model.native build [--debug]` builds it in view. It links the OpenMP runtime torch
+has already loaded (libgomp's soname), so it shares torch's thread pool rather than adding a second
+one that would spin against it; where torch brings no libgomp (macOS, Windows, other OpenMP
+builds), no compiler exists or `FUYU_NATIVE=0`, `available()` is False and the kernels are simply
+not offered. A build that fails where a compiler exists is one warning line on stderr; the torch
+ops then serve. model/tuning.py times the GEMV against the other candidates like any of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fuyu.model.native import build as native_build
+from fuyu.model.settings import Settings
+
+MAX_ROWS = 8  # input rows the GEMV serves (a decode batch); above this it is compute-bound and
+# oneDNN's GEMMs, which multiply bf16 pairs in one instruction where the CPU can, win
+MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}  # each C function's per-dtype versions
+
+
+def _torch_has_libgomp() -> bool:
+    """Whether torch has loaded libgomp: its soname is what our library links, so it shares it."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The library for one setting, or why there is none (and the build, where one ran)."""
+
+    lib: ctypes.CDLL | None
+    reason: str = ""
+    build: native_build.Build | None = None
+
+
+def outcome(settings: Settings | None = None) -> Outcome:
+    """Get the library, building it first where it is not cached (None: settings from the
+    environment). Once per setting and process; a call during a build waits for it."""
+    with _BUILDING:
+        if settings is None:
+            return _from_environment(*(os.environ.get(k) for k in ENVIRONMENT))
+        return _outcome(settings)
+
+
+_BUILDING = threading.Lock()
+ENVIRONMENT = ("FUYU_NATIVE", "CC", "XDG_CACHE_HOME")  # what Settings reads for this module
+
+
+@functools.lru_cache(maxsize=None)
+def _from_environment(*values: str | None) -> Outcome:
+    """outcome() per value of the variables it depends on (each call costs a dict lookup)."""
+    return _outcome(Settings.from_environment())
+
+
+@functools.lru_cache(maxsize=None)
+def _outcome(settings: Settings) -> Outcome:
+    if not settings.native:
+        return Outcome(None, "turned off (FUYU_NATIVE=0)")
+    if not _torch_has_libgomp():
+        return Outcome(None, "torch has no libgomp loaded for the kernels to share")
+    compiler = native_build.compiler_path(settings.compiler)
+    if compiler is None:
+        return Outcome(None, f"no C compiler ({settings.compiler})")
+    path = native_build.library_path(settings.cache_dir, settings.compiler, settings.debug)
+    built = None
+    if not path.exists():
+        try:
+            built = native_build.build(path, compiler, settings.debug)
+        except OSError as e:  # e.g. a read-only cache folder
+            return _warn(Outcome(None, f"cannot build into {path.parent}: {e}"))
+        if not built.ok:
+            return _warn(Outcome(None, f"the build failed: {built.summary()} (log: {built.log})", built))
+    try:
+        return Outcome(native_build.bind(ctypes.CDLL(str(path))), "", built)
+    except OSError as e:
+        return _warn(Outcome(None, f"cannot load {path}: {e}", built))
+
+
+def _warn(failed: Outcome) -> Outcome:
+    """One line on stderr: a compiler exists, so the kernels were meant to be there."""
+    print(f"fuyu: warning: no native CPU kernels, the torch ops serve: {failed.reason}", file=sys.stderr)
+    return failed
+
+
+def library(settings: Settings | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None where they cannot be had."""
+    return outcome(settings).lib
+
+
+def build_in_background(settings: Settings | None = None) -> None:
+    """Start getting the library on a thread, so that a first build on a machine (~4 s on a 2-core
+    AVX2-only AMD EPYC) runs while the checkpoint loads, not after it (model/weights.py)."""
+    threading.Thread(target=library, args=(settings,), name="fuyu-native-build", daemon=True).start()
+
+
+def available(settings: Settings | None = None) -> bool:
+    return library(settings) is not None
+
+
+def serves(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in SUFFIX and weight.dim() == 2
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x with at most MAX_ROWS rows (any leading shape), float32
+    accumulation, output in the weight's dtype."""
+    lib = library()
+    N, K = weight.shape
+    rows = x.reshape(-1, K)
+    if (lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or not weight.is_contiguous()
+            or x.dtype != weight.dtype or x.device.type != "cpu"
+            or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
+        raise ValueError("native.linear: a contiguous CPU float32/bfloat16 weight, a bias and CPU "
+                         f"inputs of its dtype, at most {MAX_ROWS} rows, and a built kernel are required")
+    xf = rows if rows.dtype == torch.float32 else rows.float()
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    y = torch.empty(rows.shape[0], N, dtype=weight.dtype)
+    scratch = torch.empty(xf.numel(), dtype=torch.float32)  # the inputs, interleaved
+    getattr(lib, f"fuyu_gemv_{SUFFIX[weight.dtype]}")(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                       y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads(),
+                                       scratch.data_ptr())
+    return y.view(*x.shape[:-1], N)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q·kᵀ/√d, masked)·v for one query per row and head, q (B, H, 1, d), over a cache
+    k, v (B, H, S, d) with mask (B, 1, 1, S) bool: float32 inside, rounded once to k's dtype.
+    None where the kernel does not serve these inputs (the caller has a plain path)."""
+    lib = library()
+    B, H, S, d = k.shape
+    if (lib is None or k.dtype not in SUFFIX or v.dtype != k.dtype or k.device.type != "cpu"
+            or q.shape != (B, H, 1, d) or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool
+            or not (k.is_contiguous() and v.is_contiguous() and mask.is_contiguous())):
+        return None
+    qf = q.float().contiguous()
+    out = torch.empty(B, H, 1, d, dtype=k.dtype)
+    getattr(lib, f"fuyu_attend_{SUFFIX[k.dtype]}")(qf.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                                  B, H, S, d, d ** -0.5, torch.get_num_threads())
+    return out
+
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """x.argmax(-1) (same index on ties and NaN) of CPU float32/bfloat16 rows x (B, V), read once
+    as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×
+    slower. None where not served."""
+    lib = library()
+    if (lib is None or x.dtype not in SUFFIX or x.dim() != 2 or x.device.type != "cpu"
+            or not x.is_contiguous() or x.shape[1] == 0):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    getattr(lib, f"fuyu_argmax_{SUFFIX[x.dtype]}")(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+class Layers:
+    """A model's decoder layers over one KV cache, prepared for decode steps (one new token per
+    row) that run all layers in one call of the kernel: weights, biases and cache checked and
+    their addresses gathered once, not at every step.
+
+    tensors: per layer, 16 weights and biases in the cache's dtype, in the order of the comment
+    on `layers` in csrc/native.c (a bias may be None); k, v: each layer's cache (B, H, S, d).
+    `build` returns None where the kernel does not serve them. The object holds the tensors, so the addresses stay
+    valid for as long as it lives."""
+
+    def __init__(self, lib, tensors, k, v, eps: float, intermediate: int):
+        self.fn = getattr(lib, f"fuyu_layers_{SUFFIX[k[0].dtype]}")
+        self.tensors, self.k, self.v = tensors, k, v  # kept alive: their addresses are used
+        self.eps, self.intermediate = eps, intermediate
+        B, H, S, d = k[0].shape
+        self.shape = (B, H, S, d)
+        flat = [t for layer in tensors for t in layer]
+        self.pointers = (ctypes.c_void_p * len(flat))(*(None if t is None else t.data_ptr() for t in flat))
+        self.k_pointers = (ctypes.c_void_p * len(k))(*(t.data_ptr() for t in k))
+        self.v_pointers = (ctypes.c_void_p * len(v))(*(t.data_ptr() for t in v))
+        M = max(H * d, intermediate)
+        self.work_floats = B * (2 * M + 5 * H * d + intermediate)  # + S per thread (scores)
+
+    @classmethod
+    def build(cls, tensors: list[list[torch.Tensor | None]], k: list[torch.Tensor], v: list[torch.Tensor],
+              eps: float, intermediate: int) -> Layers | None:
+        lib = library()
+        if lib is None or not k or len(k) != len(v) or len(k) != len(tensors):
+            return None
+        shape, dt = k[0].shape, k[0].dtype
+        B, H, S, d = shape
+        ok = (dt in SUFFIX and B <= MAX_ROWS and d <= MAX_HEAD_DIM
+              and all(t.shape == shape and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
+                      for t in (*k, *v))
+              and all(len(layer) == 16 and all(t is None or (t.dtype == dt and t.device.type == "cpu"
+                                                             and t.is_contiguous()) for t in layer)
+                      for layer in tensors))
+        return cls(lib, tensors, k, v, eps, intermediate) if ok else None
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor | None:
+        """The residual stream x (B, 1, D) float32 after every layer, each layer's key and value
+        written at slot `slot` (1,); cos, sin (B, 1, 1, R/2) float32; mask (B, 1, 1, S) bool.
+        None where these inputs are not served (the caller has the torch ops)."""
+        B, H, S, d = self.shape
+        if (x.shape != (B, 1, H * d) or x.dtype != torch.float32 or cos.shape[:3] != (B, 1, 1)
+                or 2 * cos.shape[-1] > d or cos.dtype != torch.float32 or sin.shape != cos.shape
+                or sin.dtype != torch.float32 or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool
+                or slot.shape != (1,) or slot.dtype != torch.long
+                or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and mask.is_contiguous())):
+            return None
+        out, threads = x.clone(), torch.get_num_threads()
+        work = torch.empty(self.work_floats + threads * S, dtype=torch.float32)
+        if self.fn(out.data_ptr(), self.pointers, self.k_pointers, self.v_pointers, cos.data_ptr(),
+                   sin.data_ptr(), slot.data_ptr(), mask.data_ptr(), len(self.k), B, H, d, cos.shape[-1],
+                   S, self.intermediate, self.eps, threads, work.data_ptr()):
+            raise IndexError(f"KV cache slot {int(slot)} is outside the cache's {S} slots")
+        return out
+

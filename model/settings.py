@@ -1,0 +1,36 @@
+"""The environment variables the library reads, all in one place: `Settings.from_environment()`.
+
+  FUYU_KERNELS    the CPU kernel mode at load: auto (default), plain, tune (model/tuning.py)
+  FUYU_NATIVE     0: never build or load our C kernels (model/native.py); debug: build them with
+                  -O0 -g -fsanitize=address (load with the sanitizer's runtime preloaded)
+  CC              the C compiler (default: cc)
+  XDG_CACHE_HOME  where kernel timings and the compiled C library are cached (default ~/.cache),
+                  under fuyu/
+
+Nothing below this module reads the environment: a library call that takes `settings=None` reads
+it here, once, and says so in its docstring.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    kernels: str | None = None  # None: the caller's default ("auto")
+    native: bool = True  # build and load the C kernels where a compiler works
+    debug: bool = False  # ... as a sanitizer build
+    compiler: str = "cc"
+    cache_dir: Path = Path.home() / ".cache" / "fuyu"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        switch = environ.get("FUYU_NATIVE", "")
+        return cls(kernels=environ.get("FUYU_KERNELS") or None, native=switch != "0",
+                   debug=switch == "debug", compiler=environ.get("CC") or "cc",
+                   cache_dir=Path(cache) / "fuyu")
