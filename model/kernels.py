@@ -222,23 +222,29 @@ def decode_layers(model: nn.Module, cache) -> native.Layers | None:
     return plan[1]
 
 
+def layer_tensors(block: nn.Module) -> list[torch.Tensor | None]:
+    """A decoder layer's 16 weights and biases in the order native.Layers takes them (the comment
+    on `layers` in native/csrc/native.c)."""
+    attn, mlp = block.self_attn, block.mlp
+    ln1, qln, kln, ln2 = block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm
+    qkv, dense, up, down = attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+    return [ln1.weight, ln1.bias, qkv.weight, qkv.bias, qln.weight, qln.bias, kln.weight, kln.bias,
+            dense.weight, dense.bias, ln2.weight, ln2.bias, up.weight, up.bias, down.weight, down.bias]
+
+
 def _prepare_layers(model: nn.Module, cache) -> native.Layers | None:
-    tensors, eps = [], None
+    eps = model.layers[0].input_layernorm.eps if len(model.layers) else None
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
         linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         norms = (block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm)
-        eps = norms[0].eps if eps is None else eps
         if (not all(type(m) is NativeLinear for m in linears)
                 or any(n.eps != eps or not n.elementwise_affine for n in norms)):
             return None
-        ln1, qln, kln, ln2 = norms
-        qkv, dense, up, down = linears
-        tensors.append([ln1.weight, ln1.bias, qkv.weight, qkv.bias, qln.weight, qln.bias, kln.weight, kln.bias,
-                        dense.weight, dense.bias, ln2.weight, ln2.bias, up.weight, up.bias, down.weight, down.bias])
-    if not tensors:
+    if eps is None:
         return None
-    return native.Layers.build(tensors, cache.k, cache.v, eps, model.layers[0].mlp.dense_h_to_4h.out_features)
+    return native.Layers.build([layer_tensors(b) for b in model.layers], cache.k, cache.v, eps,
+                               model.layers[0].mlp.dense_h_to_4h.out_features)
 
 
 @torch.library.custom_op("fuyu::native_linear", mutates_args=())

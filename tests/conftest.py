@@ -58,3 +58,23 @@ def tok(proc):
 def tiny_model(tmp_path_factory) -> Path:
     """One tiny random checkpoint (hub layout, tokenizer files) shared by the whole session."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny-fuyu"), vocab_size=vocab_size())
+
+
+@pytest.fixture
+def native_lib():
+    """The C kernels (fuyu.model.native), built. Where a C compiler exists a failed build fails the
+    test with the compiler's message; the test skips only where there is no compiler at all (or
+    torch brings no libgomp for the kernels to share: macOS, Windows, other OpenMP builds)."""
+    from fuyu.model import native
+    from fuyu.model.native import build
+    from fuyu.model.settings import Settings
+
+    got = native.outcome()
+    if got.lib is None:
+        if build.compiler_path(Settings.from_environment().compiler) is None:
+            pytest.skip("no C compiler")
+        if not native._torch_has_libgomp():
+            pytest.skip("torch has no libgomp for the C kernels to share")
+        pytest.fail(f"the C kernels did not build or load: {got.reason}\n"
+                    f"{got.build.output if got.build else ''}")
+    return got.lib

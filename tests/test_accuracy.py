@@ -16,17 +16,17 @@ VOCAB = 300
 
 
 @pytest.mark.parametrize("kernel", ["plain", "native"])
-def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path, kernel):
+def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path, kernel, request):
     """Three random checkpoints × three samples (image, wide image, text only) × 24 steps, pooled:
     on 72 positions one near-tie flips top-1 agreement by 0.014 either way, on 216 the pooled
     numbers measure the implementations rather than luck. Measured (seeds 0-2): ours max 0.082
     mean 0.0125 top-1 0.981; reference max 0.096 mean 0.014 top-1 0.972. "native": every Linear
-    on model/native.py's kernel (decode steps; prefill-sized calls stay F.linear)."""
+    on fuyu.model.native's kernel (decode steps; prefill-sized calls stay F.linear)."""
     from fuyu.benchmarks.accuracy import errors, meets_contract
-    from fuyu.model import kernels, load_pretrained, native
+    from fuyu.model import kernels, load_pretrained
 
-    if kernel == "native" and not native.available():
-        pytest.skip("no C compiler or no libgomp in torch: no native kernel")
+    if kernel == "native":
+        request.getfixturevalue("native_lib")  # built, or the test fails (skips without a compiler)
 
     pooled = {"truth": [], "ref": [], "ours": []}
     for seed in range(3):

@@ -46,16 +46,17 @@ def every(kernel):
 # Which Linears each kernel can serve in float32 (tuning offers mv and gemv for 16-bit weights only,
 # but the modules serve any dtype, so their equivalence is tested where it is exact enough).
 SERVES = {"packed": lambda m: kernels.can_pack(m.weight), "mv": lambda m: True, "gemv": lambda m: m.bias is None,
-          "native": lambda m: native.available(), "linear+f32": lambda m: True,
-          "native+f32": lambda m: native.available()}
+          "native": lambda m: True, "linear+f32": lambda m: True, "native+f32": lambda m: True}
 
 
 @pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1), ("native", 14),
                                              ("linear+f32", 14), ("native+f32", 14)])
-def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel, swapped):
+def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel, swapped, request):
+    if kernel.startswith("native"):
+        request.getfixturevalue("native_lib")  # built, or the test fails (skips without a compiler)
     model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
     if not SERVES[kernel](model.lm_head):
-        pytest.skip(f"no {kernel} kernel on this machine (packed: oneDNN; native: a C compiler, libgomp)")
+        pytest.skip(f"no {kernel} kernel on this machine (packed: oneDNN)")
     # 14: the patch projection, 3 layers × 4 Linears, the LM head; gemv: the head (no bias)
     assert len(kernels.apply(model, lambda name, m: kernel if SERVES[kernel](m) else None)) == swapped
     with torch.inference_mode():
@@ -180,13 +181,13 @@ def test_rotary_rounds_like_the_reference_formula():
 @pytest.mark.parametrize("path, chunk", [("native", 0), ("torch", 1 << 20), ("torch", 64 * 8)])  # torch:
 # one slice of slots, and many (with a short last one)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_decode_attention_equals_sdpa(monkeypatch, path, chunk, dtype):
-    """One query per row over a masked cache, through model/native.py's kernel or the torch ops:
+def test_cpu_decode_attention_equals_sdpa(monkeypatch, request, path, chunk, dtype):
+    """One query per row over a masked cache, through fuyu.model.native's kernel or the torch ops:
     float32 within 1e-5 of SDPA; in bf16 no further from float32 SDPA than bf16 SDPA itself is."""
     from fuyu.model import fuyu
 
-    if path == "native" and not native.available():
-        pytest.skip("no C compiler or no libgomp in torch")
+    if path == "native":
+        request.getfixturevalue("native_lib")
     if path == "torch":
         monkeypatch.setattr(native, "attend", lambda *args: None)
         monkeypatch.setattr(fuyu, "DECODE_CHUNK", chunk)
@@ -206,7 +207,8 @@ def test_cpu_decode_attention_equals_sdpa(monkeypatch, path, chunk, dtype):
         assert (ours.float() - truth).abs().max() <= (theirs.float() - truth).abs().max() * 1.25
 
 
-needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler or no libgomp in torch")
+# Built, or the test fails; skipped only where there is no C compiler (conftest.native_lib).
+needs_native = pytest.mark.usefixtures("native_lib")
 
 
 @needs_native

@@ -1,0 +1,232 @@
+"""The C kernels as source (fuyu.model.native): the build shows a broken file's compiler message,
+the bindings come from the table of prototypes, the fused decoder layers compute model/fuyu.py's
+layer, and the .c files ship in the wheel."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuyu.model import kernels, native
+from fuyu.model.cache import KVCache
+from fuyu.model.config import FuyuConfig
+from fuyu.model.fuyu import Block
+from fuyu.model.native import build
+
+REPO = Path(__file__).resolve().parents[1]
+CC = shutil.which(os.environ.get("CC") or "cc")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
+
+
+def broken_copy(tmp_path, edit) -> Path:
+    """A copy of the C sources with one file changed by edit(name, text) -> text."""
+    src = tmp_path / "csrc"
+    shutil.copytree(build.SOURCE_DIR, src)
+    changed = 0
+    for p in src.iterdir():
+        text = p.read_text()
+        changed += p.write_text(edit(p.name, text)) and p.read_text() != text
+    assert changed == 1  # the edit still finds what it breaks
+    return src
+
+
+@needs_cc
+@pytest.mark.parametrize("what, edit, messages", [
+    ("a syntax error", lambda name, text: text.replace("return f;", "return f", 1) if name == "vec.h" else text,
+     ("vec.h:", "error: expected")),
+    # a definition that no longer matches the table of prototypes: caught by the compiler, not at run time
+    ("a signature off the table", lambda name, text: text.replace(
+        "void fuyu_argmax_f32(const float *x, int64_t B, int64_t V, int64_t *out) {",
+        "void fuyu_argmax_f32(const float *x, int B, int64_t V, int64_t *out) {") if name == "native.c" else text,
+     ("native.c:", "error: conflicting types for", "fuyu_argmax_f32")),
+])
+def test_a_broken_c_file_is_a_failed_build_with_the_compilers_message(tmp_path, what, edit, messages):
+    src = broken_copy(tmp_path, edit)
+    lib = tmp_path / "out" / "native-test.so"
+    result = build.build(lib, CC, source_dir=src)
+    assert not result.ok and not lib.exists(), what
+    assert all(m in result.output and m in result.log.read_text() for m in messages), result.output
+    assert "error" in result.summary() and result.log.read_text().startswith(" ".join(result.command))
+
+
+@needs_cc
+def test_a_failed_build_at_run_time_is_one_warning_line_and_no_kernels(tmp_path, capfd):
+    """A compiler that exists but fails: the torch ops serve, stderr says so once, the log keeps
+    the compiler's output."""
+    cc = tmp_path / "failing-cc"
+    cc.write_text("#!/bin/sh\necho 'native.c:1:1: error: this compiler always fails' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    settings = native.Settings(compiler=str(cc), cache_dir=tmp_path / "cache")
+    assert native.library(settings) is None and native.library(settings) is None  # asked twice
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fuyu: warning:") and "this compiler always fails" in lines[0]
+    got = native.outcome(settings)
+    assert "always fails" in got.build.log.read_text()
+    assert native.outcome(native.Settings(compiler=str(tmp_path / "no-cc"), cache_dir=tmp_path)).reason.startswith(
+        "no C compiler")
+
+
+def test_the_bindings_are_the_table_of_prototypes(native_lib):
+    """Every exported function is bound from csrc/native.h, with the C types' ctypes."""
+    table = build.prototypes()
+    assert set(table) == {f"fuyu_{kind}_{dt}" for kind in ("gemv", "attend", "layers", "argmax")
+                          for dt in ("bf16", "f32")}
+    P, I64 = build.ctypes.c_void_p, build.ctypes.c_int64
+    assert table["fuyu_argmax_bf16"] == (None, [P, I64, I64, P])
+    assert table["fuyu_layers_f32"][0] is build.ctypes.c_int
+    for name, (restype, argtypes) in table.items():
+        fn = getattr(native_lib, name)
+        assert fn.argtypes == argtypes and fn.restype == restype
+
+
+def test_the_build_command_line_builds_in_view(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "fuyu.model.native", "build"], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    if CC is None:
+        assert r.returncode == 1 and "no C compiler" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    command, built, log = r.stdout.splitlines()
+    assert command.startswith(CC) and "-O3" in command and str(build.SOURCE_DIR / "native.c") in command
+    assert built.startswith("built: ") and Path(built.removeprefix("built: ")).is_file()
+    assert Path(log.removeprefix("log: ")).read_text().startswith(command)
+
+
+# --- the fused decoder layers against model/fuyu.py's ----------------------------------------
+
+def random_layers(g: torch.Generator, dtype):
+    """A random shape (heads, head dim with and without a vector multiple, rotary share, MLP width,
+    batch, cache length, slot) and random layers of it, LayerNorm affines included."""
+    pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    heads, d = pick(1, 2, 3, 5), pick(8, 16, 20, 36, 64)
+    cfg = FuyuConfig.tiny(hidden_size=heads * d, num_attention_heads=heads, num_hidden_layers=2,
+                          intermediate_size=pick(24, 100, 3 * heads * d), partial_rotary_factor=pick(0.25, 0.5, 1.0))
+    blocks = [Block(cfg) for _ in range(cfg.num_hidden_layers)]
+    with torch.no_grad():
+        for p in (p for b in blocks for p in b.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    blocks = [b.to(dtype).requires_grad_(False) for b in blocks]
+    B, S = pick(1, 2, 3, 8), pick(5, 17, 64)
+    return cfg, blocks, B, S, int(torch.randint(S, (1,), generator=g))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
+    """native.Layers (every decoder layer of a decode step in one C call) against Block.forward
+    of model/fuyu.py at random shapes, over a cache of random keys and values with slots left out
+    per row: the residual stream and the keys and values written. float32 within 1e-4; bf16 no
+    further from the float32 layers than the torch ops in bf16 are (their roundings match)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, blocks, B, S, at = random_layers(g, dtype)
+    cache = KVCache(cfg.num_hidden_layers, B, cfg.num_attention_heads, S, cfg.head_dim, cfg.rotary_dim,
+                    cfg.rope_theta, "cpu", dtype)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    cache.valid[:, :at] = torch.rand(B, at, generator=g) < 0.7
+    cache.next_position[:] = torch.randint(at + 1, (B,), generator=g)
+    cache.length = at
+    cache.start_decoding()
+    positions = cache.step()
+    window = cache.window(1)
+    cos, sin = cache.rotary(positions)
+    x = torch.randn(B, 1, cfg.hidden_size, generator=g)
+
+    def torch_ops(blocks, dt):
+        k, v = [t.to(dt) for t in cache.k], [t.to(dt) for t in cache.v]
+        h = x
+        with torch.inference_mode():
+            for i, block in enumerate(blocks):
+                h = block(h, cos, sin, cache.layer(i, window)._replace(k=k[i], v=v[i]))
+        return h, k, v
+
+    fused_k, fused_v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    layers = native.Layers.build([kernels.layer_tensors(b) for b in blocks], fused_k, fused_v,
+                                 cfg.layer_norm_eps, cfg.intermediate_size)
+    assert layers is not None
+    ours = layers(x, cos.contiguous(), sin.contiguous(), window.slots, window.mask)
+    theirs, k, v = torch_ops(blocks, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        for a, b in zip((*fused_k, *fused_v), (*k, *v)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    else:
+        f32, _, _ = torch_ops([_float(b, cfg) for b in blocks], torch.float32)
+        assert (ours - f32).abs().max() <= 2 * (theirs - f32).abs().max() + 1e-6
+        assert (ours - f32).abs().mean() <= 1.25 * (theirs - f32).abs().mean() + 1e-7
+        for a, b in zip((*fused_k, *fused_v), (*k, *v)):  # each written value rounded once, alike
+            assert (a.float() - b.float()).abs().max() <= b.float().abs().max() * 2 ** -7
+
+
+def _float(block, cfg):
+    out = Block(cfg)
+    out.load_state_dict({k: t.float() for k, t in block.state_dict().items()})
+    return out.requires_grad_(False)
+
+
+# --- the package ---------------------------------------------------------------------------------
+
+@needs_cc
+@pytest.mark.slow
+def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(tmp_path):
+    """pip wheel, a non-editable install into a fresh venv (torch inherited), and from another
+    folder a decode step on the native kernels, compiled from the installed csrc/ files."""
+    tree = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:  # the working tree as it is, without build leftovers
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(tree), "--no-deps", "--no-build-isolation", "-w", str(wheels)],
+                   check=True, timeout=600)
+    wheel, = wheels.glob("fuyu-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    # --system-site-packages inherits the base interpreter's packages; torch and the rest of this
+    # environment's come through a .pth line, after the new venv's own site-packages
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    Path(site, "inherited.pth").write_text("\n".join(ours) + "\n")
+    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
+                    "--no-index", str(wheel)], check=True, timeout=600)
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    script = textwrap.dedent("""
+        import torch
+        from pathlib import Path
+        import fuyu.model
+        from fuyu.model import KVCache, Fuyu, FuyuConfig, decode_step, kernels, native, prefill
+        from fuyu.model.native import build
+        assert "site-packages" in fuyu.model.__file__, fuyu.model.__file__
+        assert sorted(p.name for p in build.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h")) == [
+            "attend.h", "gemv.h", "native.c", "native.h", "vec.h"], build.SOURCE_DIR
+        got = native.outcome()
+        assert got.lib is not None and got.build is not None, got.reason  # built now, from those files
+        assert str(build.SOURCE_DIR / "native.c") in got.build.command
+        torch.manual_seed(0)
+        model = Fuyu(FuyuConfig.tiny()).eval().requires_grad_(False)
+        kernels.apply(model, lambda name, m: "native")
+        ids = torch.randint(10, 500, (1, 5))
+        with torch.inference_mode():
+            cache, last = prefill(model, {"input_ids": ids}, max_new_tokens=2)
+            assert isinstance(kernels.decode_layers(model, cache), native.Layers)
+            step = decode_step(model, cache, last.argmax(-1))
+        assert step.shape == (1, 512) and torch.isfinite(step).all()
+        print("decoded", Path(fuyu.model.__file__).parent)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FUYU_", "PYTHONPATH"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    r = subprocess.run([str(python), "-c", script], cwd=run, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("decoded " + site), r.stdout
