@@ -102,18 +102,19 @@ def test_the_build_command_line_builds_in_view(tmp_path):
 
 def random_layers(g: torch.Generator, dtype):
     """A random shape (heads, head dim with and without a vector multiple, rotary share, MLP width,
-    batch, cache length, slot) and random layers of it, LayerNorm affines included."""
+    batch, cache length, the slot written) and random layers of it, LayerNorm affines included."""
     pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
     heads, d = pick(1, 2, 3, 5), pick(8, 16, 20, 36, 64)
+    rotary = pick(0.5, 1.0) if d % 8 else pick(0.25, 0.5, 1.0)  # an even number of rotary dims
     cfg = FuyuConfig.tiny(hidden_size=heads * d, num_attention_heads=heads, num_hidden_layers=2,
-                          intermediate_size=pick(24, 100, 3 * heads * d), partial_rotary_factor=pick(0.25, 0.5, 1.0))
+                          intermediate_size=pick(24, 100, 3 * heads * d), partial_rotary_factor=rotary)
     blocks = [Block(cfg) for _ in range(cfg.num_hidden_layers)]
     with torch.no_grad():
         for p in (p for b in blocks for p in b.parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
     blocks = [b.to(dtype).requires_grad_(False) for b in blocks]
-    B, S = pick(1, 2, 3, 8), pick(5, 17, 64)
-    return cfg, blocks, B, S, int(torch.randint(S, (1,), generator=g))
+    B, S = pick(1, 2, 3, 8), pick(9, 40, 100)
+    return cfg, blocks, B, S, int(torch.randint(S // 2, S, (1,), generator=g))  # the slot written
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -121,8 +122,8 @@ def random_layers(g: torch.Generator, dtype):
 def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
     """native.Layers (every decoder layer of a decode step in one C call) against Block.forward
     of model/fuyu.py at random shapes, over a cache of random keys and values with slots left out
-    per row: the residual stream and the keys and values written. float32 within 1e-4; bf16 no
-    further from the float32 layers than the torch ops in bf16 are (their roundings match)."""
+    per row: the residual stream and the keys and values written. float32 within 1e-4; bf16 with
+    the roundings of the torch ops in bf16."""
     g = torch.Generator().manual_seed(seed)
     cfg, blocks, B, S, at = random_layers(g, dtype)
     cache = KVCache(cfg.num_hidden_layers, B, cfg.num_attention_heads, S, cfg.head_dim, cfg.rotary_dim,
@@ -130,7 +131,7 @@ def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
     for t in (*cache.k, *cache.v):
         t.copy_(torch.randn(t.shape, generator=g))
     cache.valid[:, :at] = torch.rand(B, at, generator=g) < 0.7
-    cache.next_position[:] = torch.randint(at + 1, (B,), generator=g)
+    cache.next_position[:] = torch.randint(1, at + 1, (B,), generator=g)  # rotary positions
     cache.length = at
     cache.start_decoding()
     positions = cache.step()
@@ -159,7 +160,9 @@ def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
     else:
         f32, _, _ = torch_ops([_float(b, cfg) for b in blocks], torch.float32)
         assert (ours - f32).abs().max() <= 2 * (theirs - f32).abs().max() + 1e-6
-        assert (ours - f32).abs().mean() <= 1.25 * (theirs - f32).abs().mean() + 1e-7
+        # the same roundings as the torch ops: ours sits far closer to theirs than either to float32
+        # (a dropped rounding, e.g. of relu² in bf16, puts it 0.4-1.1 of that distance away)
+        assert (ours - theirs).abs().mean() <= 0.1 * (theirs - f32).abs().mean()
         for a, b in zip((*fused_k, *fused_v), (*k, *v)):  # each written value rounded once, alike
             assert (a.float() - b.float()).abs().max() <= b.float().abs().max() * 2 ** -7
 
