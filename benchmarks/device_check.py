@@ -182,14 +182,24 @@ def decode_rate(model: Fuyu, batch, steps: int, device: torch.device, compile: b
             "kv_cache_gb": round(cache.bytes() / 1e9, 3)}
 
 
+def full_config(full: bool) -> tuple[FuyuConfig, dict]:
+    """Fuyu-8B's config and token ids, or (reduced) a tiny model's."""
+    if full:
+        return FuyuConfig(), FUYU_IDS
+    return FuyuConfig.tiny(vocab_size=2048, eos_token_id=PLAIN_IDS["eos"], image_token_id=PLAIN_IDS["speaker"]), PLAIN_IDS
+
+
+def photo_batch(cfg: FuyuConfig, B: int, ids: dict, device: torch.device) -> dict:
+    """B rows of a 640×480 image (16 × 22 patches) and a short prompt, on the device."""
+    batch = make_batch([(16, 22, 10)] * B, cfg.vocab_size, seed=B, ids=ids)
+    return dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                image_patches=batch.image_patches.to(device))
+
+
 def full(device: torch.device, work: Path, full: bool) -> dict:
     """Full-size Fuyu-8B (or, reduced, a tiny one): decode at batch 1 and 8, prefill of a 1920×1080 screenshot."""
-    if full:
-        cfg, rows_cols, steps, batches = FuyuConfig(), (36, 64), 32, (1, 8)
-        ids = FUYU_IDS
-    else:
-        cfg = FuyuConfig.tiny(vocab_size=2048, eos_token_id=PLAIN_IDS["eos"], image_token_id=PLAIN_IDS["speaker"])
-        rows_cols, steps, batches, ids = (6, 8), 8, (1, 2), PLAIN_IDS
+    cfg, ids = full_config(full)
+    rows_cols, steps, batches = ((36, 64), 32, (1, 8)) if full else ((6, 8), 8, (1, 2))
     dtype = torch.bfloat16
     model = random_model(cfg, device, dtype)
     weight_bytes = arithmetic.decode_bytes(model)
@@ -197,11 +207,8 @@ def full(device: torch.device, work: Path, full: bool) -> dict:
                  "decode_weight_gb": round(weight_bytes / 1e9, 3)}
     out["memory"] = memory_rates(device, (4 << 30) if full else (256 << 20))
     hbm = out["memory"]["sum_gbs"]
-    photo = (16, 22, 10)  # a 640×480 image (16 × 22 patches) and a short prompt
     for B in batches:
-        batch = make_batch([photo] * B, cfg.vocab_size, seed=B, ids=ids)
-        batch = dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                     image_patches=batch.image_patches.to(device))
+        batch = photo_batch(cfg, B, ids, device)
         # reduced: the compiled step at batch 1 only (a compile costs ~15 s on a CPU)
         modes = {"eager": False, "compiled": True} if full or B == 1 else {"eager": False}
         for mode, flag in modes.items():
@@ -217,6 +224,7 @@ def full(device: torch.device, work: Path, full: bool) -> dict:
                 a = generate(model, batch, 16, eos_id=-1)
                 b = generate(model, batch, 16, eos_id=-1, compile=True)
             out[f"decode_batch{B}_compiled_vs_eager_same_ids"] = round((a == b).float().mean().item(), 3)
+            out[f"decode_batch{B}_ids"] = {"eager": a.tolist(), "compiled": b.tolist()}
     rows, cols = rows_cols
     shot = make_batch([(rows, cols, 10)], cfg.vocab_size, seed=0, ids=ids)
     T = shot.input_ids.shape[1]
