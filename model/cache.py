@@ -69,7 +69,6 @@ class KVCache:
         self._pending = 0  # slots reserved by append, counted into length by advance
         self.padded = False  # some slot before `length` is invalid (known once, at prefill)
         self.decoding = False
-        self.prepared = None  # (model, what a CPU kernel prepared for this cache's decode steps)
         self.rope = (rotary_dim, rope_theta)
         self.cos, self.sin = rotary_tables(max_len, rotary_dim, rope_theta, device)
 
@@ -166,7 +165,7 @@ class KVCache:
         part.valid = self.valid[start:stop, offset:]
         part.next_position = self.next_position[start:stop]
         part.slot = torch.zeros(1, device=self.slot.device, dtype=torch.long)
-        part.length, part._pending, part.padded, part.decoding, part.prepared = 0, 0, False, False, None
+        part.length, part._pending, part.padded, part.decoding = 0, 0, False, False
         part.rope, part.cos, part.sin = self.rope, self.cos, self.sin
         return part
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuyu.model import kernels, native
 from fuyu.model.cache import KVCache, LayerKV
 from fuyu.model.config import FuyuConfig
 
@@ -51,14 +50,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     For CPU decoding: SDPA's flash kernel is made for blocks of queries and costs 2.5–4× this
     for one (bf16, AMD EPYC: 0.64 vs 0.21 ms at 16 heads × 512 slots). The keys and values are
     widened to float32 a slice of slots at a time, so the copies stay small and cache-resident.
-    Eagerly, where model/native.py's kernel is built, it does all of this in one pass over the
-    cache without the float32 copies (torch-op time of a batch-1 mid-size step 12.4 -> 4.9 ms,
-    profiler, 2-core AVX2-only AMD EPYC).
+    (The CPU backend's C attention does all of this in one pass over the cache without the
+    float32 copies: model/backend.py.)
     """
-    if not torch.compiler.is_compiling():
-        out = native.attend(q, k, v, mask)
-        if out is not None:
-            return out
     S = k.shape[2]
     step = max(1, DECODE_CHUNK // (k.shape[0] * k.shape[1] * k.shape[3]))
     qf = q.float() * q.shape[-1] ** -0.5
@@ -81,7 +75,9 @@ class Attention(nn.Module):
         self.q_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
         self.k_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, kv: LayerKV):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None):
+        """attend: one-query decode attention on the CPU in place of decode_attention, called the
+        same way; its None means "not served" (the CPU backend's C attention: model/backend.py)."""
         B, T, D = x.shape
         dt = x.dtype
         qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim).transpose(1, 2)
@@ -92,7 +88,9 @@ class Attention(nn.Module):
         k, v = kv.update(k, qkv[..., 2, :])  # the cache holds post-LayerNorm, post-rotary keys
         mask = kv.window.mask
         if T == 1 and mask is not None and q.device.type == "cpu":
-            y = decode_attention(q, k, v, mask)
+            y = None if attend is None else attend(q, k, v, mask)
+            if y is None:
+                y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))  # (B, H, T, d) → (B, T, D)
@@ -119,10 +117,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: LayerKV):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None):
         """x (B, T, D) float32: the residual stream; each sublayer runs in the weights' dtype."""
         dt = kv.k.dtype
-        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv)
+        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv, attend)
         return x + self.mlp(self.post_attention_layernorm(x).to(dt))
 
 
@@ -135,6 +133,10 @@ class Fuyu(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # How decode steps run on the model's device beyond these torch ops: None, or the CPU
+        # backend that loading picks for a model on the CPU (model/backend.py, weights.for_inference).
+        # generate.decode_step hands it the step; this module never calls it.
+        self.backend = None
 
     def embed(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
         """Word embeddings (B, T, D) with the k-th |SPEAKER| slot (row-major) holding patch k's projection."""
@@ -149,25 +151,19 @@ class Fuyu(nn.Module):
         return x.masked_scatter(slots[..., None], patch_emb.to(x.dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                patches: torch.Tensor | None = None) -> torch.Tensor:
+                patches: torch.Tensor | None = None, attend=None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, D) of tokens input_ids (B, T) at rotary positions (B, T).
 
         The tokens go into the slots the cache reserved for them (KVCache.append / step) and attend
         to what it holds. Hidden states, not logits: with a 262,144-word vocabulary, generation
         needs the LM head on one position per row (`self.lm_head(h)`; fuyu.model.generate).
+        attend: decode attention for one new token per row on the CPU (see Attention.forward).
         """
         x = self.embed(input_ids, patches)
         dt = x.dtype
         x = x.float()  # the residual stream stays float32 (16-bit weights: fewer roundings than the reference)
         window = cache.window(input_ids.shape[1])
         cos, sin = cache.rotary(positions)
-        if cache.decoding and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            # an eager decode step: every layer in one CPU kernel call where tuning picked the
-            # native GEMV for their Linears (the same computation; kernels.decode_layers)
-            layers = kernels.decode_layers(self, cache)
-            out = None if layers is None else layers(x, cos, sin, window.slots, window.mask)
-            if out is not None:
-                return self.final_layernorm(out).to(dt)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache.layer(i, window))
+            x = block(x, cos, sin, cache.layer(i, window), attend)
         return self.final_layernorm(x).to(dt)

@@ -2,7 +2,9 @@
 
 `batch` is a fuyu.preprocess.FuyuBatch or anything with `input_ids` (B, T) left-padded,
 `attention_mask` (B, T) and `image_patches` (P, 2700) (attributes or dict keys). A decode step
-lives in one place, `decode_step`; generate runs it eagerly or compiled, the same function.
+lives in one place, `decode_step`; generate runs it eagerly or compiled, the same function. It is
+the one place that hands a step to the model's backend (model.backend: the CPU backend of a model
+loaded on the CPU, model/backend.py) or runs the plain step (model/fuyu.py's torch ops).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fuyu.model import native
 from fuyu.model.cache import KVCache
 from fuyu.model.fuyu import Fuyu
 
@@ -84,10 +85,17 @@ def _prefill_parts(model: Fuyu, parts: list, max_new_tokens: int) -> tuple[KVCac
 def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Feed one token per row, ids (B,); returns the logits (B, V) for the position after it.
 
-    Fixed shapes and no host sync: the same function runs eagerly and under torch.compile.
+    Eagerly, the model's backend runs the step where it serves it (on the CPU: every layer in one
+    C call), else the plain step runs, with the backend's decode attention. Under torch.compile
+    only the plain step's torch ops: fixed shapes and no host sync, so it compiles once.
     """
+    backend = None if torch.compiler.is_compiling() else model.backend
+    if backend is not None:
+        logits = backend.step(model, cache, ids)
+        if logits is not None:
+            return logits
     positions = cache.step()
-    h = model(ids[:, None], positions, cache)
+    h = model(ids[:, None], positions, cache, attend=None if backend is None else backend.attend)
     cache.advance()
     return model.lm_head(h[:, 0])
 
@@ -121,11 +129,13 @@ def loss(model: Fuyu, batch, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V): greedy when temperature is 0, else top-k/top-p sampling."""
-    if temperature <= 0:  # greedy: one C pass over CPU logits where built (~1 ms -> ~0.1 ms a step
-        # at 262,144 bf16 logits; torch's bf16 argmax is ~4× slower than widening them first)
-        ids = None if torch.compiler.is_compiling() else native.argmax(logits)
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           argmax=None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): greedy when temperature is 0, else top-k/top-p sampling.
+    argmax: a backend's greedy pick, the same ids, None where it does not serve (generate passes
+    the CPU backend's one C pass over the logits: ~1 ms -> ~0.1 ms a step at 262,144 bf16 logits)."""
+    if temperature <= 0:
+        ids = None if argmax is None else argmax(logits)
         return logits.float().argmax(dim=-1) if ids is None else ids
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -196,7 +206,8 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     step = stepper(cache, compile)
     # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
     check = 1 if device.type == "cpu" else 8
-    nxt = sample(last, temperature, top_k, top_p, generator)
+    argmax = None if model.backend is None else model.backend.argmax
+    nxt = sample(last, temperature, top_k, top_p, generator, argmax)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for i in range(max_new_tokens):
@@ -205,7 +216,7 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
         done |= nxt == eos
         if i == max_new_tokens - 1 or ((i + 1) % check == 0 and bool(done.all())):
             break
-        nxt = sample(step(model, cache, nxt), temperature, top_k, top_p, generator)
+        nxt = sample(step(model, cache, nxt), temperature, top_k, top_p, generator, argmax)
     new = torch.stack(out, dim=1)
     finished = (new == eos).int().cummax(dim=1).values.all(0)  # (N,): every row done by step i
     if check > 1 and bool(finished.any()):

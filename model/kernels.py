@@ -9,7 +9,7 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
   linear   F.linear on the plain weight (no swap)
   packed   oneDNN's blocked weight layout (PackedLinear): no per-call weight reorder
   mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
-  native   our own C matrix-vector kernel (model/native.py, compiled on the machine) for inputs of
+  native   our own C matrix-vector kernel (model/native/, compiled on the machine) for inputs of
            up to 8 rows (a decode batch), F.linear otherwise (NativeLinear): reads 16-bit weights at
            about the memory's read rate where oneDNN's GEMV does not (both AMD EPYC kinds)
   gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
@@ -24,7 +24,8 @@ nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
            weight dequantized per call into one 16-bit GEMM (the int8 kernel is ~5× slower there)
 
 Where tuning picked "native" for every layer's Linears, an eager decode step goes further:
-`decode_layers` hands all decoder layers to one call of native.py's C (native.Layers).
+`fused_layers` hands all decoder layers to one call of the C kernels (native.Layers), which the
+CPU backend (model/backend.py) runs.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class WideLinear(_PlainWeightLinear):
 
 class NativeLinear(_PlainWeightLinear):
     """nn.Linear (plain weight) whose decode-sized calls (≤ native.MAX_ROWS rows) go through
-    model/native.py's kernel."""
+    the C GEMV of model/native/."""
 
     base = "native"
     note = f"native rows<={native.MAX_ROWS}"
@@ -205,23 +206,6 @@ class NativeLinear(_PlainWeightLinear):
         return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
 
 
-def decode_layers(model: nn.Module, cache) -> native.Layers | None:
-    """A Fuyu model's decoder layers as one call of model/native.py's kernel for the decode steps
-    over `cache` (prepared at its first step, kept by the cache), or None where it does not serve
-    them: every layer then runs its torch ops.
-
-    Served where tuning picked the native GEMV for all four Linears of every layer: the layers
-    then do the same GEMVs with nothing in between, where their torch ops (LayerNorms, rotary,
-    casts, the cache write: ~30 small ops a layer) and the Python around them took ~7 ms of a
-    ~60 ms batch-1 mid-size step (2-core AVX2-only AMD EPYC) and let the OpenMP threads fall
-    asleep between GEMVs. Prepared once per cache: a model changed in the middle of a generation
-    (moved, or its kernels swapped) keeps what it was prepared with until the next cache."""
-    plan = cache.prepared
-    if plan is None or plan[0] is not model:
-        cache.prepared = plan = (model, _prepare_layers(model, cache))
-    return plan[1]
-
-
 def layer_tensors(block: nn.Module) -> list[torch.Tensor | None]:
     """A decoder layer's 16 weights and biases in the order native.Layers takes them (the comment
     on `layers` in native/csrc/native.c)."""
@@ -232,7 +216,12 @@ def layer_tensors(block: nn.Module) -> list[torch.Tensor | None]:
             dense.weight, dense.bias, ln2.weight, ln2.bias, up.weight, up.bias, down.weight, down.bias]
 
 
-def _prepare_layers(model: nn.Module, cache) -> native.Layers | None:
+def fused_layers(model: nn.Module, cache, lib) -> native.Layers | None:
+    """A Fuyu model's decoder layers as one call of the C kernels (native.Layers, library `lib`)
+    for decode steps over `cache`, or None where they do not serve them (backend.CpuBackend.step).
+
+    Served where tuning picked the native GEMV for all four Linears of every layer: the layers then
+    do the same GEMVs with nothing in between."""
     eps = model.layers[0].input_layernorm.eps if len(model.layers) else None
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
@@ -244,7 +233,7 @@ def _prepare_layers(model: nn.Module, cache) -> native.Layers | None:
     if eps is None:
         return None
     return native.Layers.build([layer_tensors(b) for b in model.layers], cache.k, cache.v, eps,
-                               model.layers[0].mlp.dense_h_to_4h.out_features)
+                               model.layers[0].mlp.dense_h_to_4h.out_features, lib)
 
 
 @torch.library.custom_op("fuyu::native_linear", mutates_args=())
@@ -256,6 +245,31 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @_native_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class DequantInt8Linear(Int8Linear):
+    """An Int8Linear whose prefill-sized calls (DEQUANT_FROM_ROWS rows or more) multiply by the
+    weight dequantized per call, one 16-bit GEMM, where the CPU int8 kernel is ~5x slower
+    ("int8+dequant"); the same buffers, so the same state_dict."""
+
+    kernel = "int8+dequant"
+
+    def __init__(self, module: Int8Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        for name in ("weight", "scales", "bias"):
+            self.register_buffer(name, getattr(module, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        big = x2.shape[0] >= DEQUANT_FROM_ROWS
+        return self.finish(x, self.dequantized(x2) if big else self.int8(x2))
+
+    def plain(self) -> Int8Linear:
+        with torch.device("meta"):
+            module = Int8Linear(self.in_features, self.out_features, self.bias is not None)
+        module.weight, module.scales, module.bias = self.weight, self.scales, self.bias
+        return module
 
 
 class MvLinear(_PlainWeightLinear):
@@ -289,7 +303,7 @@ def can_pack(weight: torch.Tensor) -> bool:
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-SWAPPED = (PackedLinear, GemvLinear, _PlainWeightLinear)
+SWAPPED = (PackedLinear, GemvLinear, _PlainWeightLinear, DequantInt8Linear)
 
 
 def eligible(module: nn.Module) -> bool:
@@ -358,14 +372,14 @@ def use(module: nn.Module, kernel: str) -> nn.Module:
         return NativeLinear(module, wide)
     if kernel == "linear+f32":
         return WideLinear(module)
-    if isinstance(module, Int8Linear):
-        module.dequantize_from = DEQUANT_FROM_ROWS if kernel == "int8+dequant" else None
+    if kernel == "int8+dequant":
+        return DequantInt8Linear(module)
     return module
 
 
 def kernel_of(module: nn.Module) -> str | None:
-    if isinstance(module, Int8Linear):
-        return "int8" if module.dequantize_from is None else "int8+dequant"
+    if type(module) is Int8Linear:
+        return "int8"
     if type(module) is nn.Linear:
         return "linear"
     return getattr(module, "kernel", None)
@@ -394,8 +408,6 @@ def restore_plain(model: nn.Module) -> nn.Module:
         if isinstance(module, SWAPPED):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module.plain())
-        elif isinstance(module, Int8Linear):
-            module.dequantize_from = None
     return model
 
 

@@ -94,19 +94,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
-        # Inputs of at least this many rows multiply by the weight dequantized per call (one 16-bit
-        # GEMM; the CPU int8 kernel is ~5x slower at prefill sizes); None: always the int8 kernel.
-        # Set by the kernel choice (model/kernels.py).
-        self.dequantize_from: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if self.dequantize_from is not None and x2.shape[0] >= self.dequantize_from:
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
-        elif x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        else:
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        return self.finish(x, self.int8(x.reshape(-1, self.in_features).to(self.scales.dtype)))
+
+    def int8(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ (W·scales)ᵀ: the int8 kernel on CPU."""
+        if x2.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        return self.dequantized(x2)
+
+    def dequantized(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ (W·scales)ᵀ with the weight upcast per call: one GEMM in x2's dtype."""
+        return F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (M, N) plus the bias, in x's dtype and leading shape."""
         y = y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 

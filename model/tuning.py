@@ -34,6 +34,7 @@ from torch import nn
 
 from fuyu.model import kernels
 from fuyu.model.quantize import Int8Linear
+from fuyu.model.settings import Settings
 
 MODES = ("auto", "plain", "tune")
 ROWS = (1, 2, 8, 128)
@@ -62,7 +63,7 @@ FORMAT = 3  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 p
 
 def mode(kernels_arg: str | None = None) -> str:
     """The kernel mode: the argument, else $FUYU_KERNELS, else "auto"."""
-    value = kernels_arg or os.environ.get("FUYU_KERNELS") or "auto"
+    value = kernels_arg or Settings.from_environment().kernels or "auto"
     if value not in MODES:
         raise ValueError(f"kernels={value!r}: use one of {', '.join(MODES)}")
     return value
@@ -79,9 +80,8 @@ def cpu_model() -> str:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", cpu_model()).strip("-")
-    return Path(base) / "fuyu" / f"kernels-{slug}-torch{torch.__version__}.json"
+    return Settings.from_environment().cache_dir / f"kernels-{slug}-torch{torch.__version__}.json"
 
 
 def key(module: nn.Module, name: str = "") -> str:

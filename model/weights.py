@@ -17,8 +17,9 @@ from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
-from fuyu.model import native, tuning
+from fuyu.model import backend, native, tuning
 from fuyu.model.quantize import aligned, quantizable, resolve_scheme, swap_linears
+from fuyu.model.settings import Settings
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
 # adept/fuyu-8b ships) and the module layout transformers ≥4.52 writes (fuyu-spec.md §8).
@@ -124,6 +125,10 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     kernels: on CPU, "auto" swaps in the Linear kernels timed fastest on this machine (model/tuning.py;
     same results up to rounding), "tune" also times the compiled GEMV, "plain" keeps nn.Linear;
     None = $FUYU_KERNELS or "auto". `fuyu.model.kernels.restore_plain(model)` undoes it exactly.
+    On the CPU this writes caches and starts a compiler: the kernel timings go to $XDG_CACHE_HOME/fuyu/
+    once per machine (unless kernels="plain"), and the CPU backend's C kernels compile into it at
+    their first use (model/native, once per machine, with $CC; FUYU_NATIVE=0 keeps the compiler
+    off). model/settings.py reads those variables.
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
@@ -131,7 +136,7 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                               "(config.json + *.safetensors)")
     cfg, dtype = read_config(ckpt), resolve_dtype(dtype)
     if device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain":
-        native.build_in_background()  # for the kernel step at the end
+        native.build_in_background(Settings.from_environment())  # for the kernel step at the end
     try:
         stored = resolve_scheme(cfg.quantization)  # how the checkpoint's own tensors are quantized
     except ValueError as e:
@@ -192,11 +197,15 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     return for_inference(model, kernels, kernel_step=device_map is None)
 
 
-def for_inference(model: Fuyu, kernels: str | None = None, kernel_step: bool = True) -> Fuyu:
-    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py):
-    what every loaded model goes through, random benchmark models included."""
+def for_inference(model: Fuyu, kernels: str | None = None, kernel_step: bool = True,
+                  settings: Settings | None = None) -> Fuyu:
+    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py) and
+    the CPU backend (model/backend.py; its C kernels compile at first use, per `settings`, None:
+    Settings.from_environment()): what every loaded model goes through, random benchmark models
+    included."""
     model = model.eval().requires_grad_(False)
     tuning.mode(kernels)  # a bad name fails on any device
+    model.backend = backend.for_model(model, settings or Settings.from_environment())
     if kernel_step and model.embed_tokens.weight.device.type == "cpu":
         tuning.choose(model, kernels)
     return model

@@ -188,8 +188,7 @@ def test_cpu_decode_attention_equals_sdpa(monkeypatch, request, path, chunk, dty
 
     if path == "native":
         request.getfixturevalue("native_lib")
-    if path == "torch":
-        monkeypatch.setattr(native, "attend", lambda *args: None)
+    else:
         monkeypatch.setattr(fuyu, "DECODE_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     B, H, S, d = 3, 4, 77, 16
@@ -198,7 +197,7 @@ def test_cpu_decode_attention_equals_sdpa(monkeypatch, request, path, chunk, dty
     mask[..., -1] = True  # a query always sees its own slot
     truth = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    ours = fuyu.decode_attention(q, k, v, mask)
+    ours = native.attend(q, k, v, mask) if path == "native" else fuyu.decode_attention(q, k, v, mask)
     assert ours.dtype == dtype and ours.shape == (B, H, 1, d)
     if dtype == torch.float32:
         torch.testing.assert_close(ours, truth, atol=1e-5, rtol=0)
@@ -273,23 +272,23 @@ def test_no_compiler_means_no_native_kernel(tmp_path, monkeypatch):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_steps_through_the_fused_layers_equal_their_torch_ops(tmp_path, monkeypatch, dtype):
-    """Decode steps that go through kernels.decode_layers (every layer in one native call) against
-    the layers' torch ops, teacher-forced over left-padded rows: float32 within 1e-4 and the same
-    greedy ids; bf16 no further from the torch ops than they are from float32. (The fused layers'
-    own math at random shapes: tests/test_native.py.)"""
-    hidden, heads = 60, 3  # head dim 20: no vector multiple
-    from fuyu.model import decode_step, prefill
+    """Decode steps through the CPU backend's fused step (every layer in one native call) against
+    the plain step's torch ops, teacher-forced over left-padded rows: float32 within 1e-4 and the
+    same greedy ids; bf16 no further from the torch ops than they are from float32. (The fused
+    layers' own math at random shapes: tests/test_native.py.)"""
+    from fuyu.model import backend, decode_step, prefill
 
+    hidden, heads = 60, 3  # head dim 20: no vector multiple
     ckpt = make_checkpoint(tmp_path / "c", hidden=hidden, heads=heads, layers=2, vocab_size=VOCAB,
                            tokenizer=False, seed=5)
     batch = make_batch([(2, 3, 4), (1, 2, 7), (2, 2, 1)], VOCAB, seed=3)
     forced = torch.randint(10, VOCAB, (6, 3), generator=torch.Generator().manual_seed(1))
     served = []
-    real = kernels.decode_layers
+    real = backend.CpuBackend.step
 
     def run(model, fused):
-        monkeypatch.setattr(kernels, "decode_layers", lambda m, c: served.append(real(m, c)) or served[-1]
-                            if fused else None)
+        monkeypatch.setattr(backend.CpuBackend, "step", lambda self, m, c, ids: served.append(real(self, m, c, ids))
+                            or served[-1] if fused else None)
         with torch.inference_mode():
             cache, last = prefill(model, batch, max_new_tokens=len(forced))
             return torch.stack([last] + [decode_step(model, cache, ids) for ids in forced]).float()
@@ -308,15 +307,15 @@ def test_decode_steps_through_the_fused_layers_equal_their_torch_ops(tmp_path, m
 
 
 @needs_native
-def test_decode_layers_need_the_native_gemv_in_every_layer(ckpt):
+def test_fused_layers_need_the_native_gemv_in_every_layer(ckpt):
     from fuyu.model import KVCache
 
     model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
-    assert kernels.decode_layers(model, KVCache.for_model(model, 1, 8)) is None  # plain: the torch ops
+    assert model.backend.layers(model, KVCache.for_model(model, 1, 8)) is None  # plain: the torch ops
     kernels.apply(model, lambda name, m: "native" if name != "layers.1.mlp.dense_4h_to_h" else None)
-    assert kernels.decode_layers(model, KVCache.for_model(model, 1, 8)) is None
+    assert model.backend.layers(model, KVCache.for_model(model, 1, 8)) is None
     kernels.apply(model, every("native"))
-    assert isinstance(kernels.decode_layers(model, KVCache.for_model(model, 1, 8)), native.Layers)
+    assert isinstance(model.backend.layers(model, KVCache.for_model(model, 1, 8)), native.Layers)
 
 
 @needs_native
@@ -330,4 +329,4 @@ def test_native_argmax_is_torch_argmax_with_ties_nan_and_infinities(dtype):
     x[4, 1002] = 80  # the maximum in the tail
     assert torch.equal(native.argmax(x), x.float().argmax(-1))
     assert native.argmax(x.t()) is None and native.argmax(x.half()) is None  # not served: torch's
-    assert torch.equal(sample(x), x.float().argmax(-1))  # greedy sampling uses it
+    assert torch.equal(sample(x, argmax=native.argmax), x.float().argmax(-1))  # as greedy sampling uses it

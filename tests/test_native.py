@@ -209,8 +209,10 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
         import torch
         from pathlib import Path
         import fuyu.model
-        from fuyu.model import KVCache, Fuyu, FuyuConfig, decode_step, kernels, native, prefill
+        from fuyu.model import Fuyu, FuyuConfig, decode_step, kernels, native, prefill
         from fuyu.model.native import build
+        from fuyu.model.settings import Settings
+        from fuyu.model.weights import for_inference
         assert "site-packages" in fuyu.model.__file__, fuyu.model.__file__
         assert sorted(p.name for p in build.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h")) == [
             "attend.h", "gemv.h", "native.c", "native.h", "vec.h"], build.SOURCE_DIR
@@ -218,12 +220,12 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
         assert got.lib is not None and got.build is not None, got.reason  # built now, from those files
         assert str(build.SOURCE_DIR / "native.c") in got.build.command
         torch.manual_seed(0)
-        model = Fuyu(FuyuConfig.tiny()).eval().requires_grad_(False)
+        model = for_inference(Fuyu(FuyuConfig.tiny()), kernels="plain", settings=Settings.from_environment())
         kernels.apply(model, lambda name, m: "native")
         ids = torch.randint(10, 500, (1, 5))
         with torch.inference_mode():
             cache, last = prefill(model, {"input_ids": ids}, max_new_tokens=2)
-            assert isinstance(kernels.decode_layers(model, cache), native.Layers)
+            assert isinstance(model.backend.layers(model, cache), native.Layers)
             step = decode_step(model, cache, last.argmax(-1))
         assert step.shape == (1, 512) and torch.isfinite(step).all()
         print("decoded", Path(fuyu.model.__file__).parent)

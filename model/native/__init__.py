@@ -153,11 +153,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y.view(*x.shape[:-1], N)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """softmax(q·kᵀ/√d, masked)·v for one query per row and head, q (B, H, 1, d), over a cache
     k, v (B, H, S, d) with mask (B, 1, 1, S) bool: float32 inside, rounded once to k's dtype.
-    None where the kernel does not serve these inputs (the caller has a plain path)."""
-    lib = library()
+    None where the kernel does not serve these inputs (the caller has a plain path). lib: the
+    library (default: library())."""
+    lib = lib or library()
     B, H, S, d = k.shape
     if (lib is None or k.dtype not in SUFFIX or v.dtype != k.dtype or k.device.type != "cpu"
             or q.shape != (B, H, 1, d) or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool
@@ -170,12 +172,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out
 
 
-
-def argmax(x: torch.Tensor) -> torch.Tensor | None:
+def argmax(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """x.argmax(-1) (same index on ties and NaN) of CPU float32/bfloat16 rows x (B, V), read once
     as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×
-    slower. None where not served."""
-    lib = library()
+    slower. None where not served. lib: the library (default: library())."""
+    lib = lib or library()
     if (lib is None or x.dtype not in SUFFIX or x.dim() != 2 or x.device.type != "cpu"
             or not x.is_contiguous() or x.shape[1] == 0):
         return None
@@ -209,8 +210,8 @@ class Layers:
 
     @classmethod
     def build(cls, tensors: list[list[torch.Tensor | None]], k: list[torch.Tensor], v: list[torch.Tensor],
-              eps: float, intermediate: int) -> Layers | None:
-        lib = library()
+              eps: float, intermediate: int, lib: ctypes.CDLL | None = None) -> Layers | None:
+        lib = lib or library()
         if lib is None or not k or len(k) != len(v) or len(k) != len(tensors):
             return None
         shape, dt = k[0].shape, k[0].dtype
