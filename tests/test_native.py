@@ -41,9 +41,9 @@ def broken_copy(tmp_path, edit) -> Path:
      ("vec.h:", "error: expected")),
     # a definition that no longer matches the table of prototypes: caught by the compiler, not at run time
     ("a signature off the table", lambda name, text: text.replace(
-        "void fuyu_argmax_f32(const float *x, int64_t B, int64_t V, int64_t *out) {",
-        "void fuyu_argmax_f32(const float *x, int B, int64_t V, int64_t *out) {") if name == "native.c" else text,
-     ("native.c:", "error: conflicting types for", "fuyu_argmax_f32")),
+        "void fuyu_argmax(const void *x, dtype dt, int64_t B, int64_t V, int64_t *out) {",
+        "void fuyu_argmax(const void *x, dtype dt, int B, int64_t V, int64_t *out) {") if name == "native.c" else text,
+     ("native.c:", "error: conflicting types for", "fuyu_argmax")),
 ])
 def test_a_broken_c_file_is_a_failed_build_with_the_compilers_message(tmp_path, what, edit, messages):
     src = broken_copy(tmp_path, edit)
@@ -74,11 +74,11 @@ def test_a_failed_build_at_run_time_is_one_warning_line_and_no_kernels(tmp_path,
 def test_the_bindings_are_the_table_of_prototypes(native_lib):
     """Every exported function is bound from csrc/native.h, with the C types' ctypes."""
     table = build.prototypes()
-    assert set(table) == {f"fuyu_{kind}_{dt}" for kind in ("gemv", "attend", "layers", "argmax")
-                          for dt in ("bf16", "f32")}
-    P, I64 = build.ctypes.c_void_p, build.ctypes.c_int64
-    assert table["fuyu_argmax_bf16"] == (None, [P, I64, I64, P])
-    assert table["fuyu_layers_f32"][0] is build.ctypes.c_int
+    assert set(table) == {"fuyu_gemv", "fuyu_attend", "fuyu_layers", "fuyu_argmax"}
+    P, I32, I64 = build.ctypes.c_void_p, build.ctypes.c_int, build.ctypes.c_int64
+    assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
+    assert table["fuyu_layers"][0] is I32
+    assert build.dtype_codes() == {"F32": 0, "BF16": 1} and native.DTYPE[torch.bfloat16] == 1
     for name, (restype, argtypes) in table.items():
         fn = getattr(native_lib, name)
         assert fn.argtypes == argtypes and fn.restype == restype

@@ -43,7 +43,8 @@ from fuyu.model.settings import Settings
 MAX_ROWS = 8  # input rows the GEMV serves (a decode batch); above this it is compute-bound and
 # oneDNN's GEMMs, which multiply bf16 pairs in one instruction where the CPU can, win
 MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
-SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}  # each C function's per-dtype versions
+_CODES = native_build.dtype_codes()
+DTYPE = {torch.float32: _CODES["F32"], torch.bfloat16: _CODES["BF16"]}  # the dtypes served, as the C's codes
 
 
 def _torch_has_libgomp() -> bool:
@@ -128,7 +129,7 @@ def available(settings: Settings | None = None) -> bool:
 
 
 def serves(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in SUFFIX and weight.dim() == 2
+    return weight.device.type == "cpu" and weight.dtype in DTYPE and weight.dim() == 2
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -147,9 +148,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         xf = xf.contiguous()
     y = torch.empty(rows.shape[0], N, dtype=weight.dtype)
     scratch = torch.empty(xf.numel(), dtype=torch.float32)  # the inputs, interleaved
-    getattr(lib, f"fuyu_gemv_{SUFFIX[weight.dtype]}")(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                                       y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads(),
-                                       scratch.data_ptr())
+    lib.fuyu_gemv(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                  DTYPE[weight.dtype], rows.shape[0], N, K, torch.get_num_threads(), scratch.data_ptr())
     return y.view(*x.shape[:-1], N)
 
 
@@ -161,14 +161,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     library (default: library())."""
     lib = lib or library()
     B, H, S, d = k.shape
-    if (lib is None or k.dtype not in SUFFIX or v.dtype != k.dtype or k.device.type != "cpu"
+    if (lib is None or k.dtype not in DTYPE or v.dtype != k.dtype or k.device.type != "cpu"
             or q.shape != (B, H, 1, d) or mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool
             or not (k.is_contiguous() and v.is_contiguous() and mask.is_contiguous())):
         return None
     qf = q.float().contiguous()
     out = torch.empty(B, H, 1, d, dtype=k.dtype)
-    getattr(lib, f"fuyu_attend_{SUFFIX[k.dtype]}")(qf.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
-                                  B, H, S, d, d ** -0.5, torch.get_num_threads())
+    lib.fuyu_attend(qf.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), DTYPE[k.dtype],
+                    B, H, S, d, d ** -0.5, torch.get_num_threads())
     return out
 
 
@@ -177,11 +177,11 @@ def argmax(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor | No
     as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×
     slower. None where not served. lib: the library (default: library())."""
     lib = lib or library()
-    if (lib is None or x.dtype not in SUFFIX or x.dim() != 2 or x.device.type != "cpu"
+    if (lib is None or x.dtype not in DTYPE or x.dim() != 2 or x.device.type != "cpu"
             or not x.is_contiguous() or x.shape[1] == 0):
         return None
     out = torch.empty(x.shape[0], dtype=torch.long)
-    getattr(lib, f"fuyu_argmax_{SUFFIX[x.dtype]}")(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    lib.fuyu_argmax(x.data_ptr(), DTYPE[x.dtype], x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 
@@ -196,7 +196,7 @@ class Layers:
     valid for as long as it lives."""
 
     def __init__(self, lib, tensors, k, v, eps: float, intermediate: int):
-        self.fn = getattr(lib, f"fuyu_layers_{SUFFIX[k[0].dtype]}")
+        self.fn, self.dtype = lib.fuyu_layers, DTYPE[k[0].dtype]
         self.tensors, self.k, self.v = tensors, k, v  # kept alive: their addresses are used
         self.eps, self.intermediate = eps, intermediate
         B, H, S, d = k[0].shape
@@ -216,7 +216,7 @@ class Layers:
             return None
         shape, dt = k[0].shape, k[0].dtype
         B, H, S, d = shape
-        ok = (dt in SUFFIX and B <= MAX_ROWS and d <= MAX_HEAD_DIM
+        ok = (dt in DTYPE and B <= MAX_ROWS and d <= MAX_HEAD_DIM
               and all(t.shape == shape and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
                       for t in (*k, *v))
               and all(len(layer) == 16 and all(t is None or (t.dtype == dt and t.device.type == "cpu"
@@ -239,7 +239,7 @@ class Layers:
         out, threads = x.clone(), torch.get_num_threads()
         work = torch.empty(self.work_floats + threads * S, dtype=torch.float32)
         if self.fn(out.data_ptr(), self.pointers, self.k_pointers, self.v_pointers, cos.data_ptr(),
-                   sin.data_ptr(), slot.data_ptr(), mask.data_ptr(), len(self.k), B, H, d, cos.shape[-1],
+                   sin.data_ptr(), slot.data_ptr(), mask.data_ptr(), self.dtype, len(self.k), B, H, d, cos.shape[-1],
                    S, self.intermediate, self.eps, threads, work.data_ptr()):
             raise IndexError(f"KV cache slot {int(slot)} is outside the cache's {S} slots")
         return out

@@ -7,7 +7,7 @@ CPU's feature flags: a home folder shared by different machines never hands one 
 another. The compiler's command and output go to the .log file beside it, failed or not.
 
 The bindings come from one table, csrc/native.h: each line declaring a `fuyu_*` function gives
-that function's ctypes argtypes and restype. native.c includes it, so the compiler checks every
+that function's ctypes argtypes and restype, and its dtype enum the codes a call passes. native.c includes it, so the compiler checks every
 definition against the same line, and a signature lives in one place.
 """
 
@@ -116,7 +116,8 @@ def build(path: Path, compiler: str, debug: bool = False, source_dir: Path = SOU
 # --- the bindings, from the table of prototypes -----------------------------------------------
 
 PROTOTYPE = re.compile(r"^(void|int) (fuyu_\w+)\((.*)\);$", re.MULTILINE)
-SCALARS = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float}
+DTYPE_ENUM = re.compile(r"^typedef enum \{ (.*) \} dtype;$", re.MULTILINE)
+SCALARS = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "dtype": ctypes.c_int, "float": ctypes.c_float}
 
 
 def prototypes(source_dir: Path = SOURCE_DIR) -> dict[str, tuple[type | None, list[type]]]:
@@ -129,6 +130,12 @@ def prototypes(source_dir: Path = SOURCE_DIR) -> dict[str, tuple[type | None, li
             args.append(ctypes.c_void_p if "*" in param else SCALARS[kind])
         table[name] = (None if result == "void" else SCALARS[result], args)
     return table
+
+
+def dtype_codes(source_dir: Path = SOURCE_DIR) -> dict[str, int]:
+    """{enumerator: value} of the table's dtype enum, e.g. {"F32": 0, "BF16": 1}."""
+    names = DTYPE_ENUM.search((source_dir / HEADER).read_text()).group(1)
+    return {name.strip(): i for i, name in enumerate(names.split(","))}
 
 
 def bind(lib: ctypes.CDLL, source_dir: Path = SOURCE_DIR) -> ctypes.CDLL:

@@ -1,6 +1,6 @@
 /* Fuyu's CPU kernels for decode steps: a matrix-vector product, one-query attention, all decoder
-   layers of a step in one call, and argmax. One translation unit; model/native.py compiles it on
-   the machine that runs it (-O3 -march=native -fopenmp) and binds the functions of native.h.
+   layers of a step in one call, and argmax. One translation unit; fuyu.model.native compiles it
+   on the machine that runs it (-O3 -march=native -fopenmp) and binds the functions of native.h.
 
    Every rounding is the one the torch ops of model/fuyu.py make: a matmul's input and output in
    the weights' dtype; LayerNorms, rotary, softmax and the residual stream in float32. */
@@ -12,27 +12,16 @@
 #include "native.h"
 #include "vec.h"
 
-static void gemv(const float *x, const void *w, const void *bias, void *y, dtype dt, int64_t B,
-                 int64_t N, int64_t K, int threads, float *xi) {
+void fuyu_gemv(const float *x, const void *w, const void *bias, void *y, dtype dt, int64_t B,
+               int64_t N, int64_t K, int threads, float *xi) {
     interleave(x, B, K, xi);
 #pragma omp parallel num_threads(threads)
     rows_of(dt, xi, x, w, bias, B, N, K, OUT, y, NULL);
 }
 
-void fuyu_gemv_bf16(const float *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-                    int64_t B, int64_t N, int64_t K, int threads, float *xi) {
-    gemv(x, w, bias, y, BF16, B, N, K, threads, xi);
-}
-
-void fuyu_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t B,
-                   int64_t N, int64_t K, int threads, float *xi) {
-    gemv(x, w, bias, y, F32, B, N, K, threads, xi);
-}
-
 /* One query per (row, head), (row, head) pairs split over the threads; out rounded once. */
-static void attend(const float *q, const void *k, const void *v, const uint8_t *mask, void *out,
-                   dtype dt, int64_t B, int64_t H, int64_t S, int64_t d, float scale,
-                   int threads) {
+void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *mask, void *out,
+                 dtype dt, int64_t B, int64_t H, int64_t S, int64_t d, float scale, int threads) {
     int64_t z = size_of(dt);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bh = 0; bh < B * H; bh++) {
@@ -42,18 +31,6 @@ static void attend(const float *q, const void *k, const void *v, const uint8_t *
         for (int64_t j = 0; j < d; j++) put(out, bh * d + j, o[j], dt);
         free(p);
     }
-}
-
-void fuyu_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
-                      uint16_t *out, int64_t B, int64_t H, int64_t S, int64_t d, float scale,
-                      int threads) {
-    attend(q, k, v, mask, out, BF16, B, H, S, d, scale, threads);
-}
-
-void fuyu_attend_f32(const float *q, const float *k, const float *v, const uint8_t *mask,
-                     float *out, int64_t B, int64_t H, int64_t S, int64_t d, float scale,
-                     int threads) {
-    attend(q, k, v, mask, out, F32, B, H, S, d, scale, threads);
 }
 
 /* LayerNorm of x (n) in float32 (mean and variance summed in double), affine with weights in dt
@@ -88,10 +65,10 @@ static void norm_rows(const float *x, int64_t B, int64_t D, const void *w, const
    up w, b; down w, b (biases may be NULL). cos, sin (B, R2): each row's rotary angles; kcs, vcs:
    each layer's cache (B, H, S, d), this token's key and value written at slot *slot; mask (B, S).
    work: B * (2 max(D, I) + 5 D + I) + threads * S floats (native.Layers.work_floats). */
-static int layers(float *x, const void *const *p, void *const *kcs, void *const *vcs,
-                  const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask,
-                  dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2,
-                  int64_t S, int64_t I, float eps, int threads, float *work) {
+int fuyu_layers(float *x, const void *const *p, void *const *kcs, void *const *vcs,
+                const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask,
+                dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S,
+                int64_t I, float eps, int threads, float *work) {
     int64_t D = H * d, M = D > I ? D : I, at = *slot, z = size_of(dt);
     if (at < 0 || at >= S) return -1;
     float *h = work, *xi = h + B * M, *qkv = xi + B * M, *q = qkv + B * 3 * D;
@@ -145,22 +122,6 @@ static int layers(float *x, const void *const *p, void *const *kcs, void *const 
     return 0;
 }
 
-int fuyu_layers_bf16(float *x, const void *const *p, void *const *kcs, void *const *vcs,
-                     const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask,
-                     int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S,
-                     int64_t I, float eps, int threads, float *work) {
-    return layers(x, p, kcs, vcs, cos, sin, slot, mask, BF16, n_layers, B, H, d, R2, S, I, eps,
-                  threads, work);
-}
-
-int fuyu_layers_f32(float *x, const void *const *p, void *const *kcs, void *const *vcs,
-                    const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask,
-                    int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S,
-                    int64_t I, float eps, int threads, float *work) {
-    return layers(x, p, kcs, vcs, cos, sin, slot, mask, F32, n_layers, B, H, d, R2, S, I, eps,
-                  threads, work);
-}
-
 /* out[b] = the index of the largest of row b's V values, as torch.argmax: the first one where
    several tie, the first NaN where there is one. A vector pass finds the maximum, a second the
    first place it occurs. Rows are few (a decode batch); each is read in one thread. */
@@ -200,10 +161,9 @@ static inline __attribute__((always_inline)) void argmax(const void *x, dtype dt
     }
 }
 
-void fuyu_argmax_bf16(const uint16_t *x, int64_t B, int64_t V, int64_t *out) {
-    argmax(x, BF16, B, V, out);
-}
-
-void fuyu_argmax_f32(const float *x, int64_t B, int64_t V, int64_t *out) {
-    argmax(x, F32, B, V, out);
+void fuyu_argmax(const void *x, dtype dt, int64_t B, int64_t V, int64_t *out) {
+    if (dt == BF16) /* a loop compiled for each dtype: the loads stay out of its way */
+        argmax(x, BF16, B, V, out);
+    else
+        argmax(x, F32, B, V, out);
 }

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "native.h" /* dtype */
+
 /* One vector register's worth of floats: 16 with AVX-512, 8 with AVX2, 4 on SSE/NEON. A vector
    wider than the CPU's registers would be split and spilled to the stack by GCC (seen: AVX2 at
    64 bytes ran at a third of the memory's read rate), so the width follows the target. */
@@ -26,10 +28,6 @@ typedef int32_t vi __attribute__((vector_size(VB)));
 typedef uint32_t vu __attribute__((vector_size(VB)));
 typedef uint16_t vh __attribute__((vector_size(VB / 2)));
 
-/* The dtype of weights, caches and outputs: bfloat16 (stored as its 16 bits) or float32. Every
-   kernel is written once over a `dtype` argument; the exported functions pass a constant, so
-   inlined code is specialised for it by the compiler, not by macros. */
-typedef enum { F32, BF16 } dtype;
 
 static inline float widen_bf16(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
