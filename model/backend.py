@@ -19,6 +19,7 @@ backend to the plain path: float32 within 1e-4, the same greedy ids.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -36,8 +37,9 @@ class CpuBackend:
         self.settings = settings
         self._layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache: (model, Layers | None)
 
-    @property
+    @functools.cached_property
     def lib(self):
+        """The C kernels, or None (resolved once: the decode step asks for them ~10 times)."""
         return native.library(self.settings)
 
     def __reduce__(self):
