@@ -7,8 +7,9 @@
   XDG_CACHE_HOME  where kernel timings and the compiled C library are cached (default ~/.cache),
                   under fuyu/
 
-Nothing below this module reads the environment: a library call that takes `settings=None` reads
-it here, once, and says so in its docstring.
+The rest of the library reads them through this function: a call that takes `settings=None` reads
+them here and says so in its docstring (model/native looks its three up by name only as the key of
+what it already built for them).
 """
 
 from __future__ import annotations
