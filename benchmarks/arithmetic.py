@@ -58,5 +58,5 @@ def decode_bytes(model: Fuyu) -> int:
 
     skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
     params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
-    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
     return params + packed
