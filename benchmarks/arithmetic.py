@@ -30,17 +30,18 @@ def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
 
 
-def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype):
-    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs, the
-    matrix-multiply rate a prefill of this shape could reach."""
+def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype, layers: int | None = None):
+    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs (of `layers`
+    layers, default all), the matrix-multiply rate a prefill of this shape could reach."""
     ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
            for m, k, n in layer_gemms(cfg, tokens)]
+    layers = cfg.num_hidden_layers if layers is None else layers
 
     def gemms():
-        for _ in range(cfg.num_hidden_layers):
+        for _ in range(layers):
             for a, b in ops:
                 torch.nn.functional.linear(a, b)
-    return gemms, cfg.num_hidden_layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    return gemms, layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
 
 
 def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
-from fuyu import sources
+from fuyu import memory, sources
 from fuyu.inputs import IDLE
 from fuyu.errors import FuyuError
 from fuyu.options import GenOptions, ModelSpec
@@ -49,6 +49,7 @@ class Runner:
         self.model, self.processor, self.device = model, processor, device
         self.sources = sources_options or sources.Options()
         self.load_seconds: float | None = None
+        self.mapped = False  # placed by a device map: accelerate moves weights, no batch budget
 
     @classmethod
     def load(cls, spec: ModelSpec, ckpt=None, max_new_tokens: int | None = None,
@@ -68,15 +69,17 @@ class Runner:
         from fuyu.model.weights import read_config
         from fuyu.preprocess import FuyuProcessor
 
-        limit = read_config(ckpt).max_position_embeddings
+        cfg = read_config(ckpt)
+        limit = cfg.max_position_embeddings
         if max_new_tokens is not None and max_new_tokens >= limit:
             raise FuyuError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the "
                             f"model has {limit} positions in all", "use a smaller --max-new-tokens")
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         quantization = None if spec.quantize == "none" else spec.quantize
-        if device == "cpu" and quantization is None and spec.device_map is None:
-            warn_if_too_big(ckpt, spec.path or str(ckpt), dtype)
+        if spec.device_map is None:  # (a map places what fits, accelerate's way)
+            memory.check_fit(ckpt, spec.path or str(ckpt), cfg, dtype, quantization,
+                             max_new_tokens or GenOptions.max_new_tokens, device)
         processor = FuyuProcessor.from_pretrained(ckpt)
         try:
             with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
@@ -98,7 +101,15 @@ class Runner:
             device = str(model.embed_tokens.weight.device)
         runner = cls(model, processor, device, sources_options)
         runner.load_seconds = time.perf_counter() - start
+        runner.mapped = spec.device_map is not None
         return runner
+
+    def budget(self, gen: GenOptions) -> memory.BatchBudget:
+        """What a batch may take, measured now (after loading, between batches)."""
+        budget = memory.BatchBudget.after_load(self.model, self.device, gen.max_new_tokens)
+        if self.mapped:
+            budget.room = None
+        return budget
 
     def default_batch_size(self) -> int:
         return DEFAULT_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -114,7 +125,7 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyu-preprocess")
         try:
             pending = None  # the next chunk, being prepared while the model runs this one
-            for chunk in self._chunks(work, batch_size, window):
+            for chunk in self._chunks(work, batch_size, window, self.budget(gen)):
                 if isinstance(chunk, Record):
                     yield chunk
                     continue
@@ -127,8 +138,11 @@ class Runner:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _chunks(self, work, batch_size: int, window: int) -> Iterator[list[Unit] | Record]:
-        """Batches of same-size units (and pass-through records), one window at a time."""
+    def _chunks(self, work, batch_size: int, window: int,
+                budget: memory.BatchBudget) -> Iterator[list[Unit] | Record]:
+        """Batches of same-size units (and pass-through records), one window at a time, each at
+        most batch_size rows and no more than `budget` holds (a unit that fits in no batch is a
+        failed record)."""
         it = iter(work)
         while True:
             units: list[Unit] = []
@@ -152,16 +166,27 @@ class Runner:
             # Images of one prompt each fill batches across sizes (smallest first): each size is
             # prefilled on its own and the batch decodes together (fuyu.model.generate on a list).
             # Several prompts an image: same-size batches, the image's prefix shared by its prompts.
+            # Smallest first, so a batch's newest unit is its longest: the cache is rows × that.
             mixed: list[Unit] = []
             for (size, n_asks), group in sorted(groups.items(), key=lambda g: (g[0][0][0] * g[0][0][1], g[0][1])):
+                tokens = budget.tokens(size)
+                if not budget.fits(n_asks, tokens):
+                    yield from (_failure(u.item, ask, FuyuError(budget.too_big(tokens)), size or None)
+                                for u in group for ask in u.asks)
+                    continue
                 if n_asks == 1:
                     for unit in group:
+                        if mixed and not budget.fits(len(mixed) + 1, tokens):
+                            yield mixed
+                            mixed = []
                         mixed.append(unit)
                         if len(mixed) == batch_size:
                             yield mixed
                             mixed = []
                     continue
                 per_batch = max(1, batch_size // n_asks)  # all of an image's prompts run together
+                while per_batch > 1 and not budget.fits(per_batch * n_asks, tokens):
+                    per_batch -= 1
                 for i in range(0, len(group), per_batch):
                     yield group[i:i + per_batch]
             if mixed:
@@ -322,18 +347,6 @@ def _quiet_logger(name: str):
         yield
     finally:
         logger.setLevel(level)
-
-
-def warn_if_too_big(ckpt, name: str, dtype: str) -> None:
-    """One `warning:` line on stderr, before loading, when the weights at `dtype` exceed the
-    memory available: the run goes on, but int8/int4 would fit (CPU, no --quantize or map)."""
-    from fuyu import memory
-
-    message = memory.checkpoint_fit_warning(ckpt, name, dtype, memory.available_memory())
-    if message:
-        from fuyu.render import warning_line
-
-        warning_line(message)
 
 
 def check_box(box, size) -> None:

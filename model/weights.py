@@ -8,7 +8,7 @@ the loaded model and one staging block, never a second copy of a weight.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,12 +119,27 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     kernels: on CPU, "auto" swaps in the Linear kernels timed fastest on this machine (model/tuning.py;
     same results up to rounding), "tune" also times the compiled GEMV, "plain" keeps nn.Linear;
     None = $FUYU_KERNELS or "auto". `fuyu.model.kernels.restore_plain(model)` undoes it exactly.
+    On CPU the kernel timing, once per machine and weight shape, writes its choices under
+    $XDG_CACHE_HOME/fuyu/ and the native kernel is compiled there (model/tuning.py, model/native.py).
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory; pass a checkpoint directory "
                               "(config.json + *.safetensors)")
-    cfg, dtype = read_config(ckpt), resolve_dtype(dtype)
+    return build(read_config(ckpt), iter_tensors(shard_files(ckpt)), device, dtype, quantization=quantization,
+                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                 kernels=kernels, where=ckpt)
+
+
+def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu",
+          dtype: torch.dtype | str = torch.bfloat16, *, quantization=None, device_map=None,
+          max_memory=None, offload_folder: str | Path | None = None, kernels: str | None = None,
+          where: str | Path = "the checkpoint") -> Fuyu:
+    """A Fuyu of `cfg` from `tensors`, the checkpoint's tensors one at a time, each not yet read
+    (reader.StoredTensor, or anything with its key, file, shape, read and read_rows: random
+    weights for a benchmark): load_pretrained's work once the files are found. `where` names the
+    source in errors."""
+    ckpt, dtype = Path(where), resolve_dtype(dtype)
     cpu_kernels = device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain"
     if cpu_kernels:
         native.build_in_background()  # for the kernel step (timed before the weights are read)
@@ -153,7 +168,7 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         pieces = stored.pieces() if module in stored_modules and leaf == "weight" else (leaf,)
         expected.update({f"{module}.{p}": (module, p) for p in pieces})
     loaded, pending, offload_index = set(), {}, {}
-    for entry in iter_tensors(shard_files(ckpt)):
+    for entry in tensors:
         key, file = entry.key, entry.file
         name = to_local_key(key)
         if name not in expected:

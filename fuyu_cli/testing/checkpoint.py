@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +93,43 @@ def write_weights(ckpt: Path, sd: dict[str, torch.Tensor], layout: str = "hub", 
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@dataclass(frozen=True)
+class RandomTensor:
+    """A random parameter in the loader's tensor interface (model/reader.StoredTensor's: key, file,
+    shape, read, read_rows), made a block of rows at a time where it is read, so a model of any
+    size is built with memory for its weights alone (`fuyu benchmark --random 8b`). Rows read
+    together draw from one generator seeded by (seed, key, first row)."""
+
+    name: str
+    shape: tuple[int, ...]
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    file: Path = Path("random weights")
+
+    @property
+    def key(self) -> str:
+        return checkpoint_key(self.name, "hub")
+
+    def read(self, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        return self.read_rows(0, self.shape[0], dtype, device)
+
+    def read_rows(self, start: int, stop: int, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=dtype or self.dtype, device=device)
+        g = torch.Generator().manual_seed((self.seed << 40) ^ (zlib.crc32(self.name.encode()) << 8) ^ start)
+        per_row = max(1, out[0].numel()) if out.numel() else 1
+        rows = max(1, _BLOCK_ELEMENTS // per_row)
+        for r in range(0, stop - start, rows):
+            n = min(rows, stop - start - r)
+            out[r:r + n].copy_(random_like(self.name, (n, *self.shape[1:]), g))
+        return out
+
+
+def random_tensors(cfg: FuyuConfig, seed: int = 0) -> list[RandomTensor]:
+    """Every parameter of `cfg` as a RandomTensor, in the hub's order."""
+    shapes = parameter_shapes(cfg)
+    return [RandomTensor(name, tuple(shapes[name]), seed) for name in hub_order(shapes)]
 
 
 # transformers' max_shard_size="10GB" (10⁹ bytes each), what adept/fuyu-8b was saved with: two
