@@ -149,7 +149,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     help="auto, cpu, cuda or cuda:N.", metavar="DEVICE", callback=_check_device, rich_help_panel=MODEL)]
 DtypeOpt = Annotated[Dtype, typer.Option(
-    help="auto: bfloat16 where the device supports it, else float16 (GPU) or float32 (CPU).",
+    help="auto: bfloat16 (on a GPU without it, float16); on a CPU without bf16 arithmetic the "
+         "kernels compute in float32 over the bf16 weights. Fuyu-8B takes 18.8 GB in 16-bit, "
+         "37.6 GB in float32.",
     metavar="auto|bfloat16|float16|float32", rich_help_panel=MODEL)]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, metavar="N", show_default=False, rich_help_panel=MODEL,

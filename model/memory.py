@@ -184,6 +184,37 @@ def weight_bytes(ckpt: Path, dtype: str, quantization: str | None = None,
     return total
 
 
+def model_bytes(model, dtype, quantized: dict[str, str] | None = None) -> int:
+    """Bytes a meta-device model's parameters and buffers take once loaded: floating ones in
+    `dtype` (a torch dtype), int8/packed ones as they are, and the weights of `quantized`
+    modules ({name: method}) at that method's size (bitsandbytes modules hold float weights
+    until they are placed)."""
+    quantized = quantized or {}
+    total = 0
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for leaf, t in own:
+            if name in quantized and leaf == "weight":
+                total += quantized_bytes(quantized[name], (module.out_features, module.in_features),
+                                         str(dtype).removeprefix("torch."))
+            elif name not in quantized or t.dtype.is_floating_point and leaf == "bias":
+                total += t.numel() * (dtype.itemsize if t.dtype.is_floating_point else t.dtype.itemsize)
+    return total
+
+
+def check_weights(model, dtype, device, where, quantized: dict[str, str] | None = None) -> None:
+    """InsufficientMemory, before a weight is read, when the weights alone (and the process)
+    cannot fit in what `device` has free: the loader's own check, under the CLI's fuller plan."""
+    from fuyu.model.errors import InsufficientMemory
+
+    room = device_available(device)
+    total = model_bytes(model, dtype, quantized) + RUNTIME_BYTES
+    if not fits(total, room):
+        raise InsufficientMemory(f"{where}: the weights need {gb(total)} in {str(dtype).removeprefix('torch.')} "
+                                 f"but {gb(room)} is free on {device}; quantize them (int8, int4), "
+                                 "use device_map='auto' with an offload folder, or free memory")
+
+
 def kv_bytes(cfg, rows: int, tokens: int, dtype: str) -> int:
     """KV cache of `rows` rows of `tokens` slots: keys and values of every layer."""
     return 2 * cfg.num_hidden_layers * cfg.hidden_size * FLOAT_SIZES.get(dtype, 2) * rows * tokens

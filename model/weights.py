@@ -17,7 +17,7 @@ from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
 from fuyu.model.kernels import PackedLinear
-from fuyu.model import native, reader, tuning
+from fuyu.model import memory, native, reader, tuning
 from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -155,6 +155,8 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
     placement, quantized = _plan(model, scheme, stored_modules, device, device_map, max_memory, dtype)
     if scheme:
         swap_linears(model, scheme.make, sorted(quantized))
+    if device_map is None:
+        memory.check_weights(model, dtype, device, ckpt, dict.fromkeys(quantized, scheme.method) if scheme else None)
     # Kernels are timed now, on synthetic weights, while memory is free; a weight whose kernel
     # repacks it and that is too big to hold twice (the LM head) is packed as it is read.
     entries = tuning.time_ahead(model, dtype, kernels) if cpu_kernels else None

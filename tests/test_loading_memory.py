@@ -131,3 +131,25 @@ def test_the_streamed_writer_lays_shards_out_as_save_pretrained_and_loads(tmp_pa
     assert index["weight_map"]["vision_embed_tokens.bias"] == files[-1]
     model = load_pretrained(ckpt, dtype=torch.float32)
     assert model.lm_head.weight.abs().sum() > 0
+
+
+def test_the_loader_refuses_weights_that_cannot_fit_before_reading_any(tmp_path, monkeypatch):
+    from fuyu.model import memory
+    from fuyu.model.errors import InsufficientMemory
+
+    ckpt = make_checkpoint(tmp_path / "m", hidden=64, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False)
+    with torch.device("meta"):
+        from fuyu.model import Fuyu
+        from fuyu.model.weights import read_config
+
+        meta = Fuyu(read_config(ckpt))
+    need = memory.model_bytes(meta, torch.bfloat16) + memory.RUNTIME_BYTES
+    assert need == sum(p.numel() for p in meta.parameters()) * 2 + memory.RUNTIME_BYTES
+    reads = []
+    monkeypatch.setattr(reader.StoredTensor, "read", lambda self, *a, **k: reads.append(self))
+    monkeypatch.setattr(memory, "available", lambda: int(need * 0.9))
+    with pytest.raises(InsufficientMemory, match=r"m: the weights need .* in bfloat16 but .* is free on cpu"):
+        load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain")
+    assert reads == []
+    int8 = memory.model_bytes(meta, torch.bfloat16, {f"layers.{i}.mlp.dense_h_to_4h": "int8" for i in range(2)})
+    assert int8 == need - memory.RUNTIME_BYTES - 2 * (256 * 64 * 2) + 2 * (256 * 64 + 256 * 4)
