@@ -131,7 +131,8 @@ def prefill(model: Fuyu, batch) -> torch.Tensor:
 def peak_memory(device: torch.device) -> dict:
     import resource
 
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    # ru_maxrss is in KiB on Linux
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}
     if device.type == "cuda":
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out

@@ -2,11 +2,11 @@
 
 For every (module kind, dtype, shape) the candidates of model/kernels.py are timed on synthetic
 weights of that shape at decode-sized inputs (1, 2 and 8 rows: kernels.candidates) and a
-prefill-sized one (128 rows: kernels.prefill_candidates), in alternating rounds, medians. The
+prefill-sized one (512 rows: kernels.prefill_candidates), in alternating rounds, medians. The
 winner, a decode kernel and a prefill one that one module can hold together (kernels.compose),
 minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU batch), 4 at batch
 8 (a caption batch of mixed sizes, decoded together) and a 1,024-token prefill
-(16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
+(16·t₁ + 16·t₂ + 4·t₈ + 2·t₅₁₂; the LM head, which generation only runs on one position per row,
 without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
 pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 2.4 s on
@@ -36,12 +36,15 @@ from fuyu.model import kernels
 from fuyu.model.quantize import Int8Linear
 
 MODES = ("auto", "plain", "tune")
-ROWS = (1, 2, 8, 128)
+# The prefill size is a real prompt's (a 640×480 image is ~400 tokens): at 128 rows torch's int8
+# kernel beat the dequantized GEMM (164 vs 184 ms, 12288×4096), at 512 it is 2.5× slower (564 vs
+# 228 ms; 2-core AMD EPYC family 26 model 2), and an 8B int8 prefill of 1,090 tokens ran for minutes
+ROWS = (1, 2, 8, 512)
 PREFILL_ROWS = ROWS[-1]  # decode steps at batch 1, 2 and 8, a prefill-sized input
 # What a choice minimises: the time of 16 decode steps at batch 1 and 2, 4 at batch 8 and a
 # 1,024-token prefill. The LM head only ever sees one position per row in generation, so its
 # prefill time does not count.
-WEIGHTS = {"layer": (16, 16, 4, 8), "head": (16, 16, 4, 0)}
+WEIGHTS = {"layer": (16, 16, 4, 2), "head": (16, 16, 4, 0)}
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
 # Decode-sized calls cycle through distinct weight copies adding up to more than the last-level
 # cache, so they time reads from memory, as a decode step's are; not less than this:
@@ -57,7 +60,8 @@ CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one
 # is slow (2-core AVX2-only AMD EPYC), for no better a choice.
 CALLS = 6
 GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
-FORMAT = 3  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings
+FORMAT = 4  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings;
+# 4: prefill timed at 512 rows
 
 
 def mode(kernels_arg: str | None = None) -> str:
