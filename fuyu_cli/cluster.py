@@ -147,13 +147,13 @@ def worker_resources(spec: ClusterSpec, nodes: list[dict], local: bool) -> tuple
 
 
 def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[list[str]], ckpt: Path,
-              ui) -> None:
+              ui, fields=None) -> None:
     """The parts without a marker, on a Ray cluster; the same notes, summary and exit codes as a
     local --output-dir run."""
     import typer
 
     todo, before = pending(folder, len(parts), None, opts.out.overwrite)
-    label = asks[0].task
+    label = "fields" if fields is not None else asks[0].task
     if not todo:
         ui.note(nothing_to_do(label, before, folder))
         return
@@ -168,7 +168,7 @@ def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[lis
         ds = ds.map_batches(
             PartWorker, batch_size=1,
             fn_constructor_kwargs=dict(asks=asks, opts=opts, ckpt=str(ckpt), folder=folder.location,
-                                       runner_hook=os.environ.get(RUNNER_HOOK)),
+                                       runner_hook=os.environ.get(RUNNER_HOOK), fields=fields),
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}))
         results, first, last = [], None, None
@@ -256,14 +256,16 @@ class PartWorker:
     summary row. Errors come back in the row (message, hint, exit code), for the driver to stop on."""
 
     def __init__(self, asks: list[Ask], opts: RunOptions, ckpt: str, folder: str,
-                 runner_hook: str | None = None):
+                 runner_hook: str | None = None, fields=None):
         from fuyu.pipeline import source_options
 
-        self.asks, self.opts, self.error = asks, opts, None
+        self.asks, self.opts, self.fields, self.error = asks, opts, fields, None
         try:
             self.folder = Folder(folder)
             self.runner = _load_runner(opts.model, ckpt, opts.gen.max_new_tokens, source_options(opts),
                                        runner_hook)
+            if fields is not None:
+                self.runner = fields.wrap(self.runner)
         except Exception as exc:  # reported with the first part, as a local run reports it
             self.error = _explained(exc)
 
@@ -280,7 +282,8 @@ class PartWorker:
         if error is None:
             try:
                 # A retry after the marker was written (the worker died before returning) is done.
-                res = self._marked(k) or process_part(k, files, self.asks, self.runner, self.folder, self.opts)
+                res = self._marked(k) or process_part(k, files, self.asks, self.runner, self.folder, self.opts,
+                                                      fields=self.fields)
                 row.update(records=res.records, failed=res.failed, tokens=res.tokens, seconds=res.seconds,
                            skipped=res.skipped)
             except Exception as exc:
@@ -341,11 +344,11 @@ class FuyuPredictor:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from fuyu.parts import record_schema
+        from fuyu.parts import arrow_row, record_schema
 
         rows = _columns(batch)
         records = self._records(rows)
-        return pa.Table.from_pylist([r.to_dict() for r in records], schema=record_schema())
+        return pa.Table.from_pylist([arrow_row(r) for r in records], schema=record_schema())
 
     def _records(self, rows: list[dict]) -> list[Record]:
         from fuyu import sources
