@@ -21,7 +21,7 @@ from fuyu.records import Ask, Item, Record, Unit, original_path, page_id, printa
 TYPES = ("text", "number", "integer", "boolean", "choice", "regex")
 # JSON's number and integer grammars; booleans as the model tends to say them.
 NUMBER = r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
-INTEGER = r"-?(0|[1-9][0-9]*)"
+INTEGER = r"-?(0|[1-9][0-9]{0,17})"  # fits a 64-bit column
 BOOLEANS = {"true": True, "yes": True, "false": False, "no": False}
 # The columns of a field record: a field may not take their names.
 RESERVED = ("path", "page", "pages", "id", "task", "prompt", "answers", "scores", "reasons",
