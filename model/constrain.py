@@ -2,9 +2,10 @@
 vocabulary, restricting each decode step to the tokens that keep the answer matchable.
 
 outlines-core compiles a regex and the vocabulary into a token-level automaton once (the allowed
-ids of every state are known up front), so a step costs a dictionary lookup per row and one
-scatter into the logits, whatever the vocabulary size. The mask covers all of the model's logits
-(262,144 for Fuyu-8B): ids the tokenizer does not define, and ids that are not text (see
+ids of every state are known up front), so a step costs a dictionary lookup per row, and the
+row is sampled among its allowed logits only (fuyu.model.generate.sample_allowed), whatever the
+vocabulary size. Everything else is masked off, over all of the model's logits (262,144 for
+Fuyu-8B): ids the tokenizer does not define, and ids that are not text (see
 `Tokenizer.token_bytes`), are never allowed. |ENDOFTEXT| is allowed exactly where the regex can
 end, so an answer that stops is a full match.
 """
@@ -78,20 +79,10 @@ class Constraints:
         self.grammars = grammars
         self.states = [None if g is None else g.initial for g in grammars]
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """Float logits (B, V) with -inf wherever a row's grammar forbids the token; a row whose
-        grammar has ended (or that has none) is left as it is."""
-        out = logits.float()
-        if out is logits:
-            out = out.clone()
-        for row, (grammar, state) in enumerate(zip(self.grammars, self.states)):
-            if grammar is None or state is None:
-                continue
-            allowed = grammar.allowed(state, out.device)
-            kept = out[row, allowed]
-            out[row].fill_(float("-inf"))
-            out[row, allowed] = kept
-        return out
+    def allowed(self, device: torch.device) -> list[torch.Tensor | None]:
+        """Per row, the ids its grammar allows next; None for a row without one (or whose grammar
+        has ended): any id."""
+        return [None if g is None or s is None else g.allowed(s, device) for g, s in zip(self.grammars, self.states)]
 
     def advance(self, ids: torch.Tensor) -> None:
         """Move each constrained row on by the id it chose (one host read of `ids`)."""

@@ -206,14 +206,18 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     grammars = None if constraints is None or all(g is None for g in constraints) else Constraints(constraints)
     scores: list[torch.Tensor] = []
 
+    def choose(x: torch.Tensor) -> torch.Tensor:
+        return sample(x, temperature, top_k, top_p, generator)
+
     def pick(step_logits: torch.Tensor) -> torch.Tensor:  # the one sampling point
-        if grammars is not None:
-            step_logits = grammars.mask(step_logits)
-        ids = sample(step_logits, temperature, top_k, top_p, generator)
-        if logprobs:
-            scores.append(token_logprobs(step_logits, ids))
-        if grammars is not None:
-            grammars.advance(ids)
+        if grammars is None:
+            ids = choose(step_logits)
+            if logprobs:
+                scores.append(token_logprobs(step_logits, ids))
+            return ids
+        ids, picked = sample_allowed(step_logits, grammars.allowed(step_logits.device), choose)
+        scores.append(picked)
+        grammars.advance(ids)
         return ids
 
     nxt = pick(last)
@@ -235,7 +239,30 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     return new, torch.stack(scores[:new.shape[1]], dim=1)
 
 
+def sample_allowed(logits: torch.Tensor, allowed: list[torch.Tensor | None], choose) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B,), their log-probabilities (B,)): row r chosen by `choose` among the ids allowed[r]
+    only (None: all), its log-probability renormalised over them. A constrained row reads only its
+    allowed logits: cheaper than masking all 262,144 (8.5 ms a step at batch 8 on the mid
+    checkpoint, measured, against ~1 ms)."""
+    ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    free = [r for r, a in enumerate(allowed) if a is None]
+    if free:
+        rows = torch.tensor(free, device=logits.device)
+        sub = logits[rows]
+        ids[rows] = choose(sub)
+        picked[rows] = token_logprobs(sub, ids[rows])
+    for r, a in enumerate(allowed):
+        if a is not None:
+            x = logits[r, a].float()[None]
+            k = choose(x)
+            ids[r] = a[k[0]]
+            picked[r] = token_logprobs(x, k)[0]
+    return ids, picked
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[row, ids[row]] in float32, (B,): -inf entries (a grammar's mask) drop out."""
-    x = logits.float()
-    return x.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+    """log softmax(logits)[row, ids[row]] in float32, (B,): -inf entries (a grammar's mask) drop out.
+    log_softmax, not x[id] - logsumexp(x): torch 2.13's CPU logsumexp took 16 ms over 262,144
+    float32 logits on this AMD EPYC, log_softmax 0.3 ms (its exp is vectorised)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, None]).squeeze(1)
