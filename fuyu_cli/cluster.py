@@ -302,7 +302,7 @@ class PartWorker:
 
 # --- a callable class for users' own pipelines -------------------------------------------------
 
-DEFAULT_MAX_NEW_TOKENS = {"caption": 64, "ask": 64, "bbox": 32}
+DEFAULT_MAX_NEW_TOKENS = {"caption": 64, "ask": 64, "bbox": 32, "fields": 64}
 
 
 class FuyuPredictor:
@@ -314,6 +314,10 @@ class FuyuPredictor:
     to find (bbox) or prompt (caption). Each row gives one record per item (a PDF path: one per
     page) with the columns of fuyu's JSON records, in row order; a row that fails (unreadable
     bytes, missing file) gets its `error` instead of stopping the batch.
+
+    task="fields", fields=[{"name", "question", "type", …}] (or fuyu.fields.Field): one row per
+    item (per file with per_document=True) with a column per field, its score (and page), as
+    `fuyu ask --fields --format parquet` writes them (docs/fields.md).
     """
 
     def __init__(self, model: str | None = None, task: str = "caption", prompt: str | None = None,
@@ -321,15 +325,24 @@ class FuyuPredictor:
                  device: str = "auto", quantize: str = "none", max_new_tokens: int | None = None,
                  model_batch_size: int | None = None, temperature: float = 0.0, top_p: float | None = None,
                  seed: int | None = None, pages: str | None = None, dpi: float | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, fields=None, per_document: bool = False,
+                 min_score: float | None = None):
         from fuyu import sources
 
         if task not in DEFAULT_MAX_NEW_TOKENS:
             raise ValueError(f"task {task!r}: expected one of {', '.join(DEFAULT_MAX_NEW_TOKENS)}")
+        self.fieldset = None
+        if task == "fields":
+            from fuyu.fields import FieldSet, as_fields
+
+            if not fields:
+                raise ValueError('task "fields" needs fields=[{"name": …, "question": …}, …]')
+            self.fieldset = FieldSet(as_fields(fields), per_document, min_score)
         self.task = "ocr" if task == "bbox" and box is not None else task
-        self.text = {"caption": prompt, "ask": question, "bbox": find}[task]
+        self.text = {"caption": prompt, "ask": question, "bbox": find, "fields": None}[task]
         self.box = None if box is None else tuple(float(v) for v in box)
-        self.gen = GenOptions(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature, top_p, seed)
+        self.gen = GenOptions(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature, top_p, seed,
+                              min_score=min_score)
         self.src = sources.Options(pages, dpi)
         spec = ModelSpec(model, device, dtype, quantize, model_batch_size, threads=threads)
         self.runner = _load_runner(spec, None, self.gen.max_new_tokens, self.src)
@@ -348,6 +361,8 @@ class FuyuPredictor:
 
         rows = _columns(batch)
         records = self._records(rows)
+        if self.fieldset is not None:
+            return pa.Table.from_pylist([self.fieldset.row(r) for r in records], schema=self.fieldset.schema())
         return pa.Table.from_pylist([arrow_row(r) for r in records], schema=record_schema())
 
     def _records(self, rows: list[dict]) -> list[Record]:
@@ -358,24 +373,27 @@ class FuyuPredictor:
         for i, row in enumerate(rows):
             name = str(row.get("path") or f"<row {i}>")
             try:
-                ask = self._ask(row.get("question"))
+                asks = self.fieldset.asks if self.fieldset is not None else [self._ask(row.get("question"))]
             except FuyuError as exc:
                 work.append(Record(name, self.task, "", error=str(exc)))
                 order.setdefault(name, i)
                 continue
             data = row.get("bytes")
             if data is not None:
-                work.append(Unit(Item(name, source=sources.Blob.of(bytes(data))), (ask,)))
+                work.append(Unit(Item(name, source=sources.Blob.of(bytes(data))), tuple(asks)))
             elif row.get("path"):
-                work += plan([name], [ask], self.src, Tally())
+                work += plan([name], asks, self.src, Tally())
             else:
-                work.append(Record.failed(Item(name), ask, "the row has neither `path` nor `bytes`"))
+                work += [Record.failed(Item(name), ask, "the row has neither `path` nor `bytes`") for ask in asks]
             order.setdefault(name, i)
+        runner = self.runner if self.fieldset is None else self.fieldset.wrap(self.runner)
         try:
-            records = list(self.runner.run(work, self.batch_size, self.gen, window=max(len(work), 1)))
+            records = list(runner.run(work, self.batch_size, self.gen, window=max(len(work), 1)))
         except Exception as exc:  # the runner isolates bad items itself; this is the last guard
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
             records = [w if isinstance(w, Record) else Record.failed(w.item, w.asks[0], message) for w in work]
+            if self.fieldset is not None:
+                records = [runner.combine([r]) for r in records]
         return sorted(records, key=lambda r: (order.get(r.path, len(rows)), r.page or 0))
 
 

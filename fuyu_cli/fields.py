@@ -331,7 +331,7 @@ class FieldRunner:
                 try:
                     runner.grammar(f.regex)
                 except FuyuError as e:
-                    raise FuyuError(f"field {f.name!r}: {e.message}", e.hint) from None
+                    raise FuyuError(f"field {f.name!r}: {e}", e.hint) from None
 
     def default_batch_size(self) -> int:
         return self.runner.default_batch_size()
@@ -403,3 +403,41 @@ class FieldRunner:
         if per_doc and not out.answer_pages:
             out.answer_pages = None
         return out
+
+
+# --- Python API ------------------------------------------------------------------------------------
+
+def as_fields(fields) -> list[Field]:
+    """Fields from Field objects or dicts with the keys of a fields file, checked."""
+    out = []
+    for i, f in enumerate(fields, 1):
+        if isinstance(f, Field):
+            out.append(make_field(f.name, f.question, f.type, f.choices, f.pattern))
+        elif isinstance(f, dict):
+            out.append(make_field(f.get("name"), f.get("question"), f.get("type", "text"), f.get("choices"),
+                                  f.get("pattern"), f"field {i}"))
+        else:
+            raise FuyuError(f"field {i} is a {type(f).__name__}", "give Field(...) or {\"name\": …, \"question\": …}")
+    return check_names(out)
+
+
+def extract(paths: Iterable[str], fields, *, model: str | None = None, runner=None, per_document: bool = False,
+            min_score: float | None = None, max_new_tokens: int = 64, device: str = "auto", dtype: str = "auto",
+            batch_size: int | None = None, pages: str | None = None, dpi: float | None = None) -> Iterator[FieldRecord]:
+    """FieldRecords for image and document files (a PDF: one per page, or one per file with
+    per_document), as `fuyu ask --fields` writes them. `runner`: a fuyu.runner.Runner already
+    loaded (else `model` is loaded here)."""
+    from fuyu import sources
+    from fuyu.options import GenOptions, ModelSpec
+    from fuyu.pipeline import Tally, plan
+
+    fieldset = FieldSet(as_fields(fields), per_document, min_score)
+    src = sources.Options(pages, dpi)
+    if runner is None:
+        from fuyu.runner import Runner
+
+        runner = Runner.load(ModelSpec(model, device, dtype), max_new_tokens=max_new_tokens, sources_options=src)
+    wrapped = fieldset.wrap(runner)
+    work = plan(list(paths), fieldset.asks, src, Tally())
+    gen = GenOptions(max_new_tokens, min_score=min_score)
+    yield from wrapped.run(work, batch_size or runner.default_batch_size(), gen)

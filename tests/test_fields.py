@@ -347,3 +347,33 @@ def test_fields_share_one_prefill_of_the_image(tiny_model, tmp_path, monkeypatch
     r = fuyu("ask", png(tmp_path / "a.png", (90, 60)), "--fields", fields, "-m", tiny_model, *FAST)
     assert r.code == 0 and len(r.records()) == 1
     assert len(calls) == 1  # six fields, one image prefix
+
+
+def test_python_api_and_fuyu_predictor_give_the_cli_rows(tiny_model, tmp_path):
+    import numpy as np
+
+    from fuyu.cluster import FuyuPredictor
+    from fuyu.fields import Field, extract
+
+    pdf = write_pdf(tmp_path / "inv.pdf", 2)
+    image = png(tmp_path / "a.png", (60, 40))
+    fields = _fields_file(tmp_path, FIELDS[:3])
+    cli = {x["id"]: x for x in fuyu("ask", pdf, image, "--fields", fields, "-m", tiny_model, *FAST).records()}
+    api = list(extract([str(pdf), str(image)], [Field(**f) if "choices" not in f else f for f in FIELDS[:3]],
+                       model=str(tiny_model), device="cpu", dtype="float32", max_new_tokens=10))
+    assert {r.id: r.answers for r in api} == {k: v["answers"] for k, v in cli.items()}
+    predict = FuyuPredictor(model=str(tiny_model), task="fields", fields=FIELDS[:3], per_document=True,
+                            max_new_tokens=10, dtype="float32", threads=1)
+    rows = predict({"path": np.array([str(pdf), str(image), str(tmp_path / "missing.png")], dtype=object)}).to_pylist()
+    assert [r["path"] for r in rows] == [str(pdf), str(image), str(tmp_path / "missing.png")]
+    assert {"total", "total_score", "total_page", "count", "paid"} <= set(rows[0]) and rows[2]["error"]
+    for name in ("total", "count", "paid"):
+        page = rows[0][f"{name}_page"]
+        assert rows[0][name] == cli[f"{pdf}#page={page}"]["answers"][name]
+
+
+def test_a_pattern_the_grammar_library_cannot_take_is_one_line_and_exit_2(tiny_model, tmp_path):
+    r = fuyu("ask", png(tmp_path / "a.png"), "--field", r"r:regex=Ref?", "--pattern", r"(?=a)b", "-m", tiny_model,
+             *FAST)
+    assert r.code == 2 and r.err.startswith("error: field 'r': cannot build a grammar") and r.out == "", r.err
+    assert len(r.err.strip().splitlines()) == 1
