@@ -139,7 +139,8 @@ def fingerprint(asks: list[Ask], opts: RunOptions, ckpt: Path, files: list[str],
         extra["min_score"] = gen.min_score
     return {
         "fuyu": __version__,
-        "prompts": [{"task": a.task, "prompt": a.prompt} for a in asks],
+        "prompts": [{"task": a.task, "prompt": a.prompt, **({"field": a.field.spec()} if a.field else {})}
+                    for a in asks],  # a typed question's type is part of the job
         "model": {"folder": str(ckpt), "config_sha256": hashlib.sha256(config).hexdigest(),
                   "weights": [list(w) for w in weights]},
         "dtype": model.dtype, "quantize": model.quantize,
