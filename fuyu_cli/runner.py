@@ -50,6 +50,20 @@ class Runner:
         self.sources = sources_options or sources.Options()
         self.load_seconds: float | None = None
         self.mapped = False  # placed by a device map: accelerate moves weights, no batch budget
+        self._vocabulary = None  # fuyu.model.constrain.Vocabulary, built for the first typed answer
+
+    def grammar(self, regex: str):
+        """The compiled constraint for `regex` (once per runner); a FuyuError if it cannot be built."""
+        from fuyu.model.constrain import GrammarError, Vocabulary
+
+        if self._vocabulary is None:
+            tok = self.processor.tokenizer
+            self._vocabulary = Vocabulary(tok.token_bytes(), self.model.config.eos_token_id,
+                                          self.model.config.vocab_size)
+        try:
+            return self._vocabulary.grammar(regex)
+        except GrammarError as e:
+            raise FuyuError(str(e), "write the pattern without look-arounds, anchors or \\b") from None
 
     @classmethod
     def load(cls, spec: ModelSpec, ckpt=None, max_new_tokens: int | None = None,
@@ -258,24 +272,32 @@ class Runner:
         generator = None
         if gen.seed is not None:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
+        asks = [ask for p in items for ask in p.asks]
+        regexes = [None if a.field is None else a.field.regex for a in asks]
+        constraints = [None if r is None else self.grammar(r) for r in regexes]
         sampling = dict(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                        generator=generator, compile=gen.compile)
+                        generator=generator, compile=gen.compile, logprobs=True,
+                        constraints=constraints if any(c is not None for c in constraints) else None)
         if all(len(p.samples) == 1 for p in items):  # one prompt per image: a batch per image size
             sizes: dict = {}
             for s in samples:
                 sizes.setdefault(s.size, []).append(s)
             order = [s for group in sizes.values() for s in group]
             parts = [self.processor.collate(group).to(self.device) for group in sizes.values()]
-            new_ids = generate(self.model, parts, **sampling)
+            if sampling["constraints"] is not None:  # each row's grammar follows its row
+                grammar_of = {id(s): g for s, g in zip(samples, constraints)}
+                sampling["constraints"] = [grammar_of[id(s)] for s in order]
+            new_ids, logprobs = generate(self.model, parts, **sampling)
             back = {id(s): i for i, s in enumerate(order)}
-            new_ids = new_ids[[back[id(s)] for s in samples]]  # rows in the items' order again
+            rows = [back[id(s)] for s in samples]
+            new_ids, logprobs = new_ids[rows], logprobs[rows]  # rows in the items' order again
             batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         else:  # several: each image's prefix once, its prompts continuing from it
             conts, shared = self._shared_prefix(items)
-            new_ids = generate(self.model, conts, **shared, **sampling)
+            new_ids, logprobs = generate(self.model, conts, **shared, **sampling)
             # boxes() maps each row's coordinates with its image's size: the full samples' batch
             batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
-        new_ids = new_ids.cpu()
+        new_ids, logprobs = new_ids.cpu(), logprobs.cpu()
         texts = self.processor.decode(new_ids)
         # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
         boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
@@ -284,8 +306,13 @@ class Runner:
         records, row = [], 0
         for p in items:
             for ask, sample in zip(p.asks, p.samples):
+                # A typed answer keeps its text exactly as its grammar matched it.
+                typed = ask.field is not None and ask.field.regex is not None
                 rec = Record(p.unit.item.path, ask.task, ask.prompt, p.unit.item.page,
-                             p.unit.item.pages, text=texts[row].strip())
+                             p.unit.item.pages, text=texts[row] if typed else texts[row].strip())
+                rec.asked = ask
+                if typed:
+                    _parse_answer(rec, ask.field, gen.max_new_tokens)
                 if ask.task == "bbox":
                     rec.boxes = [[round(v) for v in b] for b in boxes[row]]
                 elif ask.task == "ocr":
@@ -293,6 +320,9 @@ class Runner:
                 rec.width, rec.height = p.size
                 rec.prompt_tokens = len(sample.ids)
                 rec.new_tokens = _new_tokens(new_ids[row], eos)
+                rec.score = round(float(logprobs[row, :rec.new_tokens].mean()), 6) if rec.new_tokens else None
+                if gen.min_score is not None and rec.score is not None and rec.score < gen.min_score:
+                    rec.doubtful = True
                 rec.seconds = round(p.seconds / len(p.samples) + share, 4)
                 records.append(rec)
                 row += 1
@@ -322,6 +352,17 @@ def _failure(item: Item, ask: Ask, exc: BaseException, size=None) -> Record:
     known = isinstance(exc, (PreprocessError, FuyuError))
     message = " ".join(str(exc).split())  # one line, whatever the exception printed
     return Record.failed(item, ask, message if known else f"{type(exc).__name__}: {message}", size)
+
+
+def _parse_answer(rec: Record, field, max_new_tokens: int) -> None:
+    """rec.answer from rec.text; an answer its grammar could not finish (it ran into
+    max_new_tokens) is no value, and `error` says so (`unparsed`: the item itself was fine)."""
+    try:
+        rec.answer = field.parse(rec.text)
+    except ValueError:
+        rec.error = (f"the {field.type} answer did not finish within --max-new-tokens {max_new_tokens} "
+                     f"(it had {rec.text.strip()!r}); raise --max-new-tokens")
+        rec.unparsed = True
 
 
 def _prompt(ask: Ask) -> str | Exception:
