@@ -54,10 +54,12 @@ def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
 
 def decode_bytes(model: Fuyu) -> int:
     """Bytes of weights one decode step reads: all but the input embedding and patch projection
-    (packed CPU Linear weights included: they are not parameters)."""
+    (packed CPU Linear weights and quantized ones included: they are not parameters, and the
+    quantized ones are buffers)."""
     from fuyu.model.kernels import PackedLinear
 
     skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
-    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    held = sum(t.numel() * t.element_size() for n, t in tensors if n not in skip and t.device.type != "meta")
     packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
-    return params + packed
+    return held + packed

@@ -64,3 +64,16 @@ def test_the_real_size_benchmark_reports_load_prefills_decode_and_the_cache(monk
     assert set(res["decode"]) == {"1"} and res["decode"]["1"]["prompt_tokens"] == pre["640x480"]["tokens"]
     assert res["kv_cache_bytes_per_token"] == 2 * 2 * 64 * 2  # 2 layers × keys and values × hidden 64 × bf16
     assert "caption_images_per_s" not in res and "KV cache per token" in r.err
+
+
+def test_decode_bytes_count_quantized_weights_too():
+    import torch
+
+    from fuyu.benchmarks import arithmetic, workloads
+
+    dev = torch.device("cpu")
+    bf16 = workloads.random_model("tiny", dev, torch.bfloat16, 2048)
+    int8 = workloads.random_model("tiny", dev, torch.bfloat16, 2048, "int8")
+    head = 2048 * 64 * 2  # the 16-bit LM head both read
+    layers16, layers8 = arithmetic.decode_bytes(bf16) - head, arithmetic.decode_bytes(int8) - head
+    assert 0.5 < layers8 / layers16 < 0.6  # int8 weights + scales, 16-bit biases and LayerNorms
