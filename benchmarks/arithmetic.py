@@ -30,17 +30,18 @@ def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
 
 
-def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype):
-    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs, the
-    matrix-multiply rate a prefill of this shape could reach."""
+def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype, layers: int | None = None):
+    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs (of `layers`
+    layers, default all), the matrix-multiply rate a prefill of this shape could reach."""
     ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
            for m, k, n in layer_gemms(cfg, tokens)]
+    layers = cfg.num_hidden_layers if layers is None else layers
 
     def gemms():
-        for _ in range(cfg.num_hidden_layers):
+        for _ in range(layers):
             for a, b in ops:
                 torch.nn.functional.linear(a, b)
-    return gemms, cfg.num_hidden_layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    return gemms, layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
 
 
 def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
@@ -53,10 +54,12 @@ def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:
 
 def decode_bytes(model: Fuyu) -> int:
     """Bytes of weights one decode step reads: all but the input embedding and patch projection
-    (packed CPU Linear weights included: they are not parameters)."""
+    (packed CPU Linear weights and quantized ones included: they are not parameters, and the
+    quantized ones are buffers)."""
     from fuyu.model.kernels import PackedLinear
 
     skip = {"embed_tokens.weight", "vision_embed_tokens.weight", "vision_embed_tokens.bias"}
-    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in skip)
-    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
-    return params + packed
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    held = sum(t.numel() * t.element_size() for n, t in tensors if n not in skip and t.device.type != "meta")
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
+    return held + packed

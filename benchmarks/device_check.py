@@ -131,22 +131,24 @@ def bnb(device: torch.device, work: Path, full: bool) -> dict:
 # --- full-size model ----------------------------------------------------------------------------
 
 def random_model(cfg: FuyuConfig, device: torch.device, dtype: torch.dtype) -> Fuyu:
-    """Random weights straight on the device (scaled as make_checkpoint scales them)."""
-    from fuyu.model.weights import for_inference
+    """Random weights made on the host a block at a time and placed on the device, as
+    load_pretrained places a checkpoint's (no float32 copy, no second copy on the way)."""
+    from fuyu.model.weights import build
+    from fuyu.testing.checkpoint import random_tensors
 
-    with torch.device("meta"):
-        model = Fuyu(cfg)
-    model = model.to(dtype).to_empty(device=device)  # no float32 copy on the way
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 1.0 if name == "embed_tokens.weight" else p.shape[-1] ** -0.5, generator=g)
-    return for_inference(model)
+    return build(cfg, random_tensors(cfg), device, dtype, where="random weights")
+
+
+def batch_plan(model: Fuyu, device: torch.device, tokens: int, most: int) -> dict:
+    """The largest decode batch (≤ most) whose KV cache and prefill activations fit in the
+    device's free memory now (torch.cuda.mem_get_info; the host's on CPU), as the CLI plans it."""
+    from fuyu.model import memory
+
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    room = memory.device_available(device)
+    rows = memory.rows_that_fit(model.config, room, 0, tokens, dtype, most, runtime=0)  # weights loaded
+    return {"free_gb": None if room is None else round(room / 1e9, 2), "tokens_per_row": tokens,
+            "kv_bytes_per_token": memory.kv_bytes(model.config, 1, 1, dtype), "asked": most, "chosen": rows}
 
 
 def memory_rates(device: torch.device, nbytes: int) -> dict:
@@ -207,7 +209,9 @@ def full(device: torch.device, work: Path, full: bool) -> dict:
                  "decode_weight_gb": round(weight_bytes / 1e9, 3)}
     out["memory"] = memory_rates(device, (4 << 30) if full else (256 << 20))
     hbm = out["memory"]["sum_gbs"]
-    for B in batches:
+    plan = batch_plan(model, device, 16 * 23 + 12 + steps + 4, max(batches))
+    out["plan"] = plan
+    for B in sorted({min(B, plan["chosen"]) for B in batches} - {0}):
         batch = photo_batch(cfg, B, ids, device)
         # reduced: the compiled step at batch 1 only (a compile costs ~15 s on a CPU)
         modes = {"eager": False, "compiled": True} if full or B == 1 else {"eager": False}

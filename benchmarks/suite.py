@@ -4,6 +4,11 @@ memory's read rate, a caption run, and optionally the reference on the same inpu
 Decode: a step's time is (N + 1 tokens) − (1 token) on the same batch, round by round, each round
 also reading as many bytes as its N steps read, for the bandwidth to compare with. Prefill: the
 forward over the prompt against plain F.linear doing its GEMMs, in alternating rounds.
+
+A model at real size (Fuyu-8B: a decode step reads 16.6 GB, a 640×480 prefill is ~7 TFLOP) gets
+`run_real` instead, which fits one run in minutes on a 2-core CPU: one prefill per timed round
+for a 640×480 image and a 1280×720 screenshot against one layer's GEMMs (times the layer count),
+decode steps timed straight after one prefill, and no caption run.
 """
 
 from __future__ import annotations
@@ -71,6 +76,77 @@ def run(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repe
     res["caption_images_per_s"] = round(len(files) / run_all.median, 3)
     res["caption_files"] = [str(f) for f in files]
     return res
+
+
+REAL_SIZE_BYTES = 4 << 30  # decode bytes from which a model gets run_real
+
+
+def run_real(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repeats: int,
+             compile: bool = False) -> dict:
+    """The real-size measurements: preprocessing, prefill of two images, decode at each batch
+    size (batch 1 after the 640×480 prefill; larger ones after a short prompt of a 90×90 image,
+    whose cache costs the step little), KV cache bytes per token."""
+    from fuyu.model import KVCache
+    from fuyu.model.generate import prefill, sample, stepper
+
+    cfg, dtype = net.config, net.embed_tokens.weight.dtype
+    res: dict = {"real_size": True, "kv_cache_bytes_per_token": KVCache.bytes_per_token(
+        cfg.num_hidden_layers, cfg.hidden_size, dtype)}
+    photo, shot = workloads.test_image(640, 480), workloads.test_image(1280, 720, seed=1)
+    for name, img in (("1920x1080", workloads.test_image(1920, 1080, seed=2)), ("640x480", photo)):
+        t = workloads.timed(lambda: proc.prepare_one(img, CAPTION), repeats, device)
+        res[f"preprocess_ms_{name}"] = round(t.median * 1e3, 2)
+    res["prefill_images"] = {}
+    for name, img in (("640x480", photo), ("1280x720", shot)):
+        one = proc(images=[img], prompts=[CAPTION])
+        T = one.input_ids.shape[1]
+        gemms, gemm_flops = arithmetic.gemm_work(cfg, T, device, dtype, layers=1)
+        layer = workloads.timed(gemms, repeats, device)  # one layer's four GEMMs, warmed up
+        t = workloads.rounds({"prefill": lambda: workloads.prefill(net, one)}, repeats, device, warmup=False)
+        flops = arithmetic.prefill_flops(cfg, T, one.image_patches.shape[0])
+        gemm_rate = gemm_flops / layer.median
+        pre = workloads.Stat.of(t["prefill"])
+        res["prefill_images"][name] = dict(
+            tokens=T, ms=ms(pre), tflops=round(flops / pre.median / 1e12, 3),
+            gemm_tflops=round(gemm_rate / 1e12, 3), fraction_of_gemm=round(flops / pre.median / gemm_rate, 3))
+    weight_bytes = arithmetic.decode_bytes(net)
+    read, read_bytes = arithmetic.stream_read(device, new_tokens * weight_bytes)
+    res["decode"], rates = {}, []
+    small = workloads.test_image(90, 90)
+    with torch.inference_mode():
+        for B in sizes:
+            batch = proc(images=[photo] if B == 1 else [small] * B, prompts=[CAPTION] * B)
+            cache, last = prefill(net, batch, new_tokens * (repeats + 1) + 1)
+            step, ids = stepper(cache, compile), sample(last)
+            steps = []
+            for r in range(repeats + 1):  # round 0 warms up (and compiles)
+                start = _now(device)
+                for _ in range(new_tokens):
+                    ids = sample(step(net, cache, ids))
+                took = (_now(device) - start) / new_tokens
+                start = _now(device)
+                read()
+                if r:
+                    steps.append(took)
+                    rates.append(read_bytes / (_now(device) - start) / 1e9)
+            del cache
+            st = workloads.Stat.of(steps)
+            rate = median(rates[-repeats:])
+            res["decode"][B] = dict(prompt_tokens=batch.input_ids.shape[1], ms_per_step=ms(st),
+                                    tokens_per_s=round(B / st.median, 2), weight_gbs=round(weight_bytes / st.median / 1e9, 1),
+                                    read_gbs=round(rate, 1),
+                                    fraction_of_bandwidth=round(weight_bytes / st.median / 1e9 / rate, 3))
+    del read
+    res["bandwidth_gbs"] = round(median(rates), 1)
+    return res
+
+
+def _now(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def kernel_choice(net) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fuyu.model import Fuyu, FuyuConfig, generate, load_pretrained
-from fuyu.model.weights import for_inference
+from fuyu.model.weights import build
 from fuyu.preprocess import FuyuProcessor
 from fuyu.preprocess.tokenizer import Tokenizer
 
@@ -65,30 +65,26 @@ def synthetic_tokenizer() -> Tokenizer:
     return Tokenizer(lambda text: [6] + [byte0 + b for b in text.encode()], pieces, "synthetic")
 
 
-def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int) -> Fuyu:
-    """A Fuyu of a named size with random weights, built straight on the device."""
+def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int,
+                 quantization: str | None = None) -> Fuyu:
+    """A Fuyu of a named size with random weights, made and quantized a tensor at a time as
+    load_pretrained reads a checkpoint (the 8B needs memory for its weights alone)."""
+    from fuyu.testing.checkpoint import random_tensors
+
     cfg = FuyuConfig(**SIZES[size], vocab_size=vocab, eos_token_id=3, image_token_id=4)
-    with torch.device("meta"):
-        model = Fuyu(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return for_inference(model)  # what load_pretrained ends with: the kernel step on CPU
+    return build(cfg, random_tensors(cfg), device, dtype, quantization=quantization, where=f"random {size}")
 
 
-def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype):
+def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype,
+         quantization: str | None = None):
     """(model, processor): a checkpoint through load_pretrained, as the caption command loads it,
     or random weights of a named size."""
     if model_dir is not None:
-        return load_pretrained(model_dir, device, dtype), FuyuProcessor.from_pretrained(model_dir)
+        return (load_pretrained(model_dir, device, dtype, quantization=quantization),
+                FuyuProcessor.from_pretrained(model_dir))
     tok = synthetic_tokenizer()
     vocab = 262144 if size != "tiny" else 2048
-    return random_model(size, device, dtype, vocab), FuyuProcessor(tok)
+    return random_model(size, device, dtype, vocab, quantization), FuyuProcessor(tok)
 
 
 def test_image(width: int, height: int, seed: int = 0):
@@ -105,16 +101,17 @@ def test_image(width: int, height: int, seed: int = 0):
     return Image.fromarray(img)
 
 
-def rounds(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each fn, called in turn: one warm-up round, then `repeats` timed rounds."""
+def rounds(fns: dict, repeats: int, device: torch.device, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each fn, called in turn: one warm-up round (unless warmup=False: a
+    real-size prefill is minutes), then `repeats` timed rounds."""
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats + 1):
+    for r in range(repeats + warmup):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
-            if r:
+            if r or not warmup:
                 out[name].append(time.perf_counter() - start)
     return out
 
@@ -134,7 +131,8 @@ def prefill(model: Fuyu, batch) -> torch.Tensor:
 def peak_memory(device: torch.device) -> dict:
     import resource
 
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    # ru_maxrss is in KiB on Linux
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}
     if device.type == "cuda":
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out

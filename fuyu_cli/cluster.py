@@ -147,13 +147,13 @@ def worker_resources(spec: ClusterSpec, nodes: list[dict], local: bool) -> tuple
 
 
 def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[list[str]], ckpt: Path,
-              ui) -> None:
+              ui, fields=None) -> None:
     """The parts without a marker, on a Ray cluster; the same notes, summary and exit codes as a
     local --output-dir run."""
     import typer
 
     todo, before = pending(folder, len(parts), None, opts.out.overwrite)
-    label = asks[0].task
+    label = "fields" if fields is not None else asks[0].task
     if not todo:
         ui.note(nothing_to_do(label, before, folder))
         return
@@ -168,7 +168,7 @@ def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[lis
         ds = ds.map_batches(
             PartWorker, batch_size=1,
             fn_constructor_kwargs=dict(asks=asks, opts=opts, ckpt=str(ckpt), folder=folder.location,
-                                       runner_hook=os.environ.get(RUNNER_HOOK)),
+                                       runner_hook=os.environ.get(RUNNER_HOOK), fields=fields),
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}))
         results, first, last = [], None, None
@@ -256,14 +256,16 @@ class PartWorker:
     summary row. Errors come back in the row (message, hint, exit code), for the driver to stop on."""
 
     def __init__(self, asks: list[Ask], opts: RunOptions, ckpt: str, folder: str,
-                 runner_hook: str | None = None):
+                 runner_hook: str | None = None, fields=None):
         from fuyu.pipeline import source_options
 
-        self.asks, self.opts, self.error = asks, opts, None
+        self.asks, self.opts, self.fields, self.error = asks, opts, fields, None
         try:
             self.folder = Folder(folder)
             self.runner = _load_runner(opts.model, ckpt, opts.gen.max_new_tokens, source_options(opts),
                                        runner_hook)
+            if fields is not None:
+                self.runner = fields.wrap(self.runner)
         except Exception as exc:  # reported with the first part, as a local run reports it
             self.error = _explained(exc)
 
@@ -280,7 +282,8 @@ class PartWorker:
         if error is None:
             try:
                 # A retry after the marker was written (the worker died before returning) is done.
-                res = self._marked(k) or process_part(k, files, self.asks, self.runner, self.folder, self.opts)
+                res = self._marked(k) or process_part(k, files, self.asks, self.runner, self.folder, self.opts,
+                                                      fields=self.fields)
                 row.update(records=res.records, failed=res.failed, tokens=res.tokens, seconds=res.seconds,
                            skipped=res.skipped)
             except Exception as exc:
@@ -299,7 +302,7 @@ class PartWorker:
 
 # --- a callable class for users' own pipelines -------------------------------------------------
 
-DEFAULT_MAX_NEW_TOKENS = {"caption": 64, "ask": 64, "bbox": 32}
+DEFAULT_MAX_NEW_TOKENS = {"caption": 64, "ask": 64, "bbox": 32, "fields": 64}
 
 
 class FuyuPredictor:
@@ -311,6 +314,10 @@ class FuyuPredictor:
     to find (bbox) or prompt (caption). Each row gives one record per item (a PDF path: one per
     page) with the columns of fuyu's JSON records, in row order; a row that fails (unreadable
     bytes, missing file) gets its `error` instead of stopping the batch.
+
+    task="fields", fields=[{"name", "question", "type", …}] (or fuyu.fields.Field): one row per
+    item (per file with per_document=True) with a column per field, its score (and page), as
+    `fuyu ask --fields --format parquet` writes them (docs/fields.md).
     """
 
     def __init__(self, model: str | None = None, task: str = "caption", prompt: str | None = None,
@@ -318,15 +325,24 @@ class FuyuPredictor:
                  device: str = "auto", quantize: str = "none", max_new_tokens: int | None = None,
                  model_batch_size: int | None = None, temperature: float = 0.0, top_p: float | None = None,
                  seed: int | None = None, pages: str | None = None, dpi: float | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, fields=None, per_document: bool = False,
+                 min_score: float | None = None):
         from fuyu import sources
 
         if task not in DEFAULT_MAX_NEW_TOKENS:
             raise ValueError(f"task {task!r}: expected one of {', '.join(DEFAULT_MAX_NEW_TOKENS)}")
+        self.fieldset = None
+        if task == "fields":
+            from fuyu.fields import FieldSet, as_fields
+
+            if not fields:
+                raise ValueError('task "fields" needs fields=[{"name": …, "question": …}, …]')
+            self.fieldset = FieldSet(as_fields(fields), per_document, min_score)
         self.task = "ocr" if task == "bbox" and box is not None else task
-        self.text = {"caption": prompt, "ask": question, "bbox": find}[task]
+        self.text = {"caption": prompt, "ask": question, "bbox": find, "fields": None}[task]
         self.box = None if box is None else tuple(float(v) for v in box)
-        self.gen = GenOptions(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature, top_p, seed)
+        self.gen = GenOptions(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature, top_p, seed,
+                              min_score=min_score)
         self.src = sources.Options(pages, dpi)
         spec = ModelSpec(model, device, dtype, quantize, model_batch_size, threads=threads)
         self.runner = _load_runner(spec, None, self.gen.max_new_tokens, self.src)
@@ -341,11 +357,13 @@ class FuyuPredictor:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from fuyu.parts import record_schema
+        from fuyu.parts import arrow_row, record_schema
 
         rows = _columns(batch)
         records = self._records(rows)
-        return pa.Table.from_pylist([r.to_dict() for r in records], schema=record_schema())
+        if self.fieldset is not None:
+            return pa.Table.from_pylist([self.fieldset.row(r) for r in records], schema=self.fieldset.schema())
+        return pa.Table.from_pylist([arrow_row(r) for r in records], schema=record_schema())
 
     def _records(self, rows: list[dict]) -> list[Record]:
         from fuyu import sources
@@ -355,24 +373,27 @@ class FuyuPredictor:
         for i, row in enumerate(rows):
             name = str(row.get("path") or f"<row {i}>")
             try:
-                ask = self._ask(row.get("question"))
+                asks = self.fieldset.asks if self.fieldset is not None else [self._ask(row.get("question"))]
             except FuyuError as exc:
                 work.append(Record(name, self.task, "", error=str(exc)))
                 order.setdefault(name, i)
                 continue
             data = row.get("bytes")
             if data is not None:
-                work.append(Unit(Item(name, source=sources.Blob.of(bytes(data))), (ask,)))
+                work.append(Unit(Item(name, source=sources.Blob.of(bytes(data))), tuple(asks)))
             elif row.get("path"):
-                work += plan([name], [ask], self.src, Tally())
+                work += plan([name], asks, self.src, Tally())
             else:
-                work.append(Record.failed(Item(name), ask, "the row has neither `path` nor `bytes`"))
+                work += [Record.failed(Item(name), ask, "the row has neither `path` nor `bytes`") for ask in asks]
             order.setdefault(name, i)
+        runner = self.runner if self.fieldset is None else self.fieldset.wrap(self.runner)
         try:
-            records = list(self.runner.run(work, self.batch_size, self.gen, window=max(len(work), 1)))
+            records = list(runner.run(work, self.batch_size, self.gen, window=max(len(work), 1)))
         except Exception as exc:  # the runner isolates bad items itself; this is the last guard
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
             records = [w if isinstance(w, Record) else Record.failed(w.item, w.asks[0], message) for w in work]
+            if self.fieldset is not None:
+                records = [runner.combine([r]) for r in records]
         return sorted(records, key=lambda r: (order.get(r.path, len(rows)), r.page or 0))
 
 

@@ -1,79 +1,129 @@
-"""Will the model fit in memory? Weight bytes from safetensors headers against MemAvailable.
+"""Will the run fit? The CLI's memory plan, on fuyu.model.memory's arithmetic.
 
-Only file headers are read (a few KB per shard, no tensors), so the check costs nothing next to
-loading; it runs once torch and the model package are imported anyway.
+Before a weight is read: the weights (in the dtype and quantization asked for), one row's KV cache
+at the largest prompt Fuyu can see (a 1920×1080 image) plus --max-new-tokens, that prefill's
+activations and the process itself, against the memory this process may use (MemAvailable capped
+by its cgroup; a GPU's free memory). A run that cannot fit stops with one line naming what would
+fit (exit 2), rather than being killed by the OOM killer half-way through loading.
+
+After loading: every batch is made to fit what is left (`BatchBudget`): a window of full-HD
+screenshots at --batch-size 8 runs as the batches that fit; an item that fits in no batch is a
+failed record naming the memory it needs, and the others go on.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
-# safetensors dtype → bytes per element; floating types are the ones loading casts to --dtype.
-STORED_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-                "BOOL": 1}
-FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MAX_HEADER = 100 << 20  # safetensors' own limit
+from fuyu.errors import FuyuError
+
+# Kept free after loading for what a batch needs besides its cache and activations: its
+# preprocessed patches (25 MB a full-HD image in float32), the records, allocator slack.
+BATCH_MARGIN = 256 << 20
 
 
-def read_header(path: Path) -> dict:
-    """A safetensors file's JSON header: {name: {"dtype", "shape", "data_offsets"}, ...}."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file")
-        return json.loads(f.read(size))
+def _arithmetic():
+    """fuyu.model.memory, imported when needed (it brings torch: `fuyu --help` must not pay)."""
+    from fuyu.model import memory
+
+    return memory
 
 
-def weight_bytes(ckpt: Path, dtype: str) -> int:
-    """Bytes the checkpoint's tensors take once loaded in `dtype`: floating tensors scaled from
-    their stored size, others (pre-quantized int8 weights) as stored."""
-    from fuyu.model.weights import shard_files  # the loader's own list (torch is loaded by then)
-
-    total = 0
-    for shard in shard_files(ckpt):
-        for name, info in read_header(shard).items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            stored = info["dtype"]
-            if stored in FLOATS:
-                total += (end - begin) * DTYPE_SIZES[dtype] // STORED_SIZES[stored]
-            else:
-                total += end - begin
-    return total
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
 
 
-def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """MemAvailable in bytes, or None where the kernel does not say (not Linux, no /proc)."""
+def weight_bytes(ckpt: Path, dtype: str, quantization: str | None = None) -> int:
+    return _arithmetic().weight_bytes(ckpt, dtype, quantization)
+
+
+def available_memory() -> int | None:
+    """Host memory this process may still take (fuyu.model.memory.available); tests patch this."""
+    return _arithmetic().available()
+
+
+def room_on(device: str) -> int | None:
+    """What the model may still take on `device`: a GPU's free memory, else the host's."""
+    if device.startswith("cuda"):
+        return _arithmetic().device_available(device)
+    return available_memory()
+
+
+def check_fit(ckpt: Path, name: str, cfg, dtype: str, quantization: str | None, max_new_tokens: int,
+              device: str) -> None:
+    """FuyuError (exit 2) when even one row of the largest prompt cannot fit, naming the memory
+    needed and the choices that would fit; nothing when it fits or the room is unknown."""
+    room = room_on(device)
+    if room is None:
+        return
+    arithmetic = _arithmetic()
+    tokens = arithmetic.worst_tokens(max_new_tokens)
+
+    def need(dt: str, q: str | None) -> arithmetic.Need:
+        return arithmetic.need(cfg, weight_bytes(ckpt, dt, q), 1, tokens, dt)
+
     try:
-        for line in meminfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == "MemAvailable":
-                amount, _, unit = value.strip().partition(" ")
-                return int(amount) * (1024 if unit.strip().lower() == "kb" else 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def fit_warning(name: str, needed: int, available: int | None, dtype: str) -> str | None:
-    """The one-line suggestion when `needed` bytes of weights exceed `available`, else None."""
-    if available is None or needed <= available:
-        return None
-    return (f"{name} needs ~{needed / 1e9:.1f} GB in {dtype} but only {available / 1e9:.1f} GB of "
-            "memory is available; try --quantize int8 (or int4) to fit")
-
-
-def checkpoint_fit_warning(ckpt: Path, name: str, dtype: str, available: int | None) -> str | None:
-    """fit_warning for a checkpoint folder; None when its headers cannot be read (the loader then
-    reports the real problem with the checkpoint)."""
-    if available is None or dtype not in DTYPE_SIZES:
-        return None
-    try:
-        needed = weight_bytes(ckpt, dtype)
+        asked = need(dtype, quantization)
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return fit_warning(name, needed, available, dtype)
+        return  # headers the loader will explain better
+    if arithmetic.fits(asked.total, room):
+        return
+    wide = dtype == "float32"
+    options = [("--dtype bfloat16", "bfloat16", quantization)] if wide else []
+    if quantization is None:
+        dt, flag = ("bfloat16", "--dtype bfloat16 ") if wide else (dtype, "")
+        options += [(f"{flag}--quantize int8", dt, "int8"), (f"{flag}--quantize int4", dt, "int4")]
+    elif quantization in ("int8", "8bit", "llm_int8"):
+        options.append(("--quantize int4", dtype, "int4"))
+    fitting = []
+    for flag, dt, q in options:
+        total = need(dt, q).total
+        if arithmetic.fits(total, room):
+            fitting.append(f"{flag} ({gb(total)})")
+    where = "GPU memory" if device.startswith("cuda") else "memory"
+    quant = f" with --quantize {quantization}" if quantization else ""
+    raise FuyuError(f"{name} needs {asked.describe()} in {dtype}{quant} for one image of up to "
+                    f"1920×1080 and {max_new_tokens} new tokens, but {gb(room)} of {where} is available",
+                    ("use " + " or ".join(fitting) + ", or " if fitting else "use ")
+                    + "--device-map auto --offload-folder DIR (what does not fit is read from disk)")
+
+
+@dataclass
+class BatchBudget:
+    """Whether a batch's KV cache and activations fit in what was left after loading."""
+
+    cfg: object
+    dtype: str
+    room: int | None  # bytes; None: unknown, every batch fits
+    max_new_tokens: int
+
+    @classmethod
+    def after_load(cls, model, device: str, max_new_tokens: int) -> BatchBudget:
+        room = room_on(device)
+        if room is not None:
+            room = max(0, int(room * (1 - _arithmetic().SAFETY)) - BATCH_MARGIN)
+        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        return cls(model.config, dtype, room, max_new_tokens)
+
+    def tokens(self, size: tuple[int, int] | None) -> int:
+        """Slots a row of an image of `size` (width, height; None: unknown) takes."""
+        if size is None or size == (0, 0):
+            return _arithmetic().worst_tokens(self.max_new_tokens)
+        from fuyu.preprocess.patches import image_tokens
+
+        return image_tokens(*size) + _arithmetic().PROMPT_TOKENS + self.max_new_tokens
+
+    def bytes(self, rows: int, tokens: int) -> int:
+        arithmetic = _arithmetic()
+        return (arithmetic.kv_bytes(self.cfg, rows, tokens, self.dtype)
+                + arithmetic.activation_bytes(self.cfg, rows, tokens, self.dtype))
+
+    def fits(self, rows: int, tokens: int) -> bool:
+        return self.room is None or self.bytes(rows, tokens) <= self.room
+
+    def too_big(self, tokens: int) -> str:
+        """The failed record's message for an item that fits in no batch."""
+        return (f"needs {gb(self.bytes(1, tokens))} of KV cache and activations for its "
+                f"{tokens} tokens, but {gb(self.room or 0)} is left after loading the model; use "
+                "--quantize int8 or int4, a smaller --max-new-tokens, or free memory")

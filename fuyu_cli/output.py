@@ -61,20 +61,28 @@ class TextLines:
 
 
 class CsvRows:
-    def __init__(self) -> None:
+    """A header, then one row per record: `columns` of `row(rec)` (default: a record's FIELDS)."""
+
+    def __init__(self, columns=FIELDS, row=lambda rec: rec.to_dict()) -> None:
+        self.columns, self.row = columns, row
         self.header_written = False
 
     def write(self, rec: Record) -> None:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         if not self.header_written:
-            w.writerow(FIELDS)
+            w.writerow(self.columns)
             self.header_written = True
-        d = rec.to_dict()
-        if d.get("boxes") is not None:
-            d["boxes"] = json.dumps(d["boxes"])
-        w.writerow("" if d.get(k) is None else d[k] for k in FIELDS)
+        d = self.row(rec)
+        w.writerow(_cell(d.get(k)) for k in self.columns)
         emit(buf.getvalue())
+
+
+def _cell(value) -> str:
+    """A CSV cell: empty for None, JSON for booleans and lists (true, [[1, 2, 3, 4]])."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (bool, list, dict)) else value
 
 
 STDOUT_SINKS = {"jsonl": JsonLines, "text": TextLines, "csv": CsvRows}

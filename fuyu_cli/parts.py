@@ -127,16 +127,20 @@ class Folder:
 
 # --- the fingerprint -------------------------------------------------------------------------
 
-def fingerprint(asks: list[Ask], opts: RunOptions, ckpt: Path, files: list[str]) -> dict:
+def fingerprint(asks: list[Ask], opts: RunOptions, ckpt: Path, files: list[str], fields=None) -> dict:
     """What makes two runs the same job. The model is identified by its config.json hash and its
     weight files' names and sizes (not its folder), so shards on machines with different paths agree."""
     config = (ckpt / "config.json").read_bytes()
     weights = sorted((p.name, p.stat().st_size) for p in ckpt.glob("*.safetensors"))
     listing = hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()
     gen, model, src = opts.gen, opts.model, opts.inputs
+    extra = {} if fields is None else {"fields": fields.fingerprint()}  # names, types, per page/document
+    if gen.min_score is not None:
+        extra["min_score"] = gen.min_score
     return {
         "fuyu": __version__,
-        "prompts": [{"task": a.task, "prompt": a.prompt} for a in asks],
+        "prompts": [{"task": a.task, "prompt": a.prompt, **({"field": a.field.spec()} if a.field else {})}
+                    for a in asks],  # a typed question's type is part of the job
         "model": {"folder": str(ckpt), "config_sha256": hashlib.sha256(config).hexdigest(),
                   "weights": [list(w) for w in weights]},
         "dtype": model.dtype, "quantize": model.quantize,
@@ -145,6 +149,7 @@ def fingerprint(asks: list[Ask], opts: RunOptions, ckpt: Path, files: list[str])
         "pages": {"pages": src.pages, "dpi": src.dpi, "all_frames": src.all_frames},
         "format": opts.out.format, "shard_size": opts.out.shard_size,
         "inputs": {"count": len(files), "sha256": listing},
+        **extra,
     }
 
 
@@ -194,8 +199,8 @@ class PartWriter:
     """Records of one part into a local temporary file, locked so that two processes never write
     the same part at once; `finish` moves it into the folder, then writes the marker."""
 
-    def __init__(self, folder: Folder, k: int, fmt: str):
-        self.folder, self.k, self.fmt = folder, k, fmt
+    def __init__(self, folder: Folder, k: int, fmt: str, fields=None):
+        self.folder, self.k, self.fmt, self.fields = folder, k, fmt, fields
         base = folder.path if folder.local else Path(tempfile.gettempdir())
         self.tmp = base / f".{part_name(k, fmt)}.fuyu-tmp"
         try:
@@ -214,8 +219,8 @@ class PartWriter:
 
     def write(self, rec: Record) -> None:
         rec = rec.with_path(absolute(rec.path))
-        if self.fmt == "parquet":
-            self.rows.append(rec.to_dict())
+        if self.fmt == "parquet":  # field records: a column per field (fuyu.fields.FieldSet.row)
+            self.rows.append(arrow_row(rec) if self.fields is None else self.fields.row(rec))
             return
         try:
             os.write(self.fd, (rec.to_json() + "\n").encode("utf-8"))
@@ -225,7 +230,7 @@ class PartWriter:
     def finish(self, result: PartResult) -> None:
         try:
             if self.fmt == "parquet":
-                _write_parquet(self.tmp, self.rows)
+                _write_parquet(self.tmp, self.rows, record_schema() if self.fields is None else self.fields.schema())
             os.fsync(self.fd)
         except OSError as e:
             raise OutputError(self.tmp, e) from None
@@ -251,27 +256,36 @@ def record_schema():
     import pyarrow as pa
 
     types = {k: pa.int32() for k in _PARQUET_INT}
-    types.update(seconds=pa.float64(), boxes=pa.list_(pa.list_(pa.int32())))
+    types.update(seconds=pa.float64(), score=pa.float64(), doubtful=pa.bool_(),
+                 boxes=pa.list_(pa.list_(pa.int32())))
     return pa.schema([(k, types.get(k, pa.string())) for k in FIELDS])
 
 
-def _write_parquet(path: Path, rows: list[dict]) -> None:
+def arrow_row(rec: Record) -> dict:
+    """A record as a row of record_schema(): a typed answer (a number, a boolean) as JSON text."""
+    d = rec.to_dict()
+    if "answer" in d and not isinstance(d["answer"], str):
+        d["answer"] = json.dumps(d["answer"])
+    return d
+
+
+def _write_parquet(path: Path, rows: list[dict], schema) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=record_schema())
+    table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, str(path))
 
 
 def process_part(k: int, files: list[str], asks: list[Ask], runner, folder: Folder, opts: RunOptions,
-                 on_record: Callable[[Record], None] | None = None) -> PartResult:
+                 on_record: Callable[[Record], None] | None = None, fields=None) -> PartResult:
     """Run one part's files and write the part; PartResult(skipped=True) when another process
-    holds it."""
+    holds it. fields: `runner` is fields.wrap(…)'s, writing field records."""
     from fuyu.pipeline import Tally, plan, source_options
 
     result = PartResult(k)
     try:
-        writer = PartWriter(folder, k, opts.out.format)
+        writer = PartWriter(folder, k, opts.out.format, fields)
     except PartBusy:
         result.skipped = True
         return result
@@ -321,7 +335,7 @@ def pending(folder: Folder, n_parts: int, shard: tuple[int, int] | None, overwri
     return todo, len(mine) - len(todo)
 
 
-def run_task(asks: list[Ask], opts: RunOptions, *, on_record=None) -> None:
+def run_task(asks: list[Ask], opts: RunOptions, *, on_record=None, fields=None) -> None:
     import typer
 
     from fuyu.locate import find_checkpoint
@@ -336,16 +350,16 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record=None) -> None:
         return
     ckpt = find_checkpoint(opts.model.path, download=opts.model.download, ui=ui)
     folder = Folder(out.output_dir)
-    claim(folder, fingerprint(asks, opts, ckpt, files), out.overwrite)
+    claim(folder, fingerprint(asks, opts, ckpt, files, fields), out.overwrite)
     parts = plan_parts(files, out.shard_size)
     if opts.cluster.address is not None:
         from fuyu import cluster
 
         if on_record is not None:  # bbox --draw writes next to this process, not on the workers
             raise FuyuError("--draw draws on this machine, --ray runs on the cluster", "drop one of them")
-        return cluster.run_parts(asks, opts, folder, parts, ckpt, ui)
+        return cluster.run_parts(asks, opts, folder, parts, ckpt, ui, fields)
     todo, before = pending(folder, len(parts), out.shard, out.overwrite)
-    label = asks[0].task
+    label = "fields" if fields is not None else asks[0].task
     if not todo:
         ui.note(nothing_to_do(label, before, folder))
         return
@@ -355,11 +369,13 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record=None) -> None:
 
     runner = load_runner(replace(opts.model, path=str(ckpt)), opts.gen.max_new_tokens, source_options(opts), ui)
     load_s = getattr(runner, "load_seconds", None) or 0.0
+    if fields is not None:
+        runner = fields.wrap(runner)
     results = []
     started = time.perf_counter()
     for k in todo:
         with image_warnings():
-            res = process_part(k, parts[k], asks, runner, folder, opts, on_record)
+            res = process_part(k, parts[k], asks, runner, folder, opts, on_record, fields)
         results.append(res)
         if not res.skipped:
             ui.note(part_line(label, res))

@@ -16,7 +16,7 @@ from fuyu import inputs, sources
 from fuyu.errors import ITEMS_FAILED, FuyuError, OutputError
 from fuyu.options import ModelSpec, RunOptions
 from fuyu.output import STDOUT_SINKS, Sidecars
-from fuyu.records import Ask, Item, Record, Unit, record_key
+from fuyu.records import Ask, Item, Record, Unit, record_key, resolve
 from fuyu.render import Reporter
 from fuyu.resume import OutputFile
 from fuyu.runner import Runner
@@ -47,7 +47,12 @@ class Tally:
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, rec: Record) -> None:
-        if rec.ok:
+        answers = getattr(rec, "answers", None)  # a FieldRecord (fuyu/fields.py): one per field
+        if answers is not None:
+            self.ok += len(answers)
+            self.failed += not rec.ok
+            self.tokens += rec.new_tokens or 0
+        elif rec.ok:
             self.ok += 1
             self.tokens += rec.new_tokens or 0
         else:
@@ -102,15 +107,17 @@ def _message(exc: BaseException) -> str:
     return text if isinstance(exc, (PreprocessError, FuyuError)) else f"{type(exc).__name__}: {text}"
 
 
-def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record], None] | None = None) -> None:
-    """Run `asks` over every input; exit 1 if any record failed (errors exit 2/3 by exception)."""
+def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record], None] | None = None,
+             fields=None) -> None:
+    """Run `asks` over every input; exit 1 if any record failed (errors exit 2/3 by exception).
+    fields (a fuyu.fields.FieldSet): asks are its fields, written as one record per item."""
     if opts.out.output_dir is not None:
         from fuyu import parts
 
-        return parts.run_task(asks, opts, on_record=on_record)
+        return parts.run_task(asks, opts, on_record=on_record, fields=fields)
     out = opts.out
-    if out.sidecar and len(asks) > 1:
-        raise FuyuError("--sidecar holds one answer per image, and there are several prompts",
+    if out.sidecar and (len(asks) > 1 or fields is not None):
+        raise FuyuError("--sidecar holds one answer per image, and there are several prompts or fields",
                         "use --output FILE (or --output-dir) for several questions")
     ui = Reporter(out.quiet)
     tally = Tally()
@@ -124,9 +131,14 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
         files = inputs.iter_files(opts.inputs.paths, _stdin(), found, recursive=opts.inputs.recursive,
                                   null=opts.inputs.null, is_own_sidecar=sidecars.is_own)
 
+        answered = fields.answered(outfile.dicts()) if fields is not None and outfile is not None else {}
+
         def done(item: Item, ask: Ask) -> bool:
             if out.overwrite or (outfile is None and not out.sidecar):
                 return False
+            if fields is not None:  # per field: the (item, field) answers already in --output
+                page = None if fields.per_document else item.page
+                return ask.field.name in answered.get((resolve(item.path), page), ())
             in_file = outfile is None or outfile.done(record_key(item.path, item.page, ask.task, ask.prompt))
             return in_file and (not out.sidecar or sidecars.done(item, ask))
 
@@ -139,11 +151,14 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
             return
         runner = load_runner(opts.model, opts.gen.max_new_tokens, src, ui)
         tally.load_seconds = getattr(runner, "load_seconds", None)
+        if fields is not None:
+            runner = fields.wrap(runner)
         tally.started = time.perf_counter()
-        sinks = [outfile] if outfile is not None else [STDOUT_SINKS[out.format]()]
+        stdout_sink = fields.csv_rows if fields is not None and out.format == "csv" else STDOUT_SINKS[out.format]
+        sinks = [outfile] if outfile is not None else [stdout_sink()]
         batch = opts.model.batch_size or runner.default_batch_size()
         try:
-            with ui.progress(tally, asks[0].task) as advance:
+            with ui.progress(tally, "fields" if fields is not None else asks[0].task) as advance:
                 for rec in runner.run(_chain(first, work), batch, opts.gen):
                     if rec.ok and on_record is not None:
                         try:
@@ -163,7 +178,7 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
             ui.note(f"interrupted after {tally.ok + tally.failed} records; finished results are "
                     + ("saved: rerun the same command to continue" if resumable else "above"))
             raise
-    ui.summary(asks[0].task, tally, found.summary())
+    ui.summary("fields" if fields is not None else asks[0].task, tally, found.summary())
     if tally.failed:
         raise typer.Exit(ITEMS_FAILED)
 

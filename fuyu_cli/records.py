@@ -72,6 +72,7 @@ class Ask:
     task: str
     text: str | None = None
     box: tuple[float, float, float, float] | None = None
+    field: object = None  # a fuyu.fields.Field: a named answer, typed, its decoding constrained
 
     @property
     def prompt(self) -> str:
@@ -96,8 +97,8 @@ class Unit:
 
 
 # Field order of every output; CSV columns are exactly these.
-FIELDS = ("path", "page", "pages", "id", "task", "prompt", "text", "boxes", "width", "height",
-          "prompt_tokens", "new_tokens", "seconds", "error", "path_bytes")
+FIELDS = ("path", "page", "pages", "id", "task", "prompt", "text", "answer", "boxes", "score", "doubtful",
+          "width", "height", "prompt_tokens", "new_tokens", "seconds", "error", "path_bytes")
 
 
 @dataclass
@@ -108,7 +109,12 @@ class Record:
     page: int | None = None
     pages: int | None = None
     text: str | None = None
+    answer: object = None  # a typed question's value (number, int, bool, str), parsed from text
     boxes: list[list[int]] | None = None
+    # Mean log-probability of the generated tokens (EOS included), after any constraint's
+    # renormalisation: 0 is certain, more negative is less sure.
+    score: float | None = None
+    doubtful: bool | None = None  # score below --min-score
     width: int | None = None
     height: int | None = None
     prompt_tokens: int | None = None
@@ -116,6 +122,10 @@ class Record:
     seconds: float | None = None
     error: str | None = None
     path_bytes: str | None = field(default=None)  # set by `encoded` for non-UTF-8 names
+    # Not written: a typed answer that did not parse (its reason is `error`), told apart from a
+    # failed item by fuyu/fields.py.
+    unparsed: bool = field(default=False, repr=False)
+    asked: Ask | None = field(default=None, repr=False, compare=False)  # the Ask it answers
 
     @classmethod
     def failed(cls, item: Item, ask: Ask, message: str, size=None, seconds=None) -> Record:
@@ -124,6 +134,7 @@ class Record:
         if size:
             rec.width, rec.height = size
         rec.seconds = seconds
+        rec.asked = ask
         return rec
 
     @property

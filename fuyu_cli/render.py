@@ -147,27 +147,34 @@ def benchmark_table(console: Console, res: dict) -> None:
     """`fuyu benchmark`'s card: one row per measurement (the JSON line on stdout has them all)."""
     from rich.table import Table
 
-    table = Table(title=f"fuyu benchmark — {res['model']} on {res['device']} ({res['dtype']})")
+    quant = f", {res['quantize']}" if res.get("quantize") else ""
+    table = Table(title=f"fuyu benchmark — {res['model']} on {res['device']} ({res['dtype']}{quant})")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    pre = res["prefill"]
-    rows = [("load", f"{res['load_s']:.2f} s"),
-            ("memory read bandwidth (streaming sum, median)", f"{res['bandwidth_gbs']} GB/s"),
-            ("matmul throughput (F.linear, prefill GEMMs, median)", f"{res['matmul_tflops']} TFLOP/s"),
-            ("preprocess 1920×1080", f"{res['preprocess_ms_1920x1080']} ms"),
-            ("preprocess 640×480", f"{res['preprocess_ms_640x480']} ms"),
-            (f"prefill {pre['tokens']} tokens (min/median/max)",
-             f"{pre['ms']['min']}/{pre['ms']['median']}/{pre['ms']['max']} ms"),
-            ("prefill throughput", f"{pre['tokens_per_s']} tok/s, {pre['tflops']} TFLOP/s "
-                                   f"({pre['fraction_of_matmul']:.0%} of matmul)"),
-            ("first token: preprocess + prefill + head (min/median/max)",
-             "/".join(str(res["first_token_ms"][k]) for k in ("min", "median", "max")) + " ms")]
+    rows = [("load", f"{res['load_s']:.2f} s, peak RSS {res['load_peak_rss_gb']:.2f} GB"),
+            ("memory read bandwidth (streaming sum, median)", f"{res['bandwidth_gbs']} GB/s")]
+    if "matmul_tflops" in res:
+        rows.append(("matmul throughput (F.linear, prefill GEMMs, median)", f"{res['matmul_tflops']} TFLOP/s"))
+    rows += [("preprocess 1920×1080", f"{res['preprocess_ms_1920x1080']} ms"),
+             ("preprocess 640×480", f"{res['preprocess_ms_640x480']} ms")]
+    prefills = res.get("prefill_images") or {"": res["prefill"]}
+    for name, pre in prefills.items():
+        gemm = pre.get("fraction_of_matmul", pre.get("fraction_of_gemm"))
+        rows.append((f"prefill {name} {pre['tokens']} tokens (min/median/max)".replace("  ", " "),
+                     f"{pre['ms']['min']}/{pre['ms']['median']}/{pre['ms']['max']} ms; {pre['tflops']} TFLOP/s "
+                     f"({gemm:.0%} of the GEMM rate)"))
+    if "first_token_ms" in res:
+        rows.append(("first token: preprocess + prefill + head (min/median/max)",
+                     "/".join(str(res["first_token_ms"][k]) for k in ("min", "median", "max")) + " ms"))
     for B, d in res["decode"].items():
         ms = "/".join(str(d["ms_per_step"][k]) for k in ("min", "median", "max"))
         rows.append((f"decode batch {B} (ms/step min/median/max)",
                      f"{ms}; {d['tokens_per_s']} tok/s, {d['weight_gbs']} GB/s of weights "
                      f"({d['fraction_of_bandwidth']:.0%} of {d['read_gbs']} GB/s read alongside)"))
-    rows.append(("caption run, 8 mixed images, 20 tokens", f"{res['caption_images_per_s']} images/s"))
+    if "kv_cache_bytes_per_token" in res:
+        rows.append(("KV cache per token", f"{res['kv_cache_bytes_per_token'] / 2**20:.4g} MiB"))
+    if "caption_images_per_s" in res:
+        rows.append(("caption run, 8 mixed images, 20 tokens", f"{res['caption_images_per_s']} images/s"))
     for name, r in res.get("reference", {}).items():
         if isinstance(r, dict):
             rows.append((f"vs reference {name}", f"{r['ours_s']} s vs {r['reference_s']} s: {r['speedup']}×; "

@@ -137,6 +137,18 @@ class OutputFile:
 
     # --- writing -----------------------------------------------------------------------------
 
+    def dicts(self) -> list[dict]:
+        """Every line that is a JSON object (records of any command, field records included)."""
+        out = []
+        for line in self._lines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+        return out
+
     def done(self, key: tuple) -> bool:
         return key in self.finished
 

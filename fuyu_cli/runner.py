@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
-from fuyu import sources
+from fuyu import memory, sources
 from fuyu.inputs import IDLE
 from fuyu.errors import FuyuError
 from fuyu.options import GenOptions, ModelSpec
@@ -49,6 +49,21 @@ class Runner:
         self.model, self.processor, self.device = model, processor, device
         self.sources = sources_options or sources.Options()
         self.load_seconds: float | None = None
+        self.mapped = False  # placed by a device map: accelerate moves weights, no batch budget
+        self._vocabulary = None  # fuyu.model.constrain.Vocabulary, built for the first typed answer
+
+    def grammar(self, regex: str):
+        """The compiled constraint for `regex` (once per runner); a FuyuError if it cannot be built."""
+        from fuyu.model.constrain import GrammarError, Vocabulary
+
+        if self._vocabulary is None:
+            tok = self.processor.tokenizer
+            self._vocabulary = Vocabulary(tok.token_bytes(), self.model.config.eos_token_id,
+                                          self.model.config.vocab_size)
+        try:
+            return self._vocabulary.grammar(regex)
+        except GrammarError as e:
+            raise FuyuError(str(e), "write the pattern without look-arounds, anchors or \\b") from None
 
     @classmethod
     def load(cls, spec: ModelSpec, ckpt=None, max_new_tokens: int | None = None,
@@ -68,15 +83,17 @@ class Runner:
         from fuyu.model.weights import read_config
         from fuyu.preprocess import FuyuProcessor
 
-        limit = read_config(ckpt).max_position_embeddings
+        cfg = read_config(ckpt)
+        limit = cfg.max_position_embeddings
         if max_new_tokens is not None and max_new_tokens >= limit:
             raise FuyuError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the "
                             f"model has {limit} positions in all", "use a smaller --max-new-tokens")
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         quantization = None if spec.quantize == "none" else spec.quantize
-        if device == "cpu" and quantization is None and spec.device_map is None:
-            warn_if_too_big(ckpt, spec.path or str(ckpt), dtype)
+        if spec.device_map is None:  # (a map places what fits, accelerate's way)
+            memory.check_fit(ckpt, spec.path or str(ckpt), cfg, dtype, quantization,
+                             max_new_tokens or GenOptions.max_new_tokens, device)
         processor = FuyuProcessor.from_pretrained(ckpt)
         try:
             with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
@@ -98,7 +115,15 @@ class Runner:
             device = str(model.embed_tokens.weight.device)
         runner = cls(model, processor, device, sources_options)
         runner.load_seconds = time.perf_counter() - start
+        runner.mapped = spec.device_map is not None
         return runner
+
+    def budget(self, gen: GenOptions) -> memory.BatchBudget:
+        """What a batch may take, measured now (after loading, between batches)."""
+        budget = memory.BatchBudget.after_load(self.model, self.device, gen.max_new_tokens)
+        if self.mapped:
+            budget.room = None
+        return budget
 
     def default_batch_size(self) -> int:
         return DEFAULT_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -114,7 +139,7 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyu-preprocess")
         try:
             pending = None  # the next chunk, being prepared while the model runs this one
-            for chunk in self._chunks(work, batch_size, window):
+            for chunk in self._chunks(work, batch_size, window, self.budget(gen)):
                 if isinstance(chunk, Record):
                     yield chunk
                     continue
@@ -127,8 +152,11 @@ class Runner:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _chunks(self, work, batch_size: int, window: int) -> Iterator[list[Unit] | Record]:
-        """Batches of same-size units (and pass-through records), one window at a time."""
+    def _chunks(self, work, batch_size: int, window: int,
+                budget: memory.BatchBudget) -> Iterator[list[Unit] | Record]:
+        """Batches of same-size units (and pass-through records), one window at a time, each at
+        most batch_size rows and no more than `budget` holds (a unit that fits in no batch is a
+        failed record)."""
         it = iter(work)
         while True:
             units: list[Unit] = []
@@ -152,16 +180,27 @@ class Runner:
             # Images of one prompt each fill batches across sizes (smallest first): each size is
             # prefilled on its own and the batch decodes together (fuyu.model.generate on a list).
             # Several prompts an image: same-size batches, the image's prefix shared by its prompts.
+            # Smallest first, so a batch's newest unit is its longest: the cache is rows × that.
             mixed: list[Unit] = []
             for (size, n_asks), group in sorted(groups.items(), key=lambda g: (g[0][0][0] * g[0][0][1], g[0][1])):
+                tokens = budget.tokens(size)
+                if not budget.fits(n_asks, tokens):
+                    yield from (_failure(u.item, ask, FuyuError(budget.too_big(tokens)), size or None)
+                                for u in group for ask in u.asks)
+                    continue
                 if n_asks == 1:
                     for unit in group:
+                        if mixed and not budget.fits(len(mixed) + 1, tokens):
+                            yield mixed
+                            mixed = []
                         mixed.append(unit)
                         if len(mixed) == batch_size:
                             yield mixed
                             mixed = []
                     continue
                 per_batch = max(1, batch_size // n_asks)  # all of an image's prompts run together
+                while per_batch > 1 and not budget.fits(per_batch * n_asks, tokens):
+                    per_batch -= 1
                 for i in range(0, len(group), per_batch):
                     yield group[i:i + per_batch]
             if mixed:
@@ -233,24 +272,32 @@ class Runner:
         generator = None
         if gen.seed is not None:
             generator = torch.Generator(self.device).manual_seed(gen.seed)
+        asks = [ask for p in items for ask in p.asks]
+        regexes = [None if a.field is None else a.field.regex for a in asks]
+        constraints = [None if r is None else self.grammar(r) for r in regexes]
         sampling = dict(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                        generator=generator, compile=gen.compile)
+                        generator=generator, compile=gen.compile, logprobs=True,
+                        constraints=constraints if any(c is not None for c in constraints) else None)
         if all(len(p.samples) == 1 for p in items):  # one prompt per image: a batch per image size
             sizes: dict = {}
             for s in samples:
                 sizes.setdefault(s.size, []).append(s)
             order = [s for group in sizes.values() for s in group]
             parts = [self.processor.collate(group).to(self.device) for group in sizes.values()]
-            new_ids = generate(self.model, parts, **sampling)
+            if sampling["constraints"] is not None:  # each row's grammar follows its row
+                grammar_of = {id(s): g for s, g in zip(samples, constraints)}
+                sampling["constraints"] = [grammar_of[id(s)] for s in order]
+            new_ids, logprobs = generate(self.model, parts, **sampling)
             back = {id(s): i for i, s in enumerate(order)}
-            new_ids = new_ids[[back[id(s)] for s in samples]]  # rows in the items' order again
+            rows = [back[id(s)] for s in samples]
+            new_ids, logprobs = new_ids[rows], logprobs[rows]  # rows in the items' order again
             batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         else:  # several: each image's prefix once, its prompts continuing from it
             conts, shared = self._shared_prefix(items)
-            new_ids = generate(self.model, conts, **shared, **sampling)
+            new_ids, logprobs = generate(self.model, conts, **shared, **sampling)
             # boxes() maps each row's coordinates with its image's size: the full samples' batch
             batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
-        new_ids = new_ids.cpu()
+        new_ids, logprobs = new_ids.cpu(), logprobs.cpu()
         texts = self.processor.decode(new_ids)
         # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
         boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
@@ -259,8 +306,13 @@ class Runner:
         records, row = [], 0
         for p in items:
             for ask, sample in zip(p.asks, p.samples):
+                # A typed answer keeps its text exactly as its grammar matched it.
+                typed = ask.field is not None and ask.field.regex is not None
                 rec = Record(p.unit.item.path, ask.task, ask.prompt, p.unit.item.page,
-                             p.unit.item.pages, text=texts[row].strip())
+                             p.unit.item.pages, text=texts[row] if typed else texts[row].strip())
+                rec.asked = ask
+                if typed:
+                    _parse_answer(rec, ask.field, gen.max_new_tokens)
                 if ask.task == "bbox":
                     rec.boxes = [[round(v) for v in b] for b in boxes[row]]
                 elif ask.task == "ocr":
@@ -268,6 +320,9 @@ class Runner:
                 rec.width, rec.height = p.size
                 rec.prompt_tokens = len(sample.ids)
                 rec.new_tokens = _new_tokens(new_ids[row], eos)
+                rec.score = round(float(logprobs[row, :rec.new_tokens].mean()), 6) if rec.new_tokens else None
+                if gen.min_score is not None and rec.score is not None and rec.score < gen.min_score:
+                    rec.doubtful = True
                 rec.seconds = round(p.seconds / len(p.samples) + share, 4)
                 records.append(rec)
                 row += 1
@@ -299,6 +354,17 @@ def _failure(item: Item, ask: Ask, exc: BaseException, size=None) -> Record:
     return Record.failed(item, ask, message if known else f"{type(exc).__name__}: {message}", size)
 
 
+def _parse_answer(rec: Record, field, max_new_tokens: int) -> None:
+    """rec.answer from rec.text; an answer its grammar could not finish (it ran into
+    max_new_tokens) is no value, and `error` says so (`unparsed`: the item itself was fine)."""
+    try:
+        rec.answer = field.parse(rec.text)
+    except ValueError:
+        rec.error = (f"the {field.type} answer did not finish within --max-new-tokens {max_new_tokens} "
+                     f"(it had {rec.text.strip()!r}); raise --max-new-tokens")
+        rec.unparsed = True
+
+
 def _prompt(ask: Ask) -> str | Exception:
     try:
         return ask.prompt
@@ -322,18 +388,6 @@ def _quiet_logger(name: str):
         yield
     finally:
         logger.setLevel(level)
-
-
-def warn_if_too_big(ckpt, name: str, dtype: str) -> None:
-    """One `warning:` line on stderr, before loading, when the weights at `dtype` exceed the
-    memory available: the run goes on, but int8/int4 would fit (CPU, no --quantize or map)."""
-    from fuyu import memory
-
-    message = memory.checkpoint_fit_warning(ckpt, name, dtype, memory.available_memory())
-    if message:
-        from fuyu.render import warning_line
-
-        warning_line(message)
 
 
 def check_box(box, size) -> None:
@@ -363,6 +417,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    # On CPUs without native bf16 it is emulated and slower than float32.
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    # On the CPU always 16-bit weights, never a float32 copy of the model (Fuyu-8B: 18.8 GB, not
+    # 37.6): where the CPU has no bf16 arithmetic the kernels compute in float32 over the exactly
+    # widened weights (model/kernels.py: the native GEMV, "+f32" prefills), chosen by timing.
+    return "bfloat16"
 

@@ -320,7 +320,7 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = 
             raise CheckpointError(f"{src}: already quantized ({cfg.quantization.get('method')}); "
                                   "convert from the 16-bit checkpoint")
         say(f"reading {src} (safetensors)")
-        pairs = ((_local(key, file), t) for key, file, t in iter_tensors(shard_files(src)))
+        pairs = ((_local(t.key, t.file), t.read()) for t in iter_tensors(shard_files(src)))
         extra = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
     elif src.is_file() or src.is_dir():
         pt, vocab = find_adept_files(src, Path(tokenizer) if tokenizer else None)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fuyu.model.cache import KVCache
+from fuyu.model.constrain import Constraints, Grammar
 from fuyu.model.fuyu import Fuyu
 
 
@@ -182,7 +183,8 @@ def cache_room(prompt_len: int, max_new_tokens: int, multiple: int = 256) -> int
 def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, compile: bool = False,
-             prefix: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+             prefix: KVCache | None = None, rows: torch.Tensor | None = None,
+             constraints: list[Grammar | None] | None = None, logprobs: bool = False):
     """New ids (B, N), N ≤ max_new_tokens: stops once every row has emitted EOS; rows that
     finished early are padded with EOS, as the reference's generate does.
 
@@ -192,13 +194,18 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
 
     compile: decode steps through torch.compile (CUDA graphs on GPU); same ids as eager in float32.
     prefix, rows: continue shared prefixes (see prefill).
+    constraints: per row, a fuyu.model.constrain.Grammar its answer must match, or None (free).
+    logprobs: also return (B, N) float32: each chosen id's log-probability under the model's
+    distribution (temperature 1), renormalised over the ids its row's grammar allowed — taken
+    from the logits each step computes anyway.
     """
     eos = model.config.eos_token_id if eos_id is None else eos_id
     device = _device(model)
     parts = [batch_tensors(b, device) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     B, T = sum(ids.shape[0] for ids, _, _ in parts), max(ids.shape[1] for ids, _, _ in parts)
     if max_new_tokens <= 0:
-        return parts[0][0].new_zeros(B, 0)
+        empty = parts[0][0].new_zeros(B, 0)
+        return (empty, empty.float()) if logprobs else empty
     start = 0 if prefix is None else prefix.length
     room = cache_room(start + T, max_new_tokens) if compile else max_new_tokens
     parts = [dict(input_ids=ids, attention_mask=mask, image_patches=patches) for ids, mask, patches in parts]
@@ -208,7 +215,24 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
     check = 1 if device.type == "cpu" else 8
     argmax = None if model.backend is None else model.backend.argmax
-    nxt = sample(last, temperature, top_k, top_p, generator, argmax)
+    grammars = None if constraints is None or all(g is None for g in constraints) else Constraints(constraints)
+    scores: list[torch.Tensor] = []
+
+    def choose(x: torch.Tensor) -> torch.Tensor:
+        return sample(x, temperature, top_k, top_p, generator, argmax)
+
+    def pick(step_logits: torch.Tensor) -> torch.Tensor:  # the one sampling point
+        if grammars is None:
+            ids = choose(step_logits)
+            if logprobs:
+                scores.append(token_logprobs(step_logits, ids))
+            return ids
+        ids, picked = sample_allowed(step_logits, grammars.allowed(step_logits.device), choose)
+        scores.append(picked)
+        grammars.advance(ids)
+        return ids
+
+    nxt = pick(last)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for i in range(max_new_tokens):
@@ -217,9 +241,40 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
         done |= nxt == eos
         if i == max_new_tokens - 1 or ((i + 1) % check == 0 and bool(done.all())):
             break
-        nxt = sample(step(model, cache, nxt), temperature, top_k, top_p, generator, argmax)
+        nxt = pick(step(model, cache, nxt))
     new = torch.stack(out, dim=1)
     finished = (new == eos).int().cummax(dim=1).values.all(0)  # (N,): every row done by step i
     if check > 1 and bool(finished.any()):
         new = new[:, :int(finished.int().argmax()) + 1]
-    return new
+    if not logprobs:
+        return new
+    return new, torch.stack(scores[:new.shape[1]], dim=1)
+
+
+def sample_allowed(logits: torch.Tensor, allowed: list[torch.Tensor | None], choose) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B,), their log-probabilities (B,)): row r chosen by `choose` among the ids allowed[r]
+    only (None: all), its log-probability renormalised over them. A constrained row reads only its
+    allowed logits: masking all 262,144 of every row cost 8.5 ms a step at batch 8 on the mid
+    checkpoint; this pick takes 0.5 ms there (1,263 allowed ids a row; both measured)."""
+    ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    free = [r for r, a in enumerate(allowed) if a is None]
+    if free:
+        rows = torch.tensor(free, device=logits.device)
+        sub = logits[rows]
+        ids[rows] = choose(sub)
+        picked[rows] = token_logprobs(sub, ids[rows])
+    for r, a in enumerate(allowed):
+        if a is not None:
+            x = logits[r, a].float()[None]
+            k = choose(x)
+            ids[r] = a[k[0]]
+            picked[r] = token_logprobs(x, k)[0]
+    return ids, picked
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[row, ids[row]] in float32, (B,): -inf entries (a grammar's mask) drop out.
+    log_softmax, not x[id] - logsumexp(x): torch 2.13's CPU logsumexp took 16 ms over 262,144
+    float32 logits on this AMD EPYC, log_softmax 0.3 ms (its exp is vectorised)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, None]).squeeze(1)

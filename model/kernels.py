@@ -44,34 +44,66 @@ WIDE_BLOCK = 1 << 20  # weight elements widened to float32 at a time (4 MiB)
 
 
 class PackedLinear(nn.Module):
-    """An inference-only nn.Linear for CPU whose weight is kept in oneDNN's blocked layout."""
+    """An inference-only nn.Linear for CPU whose weight is kept in oneDNN's blocked layout, as one
+    packed tensor or, for a weight too big to pack beside its plain copy (an LM head: 2 GB at 8B),
+    as packed blocks of rows made one block at a time (`from_rows`)."""
 
     kernel = "packed"
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | None = None, *, blocks: list[torch.Tensor] | None = None,
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = linear.bias
+        if linear is not None:
+            blocks, bias = [torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())], linear.bias
+        self.blocks = blocks
+        self.in_features, self.out_features = blocks[0].shape[1], sum(b.shape[0] for b in blocks)
+        self.bias = bias
+
+    @classmethod
+    def from_rows(cls, read_rows, out_features: int, rows: int, bias: torch.Tensor | None = None) -> PackedLinear:
+        """Pack a weight `rows` rows at a time from read_rows(start, stop) (a plain (stop - start, K)
+        block, e.g. read from the checkpoint): memory holds the packed weight and one plain block."""
+        blocks = [torch.ops.mkldnn._reorder_linear_weight(read_rows(i, min(i + rows, out_features)))
+                  for i in range(0, out_features, rows)]
+        return cls(blocks=blocks, bias=bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             raise RuntimeError("this Fuyu's Linear weights are packed for CPU inference; "
                                "restore plain ones first: fuyu.model.kernels.restore_plain(model)")
-        if torch.compiler.is_compiling():  # the custom op keeps a compiled graph whole
-            return _packed_linear(x, self.packed, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        op = _packed_linear if torch.compiler.is_compiling() else _linear_pointwise  # the custom
+        # op keeps a compiled graph whole
+        if len(self.blocks) == 1:
+            return op(x, self.blocks[0], self.bias)
+        outs, i = [], 0
+        for b in self.blocks:
+            outs.append(op(x, b, None if self.bias is None else self.bias[i:i + b.shape[0]]))
+            i += b.shape[0]
+        return torch.cat(outs, dim=-1)
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([b.to_dense() for b in self.blocks])
 
     def plain(self) -> nn.Linear:
-        return _linear(self.packed.to_dense(), self.bias)
+        return _linear(self.dense(), self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # state_dict() keeps nn.Linear's keys, so saving or converting a loaded model just works
-        destination[prefix + "weight"] = self.packed.to_dense()
+        destination[prefix + "weight"] = self.dense()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}"
+        blocks = f", {len(self.blocks)} blocks" if len(self.blocks) > 1 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"packed={self.blocks[0].dtype}{blocks}")
+
+
+def _linear_pointwise(x, packed, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 @torch.library.custom_op("fuyu::packed_linear", mutates_args=())
@@ -291,7 +323,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
-    linear.bias = bias
+    linear.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
     return linear
 
 
@@ -387,27 +419,28 @@ def kernel_of(module: nn.Module) -> str | None:
 
 def apply(model: nn.Module, choose) -> dict[str, str]:
     """Swap each eligible Linear for the kernel choose(name, module) names (None: leave it);
-    returns {module name: kernel}."""
+    returns {module name: kernel}. One module at a time, nothing else holding the one replaced:
+    a weight repacked (oneDNN's layout) frees its plain copy before the next is made, so memory
+    holds one weight twice at most, never the model."""
     picked = {}
-    for name, module in list(model.named_modules()):
-        if not eligible(module):
-            continue
+    for name in [n for n, m in model.named_modules() if eligible(m)]:
+        module = model.get_submodule(name)
         kernel = choose(name, module)
         if kernel is None or kernel == kernel_of(module):
             continue
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, use(module, kernel))
         picked[name] = kernel
+        del module
     return picked
 
 
 def restore_plain(model: nn.Module) -> nn.Module:
     """Undo `apply` exactly: plain nn.Linear weights (the same values), quantized modules on their
     own kernel. Returns the model, e.g. `restore_plain(model).requires_grad_(True)` to train."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SWAPPED):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, module.plain())
+    for name in [n for n, m in model.named_modules() if isinstance(m, SWAPPED)]:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_submodule(name).plain())
     return model
 
 

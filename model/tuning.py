@@ -2,11 +2,11 @@
 
 For every (module kind, dtype, shape) the candidates of model/kernels.py are timed on synthetic
 weights of that shape at decode-sized inputs (1, 2 and 8 rows: kernels.candidates) and a
-prefill-sized one (128 rows: kernels.prefill_candidates), in alternating rounds, medians. The
+prefill-sized one (512 rows: kernels.prefill_candidates), in alternating rounds, medians. The
 winner, a decode kernel and a prefill one that one module can hold together (kernels.compose),
 minimises the time of 16 decode steps at batch 1 and at batch 2 (the CLI's CPU batch), 4 at batch
 8 (a caption batch of mixed sizes, decoded together) and a 1,024-token prefill
-(16·t₁ + 16·t₂ + 4·t₈ + 8·t₁₂₈; the LM head, which generation only runs on one position per row,
+(16·t₁ + 16·t₂ + 4·t₈ + 2·t₅₁₂; the LM head, which generation only runs on one position per row,
 without the prefill term). Choices are remembered per (CPU model, torch version,
 thread count) in $XDG_CACHE_HOME/fuyu/ (default ~/.cache/fuyu/), so only the first load on a machine
 pays for the timing (about 2 s for a model's five weight shapes on a 2-core Xeon, about 2.4 s on
@@ -37,12 +37,15 @@ from fuyu.model.quantize import Int8Linear
 from fuyu.model.settings import Settings
 
 MODES = ("auto", "plain", "tune")
-ROWS = (1, 2, 8, 128)
+# The prefill size is a real prompt's (a 640×480 image is ~400 tokens): at 128 rows torch's int8
+# kernel beat the dequantized GEMM (164 vs 184 ms, 12288×4096), at 512 it is 2.5× slower (564 vs
+# 228 ms; 2-core AMD EPYC family 26 model 2), and an 8B int8 prefill of 1,090 tokens ran for minutes
+ROWS = (1, 2, 8, 512)
 PREFILL_ROWS = ROWS[-1]  # decode steps at batch 1, 2 and 8, a prefill-sized input
 # What a choice minimises: the time of 16 decode steps at batch 1 and 2, 4 at batch 8 and a
 # 1,024-token prefill. The LM head only ever sees one position per row in generation, so its
 # prefill time does not count.
-WEIGHTS = {"layer": (16, 16, 4, 8), "head": (16, 16, 4, 0)}
+WEIGHTS = {"layer": (16, 16, 4, 2), "head": (16, 16, 4, 0)}
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth timing
 # Decode-sized calls cycle through distinct weight copies adding up to more than the last-level
 # cache, so they time reads from memory, as a decode step's are; not less than this:
@@ -58,7 +61,8 @@ CACHED_BYTES = 1 << 20  # smaller weights stay in the CPU caches in use too: one
 # is slow (2-core AVX2-only AMD EPYC), for no better a choice.
 CALLS = 6
 GEMV_MIN_ELEMENTS = 1 << 24  # the compiled GEMV is for the LM head; small weights never gain
-FORMAT = 3  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings
+FORMAT = 4  # 3: native serves up to 8 rows (no longer spilling on AVX2), +f32 prefills, 8-row timings;
+# 4: prefill timed at 512 rows
 
 
 def mode(kernels_arg: str | None = None) -> str:
@@ -87,9 +91,11 @@ def cache_file() -> Path:
 def key(module: nn.Module, name: str = "") -> str:
     """What a timing is valid for: module kind, dtype, shape, bias, role (the LM head is timed
     for decoding only), torch's thread count."""
-    w = module.weight
     kind = "int8" if isinstance(module, Int8Linear) else "linear"
-    dtype = (module.scales if isinstance(module, Int8Linear) else w).dtype
+    if isinstance(module, Int8Linear):
+        dtype = module.scales.dtype
+    else:  # a plain Linear, or one a kernel serves (a packed one keeps no plain weight)
+        dtype = (module.blocks[0] if isinstance(module, kernels.PackedLinear) else module.weight).dtype
     bias = "+bias" if module.bias is not None else ""
     role = " head" if name == "lm_head" else ""
     return (f"{kind} {str(dtype).removeprefix('torch.')} {module.out_features}x{module.in_features}"
@@ -120,15 +126,61 @@ def save_choices(entries: dict, path: Path | None = None) -> None:
         pass
 
 
-def choose(model: nn.Module, kernels_arg: str | None = None, path: Path | None = None) -> dict:
-    """Time what is not yet known, swap the winners in; returns the report (see `report`)."""
+def choose(model: nn.Module, kernels_arg: str | None = None, path: Path | None = None,
+           entries: dict | None = None) -> dict:
+    """Time what is not yet known (nothing, given the `entries` time_ahead returned for this
+    model), swap the winners in; returns the report (see `report`)."""
     how = mode(kernels_arg)
     if how == "plain":
         kernels.restore_plain(model)
         return report(model, {})
-    modules = {name: m for name, m in model.named_modules()
-               if kernels.eligible(m) and not name.startswith(SKIP)}
-    entries = load_choices(path)
+    # names, not modules: a module held here would keep its plain weight alive once repacked
+    names = {name for name, m in model.named_modules() if kernels.eligible(m) and not name.startswith(SKIP)}
+    entries = _timed({name: model.get_submodule(name) for name in names}, how, path, entries)
+    kernels.apply(model, lambda name, m: entries[key(m, name)]["kernel"] if name in names else None)
+    return report(model, entries)
+
+
+def time_ahead(model: nn.Module, dtype: torch.dtype, kernels_arg: str | None = None,
+               path: Path | None = None) -> dict:
+    """The timings `choose` needs for `model`, a model on the meta device whose weights are still
+    to be read as `dtype`, taken now: the timing's synthetic weights (a few hundred MB) come and
+    go while memory is free, before the weights fill it. {} in plain mode."""
+    how = mode(kernels_arg)
+    if how == "plain":
+        return {}
+    stand_ins = {name: _stand_in(m, dtype) for name, m in model.named_modules()
+                 if type(m) in (nn.Linear, Int8Linear) and not name.startswith(SKIP)}
+    return _timed(stand_ins, how, path)
+
+
+def planned(model: nn.Module, name: str, dtype: torch.dtype, entries: dict) -> str | None:
+    """The kernel `entries` (from time_ahead) give meta-device module `name`, or None."""
+    entry = entries.get(key(_stand_in(model.get_submodule(name), dtype), name))
+    return entry and entry["kernel"]
+
+
+def _stand_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A CPU module of `module`'s kind, shape and dtype whose tensors are allocated but never
+    touched (no memory is committed): what key() and the candidates look at."""
+    N, K = module.out_features, module.in_features
+    if isinstance(module, Int8Linear):
+        m = Int8Linear(K, N, module.bias is not None)
+        m.weight, m.scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=dtype)
+        m.bias = None if module.bias is None else torch.empty(N, dtype=dtype)
+        return m
+    with torch.device("meta"):
+        m = nn.Linear(K, N, bias=module.bias is not None)
+    m.weight = nn.Parameter(torch.empty(N, K, dtype=dtype), requires_grad=False)
+    if module.bias is not None:
+        m.bias = nn.Parameter(torch.empty(N, dtype=dtype), requires_grad=False)
+    return m
+
+
+def _timed(modules: dict, how: str, path: Path | None, entries: dict | None = None) -> dict:
+    """Choices for every module's key: the given entries, the cached ones, and for the rest new
+    timings (remembered unless noisy)."""
+    entries = {**load_choices(path), **(entries or {})}
     todo = {}
     for name, m in modules.items():
         k, tune = key(m, name), how == "tune" and "gemv" in _candidates(m, True)
@@ -138,8 +190,7 @@ def choose(model: nn.Module, kernels_arg: str | None = None, path: Path | None =
         for k, (m, head) in todo.items():
             entries[k] = measure(m, tune=how == "tune", head=head)
         save_choices({k: e for k, e in entries.items() if not e.get("noisy")}, path)
-    kernels.apply(model, lambda name, m: entries[key(m, name)]["kernel"] if name in modules else None)
-    return report(model, entries)
+    return entries
 
 
 def report(model: nn.Module, entries: dict) -> dict:
@@ -148,7 +199,7 @@ def report(model: nn.Module, entries: dict) -> dict:
     out: dict = {}
     for name, kernel in kernels.in_use(model).items():
         m = model.get_submodule(name)
-        k = key(m if isinstance(m, (nn.Linear, Int8Linear)) else m.plain(), name)
+        k = key(m, name)
         row = out.setdefault(k, {"kernel": kernel, "modules": 0, "ms": entries.get(k, {}).get("ms", {})})
         row["modules"] += 1
     return out

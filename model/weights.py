@@ -1,24 +1,24 @@
 """Checkpoint loading: config.json + (sharded) safetensors in either published key layout.
 
-The model is built on the meta device and every parameter is assigned straight from the
-memory-mapped shard, one tensor at a time, so host memory never holds the model twice.
+The model is built on the meta device and every parameter is read straight into the tensor it
+becomes (model/reader.py), one tensor at a time, cast or quantized on the way: host memory holds
+the loaded model and one staging block, never a second copy of a weight.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
-from fuyu.model import backend, native, tuning
-from fuyu.model.quantize import aligned, quantizable, resolve_scheme, swap_linears
+from fuyu.model import backend, memory, native, reader, tuning
+from fuyu.model.kernels import PackedLinear
+from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 from fuyu.model.settings import Settings
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
@@ -31,6 +31,9 @@ KEY_PREFIXES = (
     ("vision_embed_tokens.", "vision_embed_tokens."),
     ("lm_head.", "lm_head."),
 )
+# A weight bigger than this whose kernel repacks it (oneDNN's layout) is packed in blocks of rows
+# as it is read, rather than after, next to a plain copy of itself (the 8B's LM head is 2.1 GB)
+PACK_BLOCK_BYTES = 256 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,18 +92,10 @@ def shard_files(ckpt: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """(checkpoint key, file, tensor) for every tensor, one shard open at a time."""
+def iter_tensors(files: list[Path]) -> Iterator[reader.StoredTensor]:
+    """Every tensor of the shards (unread: `.read(dtype, device)` reads it), in file order."""
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=device) as f:
-                for key in f.keys():
-                    yield key, file, f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise CheckpointError(f"{file}: cannot read safetensors data ({e}); the file is "
-                                  "truncated or corrupt, re-download or re-convert it") from None
+        yield from reader.tensors(file)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -134,9 +129,23 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory; pass a checkpoint directory "
                               "(config.json + *.safetensors)")
-    cfg, dtype = read_config(ckpt), resolve_dtype(dtype)
-    if device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain":
-        native.build_in_background(Settings.from_environment())  # for the kernel step at the end
+    return build(read_config(ckpt), iter_tensors(shard_files(ckpt)), device, dtype, quantization=quantization,
+                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                 kernels=kernels, where=ckpt)
+
+
+def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu",
+          dtype: torch.dtype | str = torch.bfloat16, *, quantization=None, device_map=None,
+          max_memory=None, offload_folder: str | Path | None = None, kernels: str | None = None,
+          where: str | Path = "the checkpoint") -> Fuyu:
+    """A Fuyu of `cfg` from `tensors`, the checkpoint's tensors one at a time, each not yet read
+    (reader.StoredTensor, or anything with its key, file, shape, read and read_rows: random
+    weights for a benchmark): load_pretrained's work once the files are found. `where` names the
+    source in errors."""
+    ckpt, dtype = Path(where), resolve_dtype(dtype)
+    cpu_kernels = device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain"
+    if cpu_kernels:
+        native.build_in_background(Settings.from_environment())  # for the kernel step (timed before the weights are read)
     try:
         stored = resolve_scheme(cfg.quantization)  # how the checkpoint's own tensors are quantized
     except ValueError as e:
@@ -149,6 +158,14 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     placement, quantized = _plan(model, scheme, stored_modules, device, device_map, max_memory, dtype)
     if scheme:
         swap_linears(model, scheme.make, sorted(quantized))
+    if device_map is None:
+        memory.check_weights(model, dtype, device, ckpt, dict.fromkeys(quantized, scheme.method) if scheme else None)
+    # Kernels are timed now, on synthetic weights, while memory is free; a weight whose kernel
+    # repacks it and that is too big to hold twice (the LM head) is packed as it is read.
+    entries = tuning.time_ahead(model, dtype, kernels) if cpu_kernels else None
+    pack_as_read = {name for name, m in model.named_modules()
+                    if entries and type(m) is torch.nn.Linear and m.weight.numel() * dtype.itemsize > PACK_BLOCK_BYTES
+                    and tuning.planned(model, name, dtype, entries) == "packed"}
 
     expected: dict[str, tuple[str, str]] = {}  # local tensor name → (module, piece)
     for name in shapes:
@@ -156,7 +173,8 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         pieces = stored.pieces() if module in stored_modules and leaf == "weight" else (leaf,)
         expected.update({f"{module}.{p}": (module, p) for p in pieces})
     loaded, pending, offload_index = set(), {}, {}
-    for key, file, tensor in iter_tensors(shard_files(ckpt)):
+    for entry in tensors:
+        key, file = entry.key, entry.file
         name = to_local_key(key)
         if name not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {key!r}; this is not a Fuyu "
@@ -167,47 +185,49 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
         module, piece = expected[name]
         target, source = placement.target(module), (file, key)
         if module in stored_modules and piece != "bias":  # one piece of a pre-quantized weight
-            pending.setdefault(module, {})[piece] = tensor
+            pending.setdefault(module, {})[piece] = entry.read()
             if len(pending[module]) < len(stored.pieces()):
                 continue
             pieces = pending.pop(module)
             if module in quantized:
                 _install(stored, model, module, pieces, target, dtype, file)
                 continue
-            name, tensor, source = f"{module}.weight", stored.dequantize(pieces), None  # offloaded
-        if tuple(tensor.shape) != shapes[name]:
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+            name, entry, source = f"{module}.weight", stored.dequantize(pieces), None  # offloaded
+        shape = tuple(entry.shape)
+        if shape != shapes[name]:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
                                   f"config.json implies {shapes[name]}")
         if module in quantized and piece == "weight":
-            pieces = scheme.quantize(tensor.to(target, dtype))
+            pieces = scheme.quantize(_read(entry, dtype, target))
             _install(scheme, model, module, pieces, target, dtype, file)
+            del pieces
+        elif module in pack_as_read and piece == "weight":
+            _pack_rows(model, module, entry, dtype)
         elif target == "disk":
-            _offload(name, tensor, source, dtype, offload_folder, offload_index)
+            _offload(name, entry, source, dtype, offload_folder, offload_index)
         else:
-            tensor = tensor.to(target, dtype)
-            # A memory-mapped tensor sits wherever safetensors put it (8-byte alignment): CPU kernels
-            # stream a 64-byte aligned copy ~40% faster (the 262,144 × 1024 head: 25 → 18 ms a GEMV)
-            _set_tensor(model, name, aligned(tensor) if tensor.device.type == "cpu" else tensor)
+            _set_tensor(model, name, _read(entry, dtype, target))
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{ckpt}: tensor {missing[0]!r}{more} missing from the checkpoint; "
                               "a shard is incomplete or the checkpoint does not match config.json")
     dispatch(model, placement, offload_folder, offload_index)
-    return for_inference(model, kernels, kernel_step=device_map is None)
+    return for_inference(model, kernels, kernel_step=device_map is None, timings=entries)
 
 
 def for_inference(model: Fuyu, kernels: str | None = None, kernel_step: bool = True,
-                  settings: Settings | None = None) -> Fuyu:
-    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py) and
-    the CPU backend (model/backend.py; its C kernels compile at first use, per `settings`, None:
+                  settings: Settings | None = None, timings: dict | None = None) -> Fuyu:
+    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py;
+    `timings` from tuning.time_ahead spare it timing anything) and the CPU backend
+    (model/backend.py; its C kernels compile at first use, per `settings`, None:
     Settings.from_environment()): what every loaded model goes through, random benchmark models
     included."""
     model = model.eval().requires_grad_(False)
     tuning.mode(kernels)  # a bad name fails on any device
     model.backend = backend.for_model(model, settings or Settings.from_environment())
     if kernel_step and model.embed_tokens.weight.device.type == "cpu":
-        tuning.choose(model, kernels)
+        tuning.choose(model, kernels, entries=timings)
     return model
 
 
@@ -257,6 +277,23 @@ def _offload(name: str, tensor, source, dtype, folder, index: dict) -> None:
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     offload_weight(tensor.to(dtype), name, str(folder), index)
+
+
+def _pack_rows(model: torch.nn.Module, module: str, entry: reader.StoredTensor, dtype) -> None:
+    """Module `module` as a PackedLinear made from its stored weight a block of rows at a time."""
+    parent, _, leaf = module.rpartition(".")
+    old = model.get_submodule(module)
+    rows = max(1, PACK_BLOCK_BYTES // (entry.shape[1] * dtype.itemsize))
+    packed = PackedLinear.from_rows(lambda i, j: entry.read_rows(i, j, dtype), entry.shape[0], rows,
+                                            old.bias)
+    setattr(model.get_submodule(parent), leaf, packed)
+
+
+def _read(stored: reader.StoredTensor | torch.Tensor, dtype, device) -> torch.Tensor:
+    """A stored tensor read as `dtype` on `device` (a dequantized one is a tensor already)."""
+    if isinstance(stored, torch.Tensor):
+        return stored.to(device, dtype)
+    return stored.read(dtype, device)
 
 
 def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

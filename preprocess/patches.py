@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fuyu.preprocess.image import cpu_count, strips, worker_pool
+from fuyu.preprocess.image import cpu_count, fit_size, strips, worker_pool
 
 PATCH = 30
 PATCH_DIM = PATCH * PATCH * 3  # 2700
@@ -15,6 +15,13 @@ PAD_VALUE = 1  # the reference pads with 1.0 *in uint8 units* (before rescaling)
 def grid(h: int, w: int) -> tuple[int, int]:
     """(rows, cols) of 30×30 patches covering an h×w image; the last row/column may be partial."""
     return -(-h // PATCH), -(-w // PATCH)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Tokens a width × height picture becomes: a |SPEAKER| per patch of its fit_size grid and a
+    |NEWLINE| after each row of patches (1920×1080: 36 × 65 = 2,340)."""
+    rows, cols = grid(*fit_size(height, width))
+    return rows * (cols + 1)
 
 
 def patchify(pixels: np.ndarray) -> torch.Tensor:

@@ -76,6 +76,19 @@ class Tokenizer:
         """The coordinate a "0"…"999" piece stands for, else None."""
         return self._number_of.get(int(token_id))
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id writes into an answer ("▁" as a space, a byte piece as its byte), or
+        None for the ids that are not text (<unk>, <s>, |ENDOFTEXT|, |SPEAKER|, |NEWLINE| and the
+        box/point/answer markers <0x00>…<0x04>): what a grammar over answers may choose from."""
+        special = {self.unk_id, self.bos_id, self.eos_id, self.speaker_id, self.newline_id, self.box_open_id,
+                   self.box_close_id, self.point_open_id, self.point_close_id, self.boa_id}
+        out: list[bytes | None] = []
+        for i, piece in enumerate(self.pieces):
+            m = _BYTE_PIECE.fullmatch(piece)
+            data = bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8")
+            out.append(None if i in special or not data else data)
+        return out
+
     def decode(self, ids) -> str:
         """Like the reference's decode(skip_special_tokens=True): skip <unk> and |ENDOFTEXT| only,
         "▁" -> " ", byte pieces fused (invalid UTF-8 -> one U+FFFD per byte), strip one leading space."""

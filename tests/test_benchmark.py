@@ -44,3 +44,36 @@ def test_benchmark_compare_reference_times_both_on_a_checkpoint(tmp_path):
         assert ref[case]["ours_s"] > 0 and ref[case]["reference_s"] > 0
         equal, total = map(int, ref[case]["same_tokens"].split("/"))
         assert total > 0 and equal == total  # float32 on the tiny checkpoint: the greedy ids agree
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_the_real_size_benchmark_reports_load_prefills_decode_and_the_cache(monkeypatch, quantize):
+    """What `fuyu benchmark --random 8b` reports, on the tiny model made to take the real-size path."""
+    from fuyu.benchmarks import suite
+    from tests.helpers import fuyu
+
+    monkeypatch.setattr(suite, "REAL_SIZE_BYTES", 0)
+    r = fuyu("benchmark", "--random", "tiny", "--repeats", "1", "--new-tokens", "2", "--device", "cpu",
+             "--dtype", "bfloat16", *quantize)
+    assert r.code == 0, r.err
+    res = json.loads(r.out.strip().splitlines()[-1])
+    assert res["real_size"] and res["load_s"] > 0 and 0 < res["load_peak_rss_gb"] <= res["peak_rss_gb"]
+    assert res.get("quantize") == (quantize[1] if quantize else None)
+    pre = res["prefill_images"]
+    assert pre["640x480"]["tokens"] < pre["1280x720"]["tokens"] and pre["1280x720"]["gemm_tflops"] > 0
+    assert set(res["decode"]) == {"1"} and res["decode"]["1"]["prompt_tokens"] == pre["640x480"]["tokens"]
+    assert res["kv_cache_bytes_per_token"] == 2 * 2 * 64 * 2  # 2 layers × keys and values × hidden 64 × bf16
+    assert "caption_images_per_s" not in res and "KV cache per token" in r.err
+
+
+def test_decode_bytes_count_quantized_weights_too():
+    import torch
+
+    from fuyu.benchmarks import arithmetic, workloads
+
+    dev = torch.device("cpu")
+    bf16 = workloads.random_model("tiny", dev, torch.bfloat16, 2048)
+    int8 = workloads.random_model("tiny", dev, torch.bfloat16, 2048, "int8")
+    head = 2048 * 64 * 2  # the 16-bit LM head both read
+    layers16, layers8 = arithmetic.decode_bytes(bf16) - head, arithmetic.decode_bytes(int8) - head
+    assert 0.5 < layers8 / layers16 < 0.6  # int8 weights + scales, 16-bit biases and LayerNorms

@@ -1,5 +1,5 @@
-"""--device-map / --max-memory / --offload-folder on the CLI, the CPU out-of-memory hint, and
-`fuyu convert`'s byte progress (tiny checkpoints, CPU, in-process through the real entry point)."""
+"""--device-map / --max-memory / --offload-folder on the CLI, the memory plan (will it fit, batches
+cut to fit), and `fuyu convert`'s byte progress (tiny checkpoints, CPU, in-process through the real entry point)."""
 
 from __future__ import annotations
 
@@ -166,16 +166,6 @@ def test_weight_bytes_come_from_headers_scaled_to_the_dtype(tmp_path):
     assert memory.weight_bytes(ckpt, "bfloat16") == 18_800_000_000 + 200_000_000 + 1_000_000
     assert memory.weight_bytes(ckpt, "float32") == 37_600_000_000 + 400_000_000 + 1_000_000
 
-    hint = memory.checkpoint_fit_warning(ckpt, "adept/fuyu-8b", "bfloat16", available=12_100_000_000)
-    assert hint == ("adept/fuyu-8b needs ~19.0 GB in bfloat16 but only 12.1 GB of memory is "
-                    "available; try --quantize int8 (or int4) to fit")
-    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=20_000_000_000) is None
-    assert memory.checkpoint_fit_warning(ckpt, "m", "float32", available=20_000_000_000) is not None
-    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=None) is None
-    assert memory.checkpoint_fit_warning(tmp_path, "m", "bfloat16", available=1) is None  # no shards
-    (ckpt / "model.safetensors.index.json").write_text("{not json")
-    assert memory.checkpoint_fit_warning(ckpt, "m", "bfloat16", available=1) is None  # loader's job
-
 
 def test_weight_bytes_of_a_real_tiny_checkpoint(tiny):
     from safetensors import safe_open
@@ -188,41 +178,105 @@ def test_weight_bytes_of_a_real_tiny_checkpoint(tiny):
             stored += sum(f.get_tensor(k).nbytes for k in f.keys())
     assert memory.weight_bytes(tiny, "float32") == stored  # make_checkpoint stores float32
     assert memory.weight_bytes(tiny, "bfloat16") == stored // 2
+    assert memory.weight_bytes(tiny, "bfloat16", "int4") < memory.weight_bytes(tiny, "bfloat16", "int8") < stored // 2
 
 
-def test_fit_warning_arithmetic():
-    assert memory.fit_warning("m", 18_800_000_000, 12_100_000_000, "bfloat16") == (
-        "m needs ~18.8 GB in bfloat16 but only 12.1 GB of memory is available; "
-        "try --quantize int8 (or int4) to fit")
-    assert memory.fit_warning("m", 100, 100, "bfloat16") is None
-    assert memory.fit_warning("m", 100, None, "bfloat16") is None
+def test_a_run_that_cannot_fit_stops_in_one_line_naming_what_fits(tiny, images, monkeypatch):
+    from fuyu.model import memory as plan
+    from fuyu.model.weights import read_config
 
-
-def test_available_memory_reads_meminfo(tmp_path):
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   12100000 kB\n")
-    assert memory.available_memory(meminfo) == 12_100_000 * 1024
-    meminfo.write_text("MemTotal:       24576000 kB\n")
-    assert memory.available_memory(meminfo) is None
-    assert memory.available_memory(tmp_path / "missing") is None
-
-
-def test_small_memory_run_warns_once_and_carries_on(tiny, images, plain, monkeypatch):
-    monkeypatch.setattr(memory, "available_memory", lambda: 1_000)
+    cfg, tokens = read_config(tiny), plan.worst_tokens(6)
+    f32, bf16 = (plan.need(cfg, memory.weight_bytes(tiny, dt), 1, tokens, dt).total for dt in ("float32", "bfloat16"))
+    room = int((f32 + bf16) / 2 / (1 - plan.SAFETY))  # bfloat16 fits, float32 does not
+    monkeypatch.setattr(memory, "available_memory", lambda: room)
+    loads = []
+    monkeypatch.setattr("fuyu.model.load_pretrained", lambda *a, **k: loads.append(a))
     r = fuyu("caption", *images, "-m", tiny, *FAST)
-    assert texts(r) == plain
-    warnings = [line for line in r.err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: {tiny} needs ~0.0 GB in float32 but only 0.0 GB of memory is "
-                        "available; try --quantize int8 (or int4) to fit"]
+    assert r.code == 2 and loads == [] and len(r.err.strip().splitlines()) == 1, r.err
+    assert r.err.startswith(f"error: {tiny} needs ") and "in float32" in r.err
+    assert f"{room / 1e9:.1f} GB of memory is available" in r.err
+    assert f"use --dtype bfloat16 ({bf16 / 1e9:.1f} GB)" in r.err and "--device-map auto --offload-folder" in r.err
 
 
-@pytest.mark.parametrize("args,available", [(["--quantize", "int8"], 1_000), (["--device-map", "auto"], 1_000),
-                                            ([], 10**15), ([], None)])
-def test_no_warning_when_quantized_mapped_fitting_or_unknown(args, available, tiny, images, monkeypatch):
+@pytest.mark.parametrize("args,available", [(["--device-map", "auto"], 1_000), ([], 10**15), ([], None)])
+def test_no_stop_when_mapped_fitting_or_unknown(args, available, tiny, images, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: available)
     r = fuyu("caption", images[0], "-m", tiny, *FAST, *args)
     assert r.code == 0, r.err
-    assert "warning:" not in r.err
+
+
+def test_batches_are_cut_to_what_fits_and_an_item_too_big_alone_fails_alone(tiny, tmp_path, monkeypatch):
+    from fuyu import runner
+
+    shots = [png(tmp_path / f"s{i}.png", (120, 90), (10 * i, 200, 30)) for i in range(5)]
+    big = png(tmp_path / "big.png", (1200, 900), (1, 2, 3))
+    real = memory.BatchBudget.after_load
+
+    def small(model, device, max_new_tokens):  # room for two rows of the small images, not one big
+        budget = real(model, device, max_new_tokens)
+        budget.room = budget.bytes(2, budget.tokens((120, 90)))
+        return budget
+    monkeypatch.setattr(memory.BatchBudget, "after_load", staticmethod(small))
+    sizes = []
+    real_batch = runner.Runner._generate_batch
+    monkeypatch.setattr(runner.Runner, "_generate_batch",
+                        lambda self, items, gen: (sizes.append(len(items)), real_batch(self, items, gen))[1])
+    r = fuyu("caption", *shots, big, "-m", tiny, *FAST, "--batch-size", "4")
+    recs = {Path(rec["path"]).name: rec for rec in r.records()}
+    assert r.code == 1 and sizes == [2, 2, 1], (r.code, sizes, r.err)
+    assert all("error" not in recs[f"s{i}.png"] for i in range(5))
+    assert "needs" in recs["big.png"]["error"] and "left after loading the model" in recs["big.png"]["error"]
+
+
+def test_available_memory_is_meminfo_capped_by_the_cgroup(tmp_path):
+    from fuyu.model import memory as plan
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   12100000 kB\n")
+    assert plan.meminfo_available(meminfo) == 12_100_000 * 1024
+    none = tmp_path / "no-cgroup"
+    assert plan.available(meminfo, none, tmp_path) == 12_100_000 * 1024
+    # cgroup v2: the job's own limit, less what it holds that cannot be reclaimed (page cache can)
+    root, own = tmp_path / "v2", tmp_path / "v2" / "slurm" / "job7"
+    own.mkdir(parents=True)
+    (own / "memory.max").write_text("8589934592\n")
+    (own / "memory.current").write_text(str(3 << 30))
+    (own / "memory.stat").write_text(f"anon {2 << 30}\ninactive_file {1 << 30}\n")
+    (root / "slurm" / "memory.max").write_text("max\n")
+    proc = tmp_path / "cgroup-v2"
+    proc.write_text("0::/slurm/job7\n")
+    assert plan.cgroup_room(proc, root) == (8 << 30) - (2 << 30)
+    assert plan.available(meminfo, proc, root) == (6 << 30)
+    (root / "slurm" / "memory.max").write_text(str(5 << 30))  # a tighter parent wins
+    assert plan.cgroup_room(proc, root) == (5 << 30)
+    # cgroup v1: the memory controller's hierarchy; its "unlimited" is a huge number
+    v1 = tmp_path / "v1" / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(4 << 30))
+    (v1 / "memory.usage_in_bytes").write_text(str(1 << 30))
+    proc.write_text("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    assert plan.cgroup_room(proc, tmp_path / "v1") == (3 << 30)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert plan.cgroup_room(proc, tmp_path / "v1") is None
+    meminfo.write_text("MemTotal:       24576000 kB\n")
+    assert plan.available(meminfo, proc, tmp_path / "v1") is None
+
+
+def test_the_plan_for_fuyu_8b():
+    from fuyu.model import FuyuConfig
+    from fuyu.model import memory as plan
+    from fuyu.preprocess.patches import image_tokens
+
+    cfg = FuyuConfig()  # Fuyu-8B
+    assert image_tokens(1920, 1080) == 2340 and image_tokens(3840, 2160) == 2340 and image_tokens(640, 480) == 368
+    assert plan.kv_bytes(cfg, 1, 1, "bfloat16") == 9 * 2**16  # 0.5625 MiB a token
+    assert 1.28 * 2**30 < plan.kv_bytes(cfg, 1, 2340, "bfloat16") < 1.29 * 2**30  # a full-HD screenshot
+    weights = 9_408_238_592 * 2
+    one = plan.need(cfg, weights, 1, plan.worst_tokens(64), "bfloat16")
+    assert 20.5e9 < one.total < 21.5e9 and plan.fits(one.total, 23 * 2**30)
+    assert not plan.fits(plan.need(cfg, 2 * weights, 1, 400, "float32").total, 23 * 2**30)
+    assert plan.quantized_bytes("int8", (16384, 4096), "bfloat16") == 16384 * 4096 + 16384 * 4
+    assert plan.quantized_bytes("int4", (16384, 4096), "bfloat16") == 16384 * 2048 + 32 * 16384 * 4
 
 
 # --- fuyu convert ----------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_unknown_config_keys_warn_and_unsupported_ones_fail():
 
 @pytest.mark.parametrize("how, message", [
     ("no config.json", r"config\.json: not found"),
-    ("truncated", r"model\.safetensors: cannot read safetensors data .*truncated"),
+    ("truncated", r"model\.safetensors: ends before its tensors do .*truncated"),
     ("missing tensor", r"'lm_head\.weight' missing"),
     ("extra tensor", r"model\.safetensors: unexpected tensor 'extra\.weight'"),
     ("wrong shape", r"'vision_embed_tokens\.bias' has shape \(3,\), config\.json implies \(64,\)"),

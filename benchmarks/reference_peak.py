@@ -1,0 +1,55 @@
+"""One caption through the reference (transformers 4.57.6) as its users run it, in a process of its
+own, for its load time, caption time and peak memory beside ours at real size:
+
+    /usr/bin/time -v python -m fuyu.benchmarks.reference_peak CKPT IMAGE --new-tokens 8
+    /usr/bin/time -v fuyu caption IMAGE --model CKPT --max-new-tokens 8
+
+(`Maximum resident set size` of each). The reference is the test oracle (`pip install -e .[test]`),
+imported only here; it loads with low_cpu_mem_usage=True, as its documentation advises for big
+checkpoints. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("image", type=Path)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompt", default="Generate a coco-style caption.\n")
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+    from PIL import Image
+    from transformers import AutoTokenizer, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
+
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    model = FuyuForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                            low_cpu_mem_usage=True).eval()
+    proc = FuyuProcessor(image_processor=FuyuImageProcessor(), tokenizer=AutoTokenizer.from_pretrained(args.model))
+    loaded = time.perf_counter()
+    inputs = proc(text=[args.prompt], images=[Image.open(args.image).convert("RGB")], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             do_sample=False, pad_token_id=model.config.eos_token_id)
+    done = time.perf_counter()
+    res = {"reference": transformers.__version__, "load_s": round(loaded - start, 2),
+           "caption_s": round(done - loaded, 2), "prompt_tokens": int(inputs["input_ids"].shape[1]),
+           "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1]),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
