@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from fuyu.errors import FuyuError
-from fuyu.records import Ask, Item, Record, Unit, original_path, page_id, printable, record_key, resolve
+from fuyu.records import Ask, Outcome, Record, Unit, original_path, page_id, printable, record_key, resolve
 
 TYPES = ("text", "number", "integer", "boolean", "choice", "regex")
 # JSON's number and integer grammars; booleans as the model tends to say them.
@@ -183,7 +183,7 @@ def parse_field_option(value: str) -> tuple[str, str]:
 # --- records -------------------------------------------------------------------------------------
 
 @dataclass
-class FieldRecord:
+class FieldRecord(Outcome):
     """One item (or document) with a value for each field asked of it this run. `answers[name]`
     is None when the answer did not finish (`reasons[name]` says why); a field whose item failed
     is absent and `error` says why."""
@@ -209,14 +209,6 @@ class FieldRecord:
     @property
     def prompt(self) -> str:  # what --output's compaction keys on, with path and page
         return ",".join(sorted(self.fields))
-
-    @property
-    def id(self) -> str:
-        return page_id(self.path, self.page)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
     @property
     def text(self) -> str:  # --format text

@@ -101,8 +101,21 @@ FIELDS = ("path", "page", "pages", "id", "task", "prompt", "text", "answer", "bo
           "width", "height", "prompt_tokens", "new_tokens", "seconds", "error", "path_bytes")
 
 
+class Outcome:
+    """What every output record answers the same way: its page's id, and whether it succeeded
+    (a record class with path, page and error fields)."""
+
+    @property
+    def id(self) -> str:
+        return page_id(self.path, self.page)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 @dataclass
-class Record:
+class Record(Outcome):
     path: str
     task: str
     prompt: str
@@ -136,14 +149,6 @@ class Record:
         rec.seconds = seconds
         rec.asked = ask
         return rec
-
-    @property
-    def id(self) -> str:
-        return page_id(self.path, self.page)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
     def key(self) -> tuple:
         """Resume key: the same (file, page, task, prompt) is done once, whatever the working

@@ -102,3 +102,22 @@ def cli_env(**extra) -> dict:
 
 def fuyu_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "fuyu", *map(str, args)]
+
+
+def kill_after_lines(cmd: list[str], out: Path, lines: int, timeout: float = 120) -> int:
+    """Run cmd, SIGKILL it once `out` holds `lines` lines (or it exits), and return how many it
+    holds then: an interrupted run, for the exactly-once tests."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    return out.read_bytes().count(b"\n")

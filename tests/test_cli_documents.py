@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.documents import encrypted_pdf, write_pdf, write_tiff
-from tests.helpers import cli_env, fuyu, fuyu_cmd, png
+from tests.helpers import cli_env, fuyu, fuyu_cmd, kill_after_lines, png
 
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6"]
 
@@ -124,16 +122,8 @@ def test_sigkill_with_pages_and_questions_then_rerun_gives_every_triple_once(tin
     out = tmp_path / "answers.jsonl"
     cmd = fuyu_cmd("ask", d, "-q", "Total?", "-q", "Date?", "-m", tiny_model, "--dtype", "float32",
                    "--max-new-tokens", "24", "-b", "2", "-o", out)
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = out.read_bytes().count(b"\n")
-    assert proc.returncode == -signal.SIGKILL and 4 <= done < 22, done
+    done = kill_after_lines(cmd, out, 4)
+    assert 4 <= done < 22, done
     rerun = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     keys = [(x["path"], x.get("page"), x["prompt"]) for x in map(json.loads, out.read_text().splitlines())]

@@ -7,15 +7,13 @@ import csv
 import io
 import json
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
 from tests.documents import write_pdf
-from tests.helpers import cli_env, fuyu, fuyu_cmd, png
+from tests.helpers import cli_env, fuyu, fuyu_cmd, kill_after_lines, png
 
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "10"]
 FIELDS = [
@@ -320,16 +318,8 @@ def test_sigkill_then_rerun_leaves_every_item_and_field_once(tiny_model, tmp_pat
     fields = _fields_file(tmp_path, FIELDS[:2] + FIELDS[5:])
     cmd = fuyu_cmd("ask", d, "--fields", fields, "-m", tiny_model, "--dtype", "float32",
                    "--max-new-tokens", "24", "-b", "2", "-o", out)
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = out.read_bytes().count(b"\n")
-    assert proc.returncode == -signal.SIGKILL and 2 <= done < 11, done
+    done = kill_after_lines(cmd, out, 2)
+    assert 2 <= done < 11, done
     rerun = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
