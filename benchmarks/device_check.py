@@ -37,7 +37,7 @@ from fuyu.model.generate import cache_room, stepper
 from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import PLAIN_IDS, make_checkpoint
 
-FUYU_IDS = dict(pad=0, bos=1, speaker=71011, newline=71019, eos=71013, boa=71122)  # fuyu-spec §3
+FUYU_IDS = dict(pad=0, bos=1, speaker=71011, newline=71019, eos=71013, boa=71122)  # the hub tokenizer's special ids
 
 
 def sync(device: torch.device) -> None:

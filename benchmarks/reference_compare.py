@@ -51,7 +51,7 @@ def compare_reference(model_dir: Path, net, proc, dtype, device, photo, files, p
         position = {id(item): i for i, item in enumerate(images)}
         rows = [one_batch[[position[id(item)] for item in group]] for group in groups]
         same_one_batch = _same_tokens(mine, rows)  # the reference's padded batch rounds otherwise
-        ref.set_attn_implementation("eager")  # the reference maths per fuyu-spec §6.3, untimed
+        ref.set_attn_implementation("eager")  # the reference's plain (eager) attention maths, untimed
         same_eager = _same_tokens(mine, [theirs(group) for group in groups])
         ref.set_attn_implementation(default_attention)
         a, b = [], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 
-# Exit codes (README "Exit codes"); 141 (128 + SIGPIPE) when stdout's reader goes away is the
+# Exit codes (docs/cli.md "Exit codes"); 141 (128 + SIGPIPE) when stdout's reader goes away is the
 # shell's own convention, produced by dying of SIGPIPE rather than by a code of ours.
 OK = 0
 ITEMS_FAILED = 1  # some items failed; the others are done

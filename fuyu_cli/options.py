@@ -232,8 +232,8 @@ SHARED = [
     Shared("compile", Annotated[bool, typer.Option(
         "--compile", metavar=FLAG, rich_help_panel=GEN,
         help="torch.compile the decode step (CUDA graphs on a GPU); the first batch pays ~20-60 s "
-             "of compiling. On CPU it pays back on long runs only (steps ~12% faster on an AMD "
-             "EPYC); `fuyu benchmark --compile` measures it on yours.")], False),
+             "of compiling. On CPU it pays back on long runs only, if at all; `fuyu benchmark "
+             "--compile` measures it on yours.")], False),
     Shared("min_score", Annotated[Optional[float], typer.Option(
         "--min-score", max=0.0, metavar="X", show_default=False, rich_help_panel=GEN,
         help="Mark answers whose score (mean log-probability of their tokens, ≤ 0) is below X as "

@@ -1,5 +1,5 @@
 """Where records go on one machine: stdout (JSON lines, text or CSV), an --output file
-(fuyu/resume.py), sidecar files next to the images. --output-dir parts are fuyu/parts.py.
+(fuyu_cli/resume.py), sidecar files next to the images. --output-dir parts are fuyu_cli/parts.py.
 
 Every sink writes one record at a time and flushes it, so a killed run loses at most the record
 being written. stdout is looked up on each write (Rich may redirect it above a progress bar).

@@ -76,7 +76,7 @@ class Ask:
 
     @property
     def prompt(self) -> str:
-        """The text given to the processor, from the model card's prompts (fuyu-spec §5.6)."""
+        """The text given to the processor, from the model card's prompts."""
         from fuyu.preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
 
         if self.task == "ocr":

@@ -3,7 +3,7 @@
 Slots fill left to right, all rows at once. A row's left padding (or the padding between a shared
 image prefix and its continuation) is a slot that is never valid, so it is never attended to. The
 rotary position of a token is kept apart from its slot: positions count only a row's real tokens
-(fuyu-spec §6.5), slots count everything written.
+(padding takes no position, as in the reference), slots count everything written.
 
 Two phases:
 - prefill (`append`): T tokens at host-known slots; attention reads the slots written so far;

@@ -22,7 +22,8 @@ _BOOKKEEPING = {
     "rope_scaling", "rope_parameters", "quantization_config",
 }
 # Persimmon's own defaults: the hub config's `text_config: {"model_type": "persimmon"}` builds the
-# language model from these, not from the top-level numbers (fuyu-spec.md §2.2).
+# language model from these, not from the top-level numbers (as the reference's
+# FuyuConfig does).
 _PERSIMMON_DEFAULTS = dict(
     vocab_size=262144, hidden_size=4096, intermediate_size=16384, num_hidden_layers=36,
     num_attention_heads=64, hidden_act="relu2", max_position_embeddings=16384,

@@ -27,7 +27,7 @@ from fuyu.model.fuyu import Fuyu
 from fuyu.model.quantize import quantizable, resolve_scheme, scheme_config
 from fuyu.model.weights import iter_tensors, read_config, resolve_dtype, shard_files, to_hub_key, to_local_key
 
-# Megatron name → hub name, substring replacements applied in this order (fuyu-spec.md §9).
+# Megatron name → hub name, substring replacements applied in this order.
 ADEPT_RENAMES = (
     ("self_attention", "self_attn"),
     ("language_model.encoder", "language_model.model"),
@@ -39,10 +39,10 @@ ADEPT_DROPPED = ("rotary_emb.inv_freq", "image_patch_projection", "image_patch_p
                  "image_patch_projection.bias")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json")
-PREPROCESSOR_CONFIG = {  # fuyu-spec.md §1.4
+PREPROCESSOR_CONFIG = {  # as the hub preprocessor_config.json
     "image_processor_type": "FuyuImageProcessor", "padding_mode": "constant", "padding_value": 1.0,
     "processor_class": "FuyuProcessor", "target_height": 1080, "target_width": 1920}
-TOKENIZER_CONFIG = {  # fuyu-spec.md §3.1, for a tokenizer.model taken from Adept's release
+TOKENIZER_CONFIG = {  # as the hub's, for a tokenizer.model taken from Adept's release
     "tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "|ENDOFTEXT|",
     "eos_token": "|ENDOFTEXT|", "unk_token": "<unk>", "pad_token": None,
     "additional_special_tokens": ["<unk>", "|ENDOFTEXT|"], "clean_up_tokenization_spaces": False,
@@ -141,7 +141,7 @@ def adept_config(sd: Mapping[str, torch.Tensor], args, tokenizer: Path | None) -
 
 
 def tokenizer_json(spm_model: Path) -> bytes:
-    """tokenizer.json for a sentencepiece Unigram model, built as the hub's (fuyu-spec.md §3.1):
+    """tokenizer.json for a sentencepiece Unigram model, built as the hub's:
     same pieces and scores, Prepend("▁") normalizer, byte fallback, |ENDOFTEXT| prepended."""
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors

@@ -4,7 +4,8 @@ Differs from Llama in: LayerNorm (with bias) instead of RMSNorm; fused QKV with 
 per-head interleaved [q_h | k_h | v_h] row order; LayerNorm over the head dim of q and k (one per
 layer, shared by all heads); rotary on the first half of each head only (rotate-half pairing,
 base 25000); squared-ReLU MLP with biases; untied LM head; no vision encoder at all.
-See fuyu-spec.md §6.
+The reference is transformers 4.57.6's Fuyu and Persimmon code:
+https://github.com/huggingface/transformers/tree/v4.57.6/src/transformers/models/fuyu
 
 Numerics with 16-bit weights: the residual stream, the LayerNorms and rotary run in float32 and
 each matmul's input is rounded once to the weights' dtype. The reference rounds after every one of

@@ -22,7 +22,8 @@ from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 from fuyu.model.settings import Settings
 
 # Checkpoint key prefix → our module prefix. Hub layout (transformers ≤4.51 module tree, what
-# adept/fuyu-8b ships) and the module layout transformers ≥4.52 writes (fuyu-spec.md §8).
+# adept/fuyu-8b ships) and the module layout transformers ≥4.52 writes
+# (model.language_model.*).
 KEY_PREFIXES = (
     ("language_model.model.", ""),
     ("language_model.lm_head.", "lm_head."),

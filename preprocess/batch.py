@@ -1,4 +1,4 @@
-"""One prepared sample, and the left-padded batch the model consumes (fuyu-spec §5.4)."""
+"""One prepared sample, and the left-padded batch the model consumes, padded with id 0 on the left as the reference does."""
 
 from __future__ import annotations
 

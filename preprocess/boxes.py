@@ -1,7 +1,7 @@
 """Box and point coordinates, both directions between image pixels and the model's number tokens.
 
 The model speaks in half-resolution coordinates of the *resized* image, one "0"…"999" token each:
-pixels -> tokens is ÷2, × scale, round half to even (fuyu-spec §5.3); tokens -> pixels is ×2 ÷ scale.
+pixels -> tokens is ÷2, × scale, round half to even (as the reference); tokens -> pixels is ×2 ÷ scale.
 """
 
 from __future__ import annotations

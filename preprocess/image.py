@@ -1,4 +1,4 @@
-"""Images in, upright uint8 RGB pixels out, resized exactly as the reference does (fuyu-spec §4.2).
+"""Images in, upright uint8 RGB pixels out, resized exactly as the reference does.
 
 Real-world files are made safe here: EXIF orientation, every PIL mode, transparency on white,
 and one-line ImageErrors for files that cannot be read.

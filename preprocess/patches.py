@@ -1,4 +1,4 @@
-"""uint8 pixels -> normalised 30×30 patches, and the image's placeholder token ids (fuyu-spec §4.3)."""
+"""uint8 pixels -> normalised 30×30 patches, and the image's placeholder token ids."""
 
 from __future__ import annotations
 

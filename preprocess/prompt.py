@@ -1,4 +1,4 @@
-"""Task prompts (model-card wording) and prompt -> ids with <box>/<point> rewriting (fuyu-spec §5.3)."""
+"""Task prompts (model-card wording) and prompt -> ids with <box>/<point> rewriting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fuyu.preprocess.errors import PromptError
 from fuyu.preprocess.tokenizer import Tokenizer
 
 # "\n" is a real newline, as on the model card (the HF tests spell it as backslash-n, which
-# tokenises differently: fuyu-spec §5.6).
+# tokenises differently).
 TASK_PROMPTS = {
     "caption": "Generate a coco-style caption.\n",
     "ask": "{question}\n",

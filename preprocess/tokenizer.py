@@ -1,6 +1,6 @@
 """Fuyu's tokenizer: encode prompt fragments, decode generated ids, special ids looked up by piece.
 
-Encoding must equal the reference's tokenizer.json (fuyu-spec §3.1): a Unigram model whose
+Encoding must equal the reference's tokenizer.json: a Unigram model whose
 normalizer prepends "▁" and maps " " to "▁", with byte fallback. sentencepiece on tokenizer.model
 does the same when its normalizer is identity with a dummy prefix; `from_dir` checks that and
 otherwise builds the equivalent Unigram from the same pieces with the `tokenizers` library.
@@ -29,7 +29,7 @@ SPECIAL_PIECES = {
 class Tokenizer:
     """encode(text) -> ids (each call starts with "▁"); decode(ids) -> text; named special ids."""
 
-    pad_id = 0  # the reference pads with a literal 0 (= <unk>), fuyu-spec §5.4
+    pad_id = 0  # the reference pads with a literal 0 (= <unk>)
 
     def __init__(self, encode: Callable[[str], list[int]], pieces: list[str], source: str):
         self._encode = encode

@@ -19,7 +19,7 @@ from fuyu.testing.tokenizer import special_ids, vocab_size, write_tokenizer
 
 
 def megatron_key(name: str) -> str:
-    """Our parameter name → Adept's original Megatron name (fuyu-spec.md §9), written out by hand."""
+    """Our parameter name → Adept's original Megatron name, written out by hand."""
     if name.startswith("embed_tokens."):
         return "language_model.embedding.word_embeddings." + name.split(".", 1)[1]
     if name.startswith("lm_head."):

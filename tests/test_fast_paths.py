@@ -171,7 +171,7 @@ def test_rotary_rounds_like_the_reference_formula():
     cos, sin = rotary_tables(7 * 37, 32, 25000.0, "cpu")
     pos = torch.arange(7).expand(2, 7) * 37
     cos, sin = cos[pos][:, None], sin[pos][:, None]
-    # fuyu-spec §6.3: x_rot·cos + rotate_half(x_rot)·sin with cos/sin over all 32 rotary dims
+    # the reference's rotary: x_rot·cos + rotate_half(x_rot)·sin with cos/sin over all 32 rotary dims
     c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     rot, rest = x[..., :32], x[..., 32:]
     rotate_half = torch.cat((-rot[..., 16:], rot[..., :16]), -1)

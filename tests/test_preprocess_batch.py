@@ -1,4 +1,4 @@
-"""Patches, sequence layout (fuyu-spec §4.3, §5.2, §10.2), batching, decoding and package hygiene."""
+"""Patches, sequence layout, batching, decoding and package hygiene."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def image(h: int, w: int, seed: int = 0) -> Image.Image:
 
 
 def reference_normalise(v: np.ndarray) -> np.ndarray:
-    """fuyu-spec §4.2 step 6: float32(u8 × (1/255)) in float64, then (x − 0.5) / 0.5 in float32."""
+    """The reference's normalisation: float32(u8 × (1/255)) in float64, then (x − 0.5) / 0.5 in float32."""
     x = (v.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (x - np.float32(0.5)) / np.float32(0.5)
 

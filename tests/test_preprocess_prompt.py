@@ -58,7 +58,7 @@ def test_unterminated_box_still_encodes_like_the_reference(tok):
 
 
 def test_known_keyerror_case_is_a_prompt_error(proc):
-    # fuyu-spec §5.3: on a 1280×1080 (h×w) image 4233 -> 1786, which has no token: the reference raises KeyError.
+    # On a 1280×1080 (h×w) image 4233 -> 1786, which has no token: the reference raises KeyError.
     with pytest.raises(PromptError, match=r"4233 becomes 1786.*outside the model's 0…999"):
         proc(images=[image(1280, 1080)], prompts=["<box>1000, 1010, 2000, 4233</box>"])
 

@@ -1,7 +1,7 @@
 """A tiny Fuyu-shaped tokenizer, built in-process for tests (no hub, no binary fixtures).
 
 `write_tokenizer(dir)` writes tokenizer.model (sentencepiece), tokenizer.json (HF tokenizers, the
-real file's structure: fuyu-spec §3.1), tokenizer_config.json, special_tokens_map.json and
+real file's structure: a Unigram model with byte fallback), tokenizer_config.json, special_tokens_map.json and
 preprocessor_config.json. Ids differ from the real 262144-piece vocab; everything that matters
 ("▁", "|SPEAKER|", "|NEWLINE|", "|ENDOFTEXT|", "<s>", "<0x00>"…"<0x04>", "0"…"999") exists as a
 piece, so code that looks ids up by piece works on both.
@@ -116,7 +116,7 @@ def _json(obj) -> bytes:
     return json.dumps(obj, indent=2).encode()
 
 
-_TOKENIZER_CONFIG = {  # fuyu-spec §3.1 (current hub file)
+_TOKENIZER_CONFIG = {  # as the current hub tokenizer_config.json
     "tokenizer_class": "LlamaTokenizer",
     "legacy": True,
     "bos_token": "|ENDOFTEXT|",
@@ -135,7 +135,7 @@ _SPECIAL_TOKENS_MAP = {
     "unk_token": "<unk>",
     "additional_special_tokens": ["<unk>", "|ENDOFTEXT|"],
 }
-_PREPROCESSOR_CONFIG = {  # fuyu-spec §1.4
+_PREPROCESSOR_CONFIG = {  # as the hub preprocessor_config.json
     "image_processor_type": "FuyuImageProcessor",
     "padding_mode": "constant",
     "padding_value": 1.0,
@@ -167,6 +167,6 @@ def special_ids(dir: Path | None = None) -> dict[str, int]:
     """{"speaker", "newline", "eos", "bos", "boa", "box_open", ..., "pad", "unk", "space", "number_0"}."""
     index = {piece: i for i, piece in enumerate(_pieces(dir))}
     ids = {name: index[piece] for name, piece in SPECIAL_PIECES.items()}
-    ids["pad"] = 0  # the processor pads with id 0 (= <unk>), fuyu-spec §5.4
+    ids["pad"] = 0  # the processor pads with id 0 (= <unk>), as the reference does
     ids["number_0"] = index["0"]  # "0"…"999" are contiguous: id("n") = number_0 + n
     return ids

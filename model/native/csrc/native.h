@@ -1,6 +1,6 @@
 /* The library's exported functions: the one table of their signatures.
 
-   native.c includes it, so the compiler checks every definition against it; model/native.py
+   native.c includes it, so the compiler checks every definition against it; model/native/build.py
    reads it to make the ctypes bindings (a pointer becomes c_void_p, int64_t c_int64, int and
    dtype c_int, float c_float; void: no result) and the dtype codes. One prototype per line, as
    it is here. */
