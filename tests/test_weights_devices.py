@@ -32,6 +32,13 @@ def in_memory(ckpt, batch):
         return logits(model, batch), generate(model, batch, 6, eos_id=-1)
 
 
+def same_logits(got, want):
+    """float32 logits within the fidelity contract's 1e-4: weights read back from disk by accelerate
+    sit at other addresses than the loader's, and oneDNN's GEMMs may round them in another order
+    (3.9e-6 apart on a 2-core AMD EPYC family 26 model 2; equal on other runs and CPUs)."""
+    assert (got - want).abs().max().item() <= 1e-4
+
+
 def on_disk(model) -> set[str]:
     return {name.rsplit(".", 2)[0] for name, p in model.named_parameters() if p.device.type == "meta"}
 
@@ -42,7 +49,7 @@ def test_auto_map_with_disk_offload_gives_the_in_memory_logits(ckpt, batch, in_m
     offloaded = on_disk(model)
     assert offloaded and not any(name.startswith(PINNED) for name in offloaded)
     with torch.no_grad():
-        assert torch.equal(logits(model, batch), in_memory[0])
+        same_logits(logits(model, batch), in_memory[0])
     assert torch.equal(generate(model, batch, 6, eos_id=-1), in_memory[1])
     assert not any(tmp_path.iterdir())  # 16-bit tensors are read from the checkpoint's own shards
 
@@ -53,7 +60,7 @@ def test_explicit_map_of_layer_ranges(ckpt, batch, in_memory):
     model = load_pretrained(ckpt, dtype=torch.float32, device_map=dm)
     assert {n.split(".")[1] for n in on_disk(model) if n.startswith("layers.")} == {"2", "3"}
     with torch.no_grad():
-        assert torch.equal(logits(model, batch), in_memory[0])
+        same_logits(logits(model, batch), in_memory[0])
 
 
 def test_map_that_leaves_a_module_out_or_offloads_a_pinned_one_is_refused(ckpt):
