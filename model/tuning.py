@@ -149,9 +149,11 @@ def time_ahead(model: nn.Module, dtype: torch.dtype, kernels_arg: str | None = N
     how = mode(kernels_arg)
     if how == "plain":
         return {}
-    stand_ins = {name: _stand_in(m, dtype) for name, m in model.named_modules()
-                 if type(m) in (nn.Linear, Int8Linear) and not name.startswith(SKIP)}
-    return _timed(stand_ins, how, path)
+    shapes = {}  # one module of each kind, shape and role: what a timing is keyed by
+    for name, m in model.named_modules():
+        if type(m) in (nn.Linear, Int8Linear) and not name.startswith(SKIP):
+            shapes.setdefault((type(m), m.out_features, m.in_features, m.bias is not None, name == "lm_head"), name)
+    return _timed({name: _stand_in(model.get_submodule(name), dtype) for name in shapes.values()}, how, path)
 
 
 def planned(model: nn.Module, name: str, dtype: torch.dtype, entries: dict) -> str | None:

@@ -87,6 +87,15 @@ def write_pdf(path: Path, n_pages: int = 3) -> Path:
     return path
 
 
+def write_mixed_folder(d: Path) -> Path:
+    """A folder of a 3-page PDF (a.pdf) and eight small PNGs of different widths: 11 items,
+    enough for a run to be interrupted half-way (the exactly-once tests)."""
+    write_pdf(d / "a.pdf", 3)
+    for i in range(8):
+        Image.new("RGB", (60 + i, 40), (200, 30, 30)).save(d / f"img{i}.png")
+    return d
+
+
 def write_tiff(path: Path, sizes=((120, 90), (90, 120), (60, 60))) -> Path:
     """A multi-page TIFF, one frame per size, each a different colour."""
     frames = [Image.new("RGB", size, (40 * i, 200 - 50 * i, 90)) for i, size in enumerate(sizes)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.documents import encrypted_pdf, write_pdf, write_tiff
+from tests.documents import encrypted_pdf, write_mixed_folder, write_pdf, write_tiff
 from tests.helpers import cli_env, fuyu, fuyu_cmd, kill_after_lines, png
 
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6"]
@@ -115,10 +115,7 @@ def test_resume_holds_from_another_working_directory(tiny_model, tmp_path, monke
 
 
 def test_sigkill_with_pages_and_questions_then_rerun_gives_every_triple_once(tiny_model, tmp_path):
-    d = tmp_path / "docs"
-    write_pdf(d / "a.pdf", 3)
-    for i in range(8):
-        png(d / f"img{i}.png", (60 + i, 40))
+    d = write_mixed_folder(tmp_path / "docs")
     out = tmp_path / "answers.jsonl"
     cmd = fuyu_cmd("ask", d, "-q", "Total?", "-q", "Date?", "-m", tiny_model, "--dtype", "float32",
                    "--max-new-tokens", "24", "-b", "2", "-o", out)

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.documents import write_pdf
+from tests.documents import write_mixed_folder, write_pdf
 from tests.helpers import cli_env, fuyu, fuyu_cmd, kill_after_lines, png
 
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "10"]
@@ -310,10 +310,7 @@ def test_a_rerun_with_one_more_field_computes_only_that_field(tiny_model, tmp_pa
 
 
 def test_sigkill_then_rerun_leaves_every_item_and_field_once(tiny_model, tmp_path):
-    d = tmp_path / "docs"
-    write_pdf(d / "a.pdf", 3)
-    for i in range(8):
-        png(d / f"img{i}.png", (60 + i, 40))
+    d = write_mixed_folder(tmp_path / "docs")
     out = tmp_path / "fields.jsonl"
     fields = _fields_file(tmp_path, FIELDS[:2] + FIELDS[5:])
     cmd = fuyu_cmd("ask", d, "--fields", fields, "-m", tiny_model, "--dtype", "float32",
