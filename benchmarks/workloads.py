@@ -76,11 +76,11 @@ def random_model(size: str, device: torch.device, dtype: torch.dtype, vocab: int
 
 
 def load(model_dir: Path | None, size: str, device: torch.device, dtype: torch.dtype,
-         quantization: str | None = None):
-    """(model, processor): a checkpoint through load_pretrained, as the caption command loads it,
-    or random weights of a named size."""
+         quantization: str | None = None, config=None):
+    """(model, processor): a checkpoint through load_pretrained, as the caption command loads it
+    (config: its config.json, when read already), or random weights of a named size."""
     if model_dir is not None:
-        return (load_pretrained(model_dir, device, dtype, quantization=quantization),
+        return (load_pretrained(model_dir, device, dtype, quantization=quantization, config=config),
                 FuyuProcessor.from_pretrained(model_dir))
     tok = synthetic_tokenizer()
     vocab = 262144 if size != "tiny" else 2048

@@ -99,7 +99,8 @@ class Runner:
             with _quiet_logger("accelerate.big_modeling"):  # "parameters on the meta device…": expected
                 model = load_pretrained(ckpt, device=device, dtype=getattr(torch, dtype),
                                         quantization=quantization, device_map=spec.device_map,
-                                        max_memory=spec.max_memory, offload_folder=spec.offload_folder)
+                                        max_memory=spec.max_memory, offload_folder=spec.offload_folder,
+                                        config=cfg)
         except CheckpointError:
             raise
         except ValueError as e:  # a map naming no module, a pinned module offloaded, too little memory

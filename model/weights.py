@@ -110,7 +110,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str = torch.bfloat16, *, quantization=None,
                     device_map=None, max_memory=None, offload_folder: str | Path | None = None,
-                    kernels: str | None = None) -> Fuyu:
+                    kernels: str | None = None, config: FuyuConfig | None = None) -> Fuyu:
     """Load a checkpoint directory into an eval-mode Fuyu on `device`, weights cast to `dtype`.
 
     quantization: None, "int8"/"int4" (torch) or "8bit"/"4bit"/"nf4"/"fp4" (bitsandbytes), applied
@@ -125,12 +125,15 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     once per machine (unless kernels="plain"), and the CPU backend's C kernels compile into it at
     their first use (model/native, once per machine, with $CC; FUYU_NATIVE=0 keeps the compiler
     off). model/settings.py reads those variables.
+    config: the checkpoint's config.json as read_config(ckpt_dir) returned it, for a caller that
+    read it already (the CLI checks memory with it first); None reads it here.
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory; pass a checkpoint directory "
                               "(config.json + *.safetensors)")
-    return build(read_config(ckpt), iter_tensors(shard_files(ckpt)), device, dtype, quantization=quantization,
+    cfg = read_config(ckpt) if config is None else config
+    return build(cfg, iter_tensors(shard_files(ckpt)), device, dtype, quantization=quantization,
                  device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                  kernels=kernels, where=ckpt)
 

@@ -147,6 +147,19 @@ def runner(tiny_model):
     return Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
 
 
+def test_loading_reads_config_json_once(tiny_model, monkeypatch):
+    # The memory check and the loader take the one FuyuConfig Runner.load read.
+    from fuyu.model import weights
+    from fuyu.options import ModelSpec
+    from fuyu.runner import Runner
+
+    reads = []
+    real = weights.read_config
+    monkeypatch.setattr(weights, "read_config", lambda ckpt: reads.append(ckpt) or real(ckpt))
+    Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
+    assert reads == [tiny_model]
+
+
 def units(paths, *asks):
     from fuyu.records import Ask, Item, Unit
 

@@ -73,13 +73,15 @@ def benchmark(
                  "threads": n_threads}
     if quantize is not None:
         res["quantize"] = quantize
+    config = None  # read once: the memory check and the loader share it
     if model is not None and dev.type in ("cpu", "cuda"):
         from fuyu import memory
         from fuyu.model.weights import read_config
 
-        memory.check_fit(model, str(model), read_config(model), res["dtype"], quantize, new_tokens, str(dev))
+        config = read_config(model)
+        memory.check_fit(model, str(model), config, res["dtype"], quantize, new_tokens, str(dev))
     start = time.perf_counter()
-    net, proc = workloads.load(model, random or "", dev, dt, quantize)  # load_pretrained + the kernel step
+    net, proc = workloads.load(model, random or "", dev, dt, quantize, config)  # load_pretrained + the kernel step
     res["load_s"] = round(time.perf_counter() - start, 3)
     res["load_peak_rss_gb"] = workloads.peak_memory(dev)["peak_rss_gb"]
     res["kernels"] = suite.kernel_choice(net)
