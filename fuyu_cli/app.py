@@ -18,7 +18,7 @@ from typer.core import TyperArgument, TyperOption
 
 from fuyu import __version__
 from fuyu.commands import ask, bbox, benchmark, caption, convert
-from fuyu.errors import INTERNAL, INTERRUPTED, OK, TERMINATED, USAGE, StdoutClosed, explain
+from fuyu.errors import INTERNAL, INTERRUPTED, OK, TERMINATED, USAGE, StdoutClosed, explain, one_line
 
 # `fuyu convert` and `fuyu benchmark` plug in here, one module each under fuyu_cli/commands/.
 COMMANDS = (caption, ask, bbox, benchmark, convert)
@@ -170,7 +170,7 @@ class _OneLine(logging.Handler):
         try:
             from fuyu.render import warning_line
 
-            warning_line(record.getMessage().splitlines()[0] if record.getMessage() else record.name)
+            warning_line(one_line(record.getMessage(), first=True) or record.name)
         except Exception:  # a broken stderr must not break the run
             pass
 
@@ -205,5 +205,4 @@ class _one_line_warnings:
     def _show(message, category, filename, lineno, file=None, line=None):
         from fuyu.render import warning_line
 
-        text = str(message).strip().splitlines()
-        warning_line(text[0] if text else category.__name__)
+        warning_line(one_line(message, first=True) or category.__name__)

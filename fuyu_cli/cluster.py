@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from fuyu.errors import INTERNAL, ITEMS_FAILED, FuyuError, explain
+from fuyu.errors import INTERNAL, ITEMS_FAILED, FuyuError, explain, one_line
 from fuyu.options import ClusterSpec, GenOptions, ModelSpec, RunOptions
 from fuyu.parts import (Folder, PartResult, marker_name, nothing_to_do, part_line, pending, process_part,
                         summary_line)
@@ -78,7 +78,7 @@ def connected(address: str):
             else:
                 ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, a bad address
-        raise FuyuError(f"cannot join the Ray cluster at {address}: {_first_line(e)}",
+        raise FuyuError(f"cannot join the Ray cluster at {address}: {one_line(e, first=True) or type(e).__name__}",
                         "start one with `ray start --head` (or set RAY_ADDRESS), or use --ray local") from None
     _quiet_ray_data()
     try:
@@ -86,10 +86,6 @@ def connected(address: str):
     finally:
         with _stderr_silenced():
             ray.shutdown()
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def _quiet_ray_data() -> None:
@@ -195,7 +191,7 @@ def _rows(ds, ray):
     try:
         yield from ds.iter_rows()
     except ray.exceptions.RayError as e:
-        raise FuyuError(f"the Ray job failed: {_first_line(e)}",
+        raise FuyuError(f"the Ray job failed: {one_line(e, first=True) or type(e).__name__}",
                         "finished parts are kept: rerun the same command to do the rest", INTERNAL) from None
 
 
@@ -218,7 +214,7 @@ def _explained(exc: BaseException) -> tuple[str, str, int]:
     import traceback
 
     traceback.print_exception(exc)
-    return (f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+    return (f"{type(exc).__name__}: {one_line(exc)}",
             f"a bug in fuyu; the traceback is in worker-*.err under /tmp/ray/session_latest/logs on "
             f"{socket.gethostname()} (pid {os.getpid()})", INTERNAL)
 
@@ -390,7 +386,7 @@ class FuyuPredictor:
         try:
             records = list(runner.run(work, self.batch_size, self.gen, window=max(len(work), 1)))
         except Exception as exc:  # the runner isolates bad items itself; this is the last guard
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            message = f"{type(exc).__name__}: {one_line(exc)}"
             records = [w if isinstance(w, Record) else Record.failed(w.item, w.asks[0], message) for w in work]
             if self.fieldset is not None:
                 records = [runner.combine([r]) for r in records]

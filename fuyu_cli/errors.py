@@ -42,6 +42,23 @@ class StdoutClosed(Exception):
     library on the way turns it into an error of its own)."""
 
 
+def one_line(text: object, first: bool = False) -> str:
+    """`text` (a message or an exception) as one line: each run of whitespace, newlines included,
+    becomes one space. first: its first non-blank line only (what precedes a traceback: Ray's
+    errors, log records, warnings)."""
+    text = str(text)
+    if first:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    return " ".join(text.split())
+
+
+def record_error(exc: BaseException) -> str:
+    """An exception as a failed record's `error`: ours and preprocessing's by their message (they
+    name the file and what to do), anything else after its type."""
+    known = isinstance(exc, FuyuError) or _library_error(exc, "fuyu.preprocess", "PreprocessError")
+    return one_line(exc) if known else f"{type(exc).__name__}: {one_line(exc)}"
+
+
 def _library_error(exc: BaseException, module: str, name: str) -> bool:
     # Checked through sys.modules so the error path never imports torch: if the class was
     # never imported, the exception cannot be one of its instances.

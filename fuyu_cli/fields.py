@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from fuyu.errors import FuyuError
+from fuyu.errors import FuyuError, one_line
 from fuyu.records import Ask, Outcome, Record, Unit, original_path, page_id, printable, record_key, resolve
 
 TYPES = ("text", "number", "integer", "boolean", "choice", "regex")
@@ -158,7 +158,7 @@ def read_fields_file(path: Path) -> list[Field]:
         raise FuyuError(f"{path}: TOML needs Python 3.11 or later", "write the fields as JSON") from None
     except ValueError as e:  # json.JSONDecodeError, tomllib.TOMLDecodeError
         raise FuyuError(f"{path} is not valid {'TOML' if suffix == '.toml' else 'JSON'}: "
-                        f"{' '.join(str(e).split())}", "fix the file; see docs/fields.md") from None
+                        f"{one_line(e)}", "fix the file; see docs/fields.md") from None
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
         shape = "[[field]] tables" if suffix == ".toml" else 'a list of {"name": …, "question": …} objects'
         raise FuyuError(f"{path}: expected {shape}", "see docs/fields.md for the format")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional, Union
 
 import typer
 
-from fuyu.errors import FuyuError
+from fuyu.errors import FuyuError, one_line
 
 INPUT, MODEL, GEN, OUT, SCALE = "Inputs", "Model", "Generation", "Output", "Past one machine"
 
@@ -94,7 +94,7 @@ def _parse_max_memory(value: Optional[str]):
 
 
 def _spelling_error(option: str, value: str, e: BaseException) -> str:
-    message = " ".join(str(e).split())
+    message = one_line(e)
     if isinstance(e, RuntimeError):  # torch.device's own text lists every backend; keep it short
         message = "unknown device (use a GPU index, cuda:N, cpu or disk)"
     return message if message.startswith(option) else f"{option} {value!r}: {message}"

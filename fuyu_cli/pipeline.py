@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 import typer
 
 from fuyu import inputs, sources
-from fuyu.errors import ITEMS_FAILED, FuyuError, OutputError
+from fuyu.errors import ITEMS_FAILED, FuyuError, OutputError, record_error
 from fuyu.options import ModelSpec, RunOptions
 from fuyu.output import STDOUT_SINKS, Sidecars
 from fuyu.records import Ask, Item, Record, Unit, record_key, resolve
@@ -79,7 +79,7 @@ def plan(files: Iterable, asks: list[Ask], src: sources.Options, tally: Tally,
             item = Item(path)
             tally.total += len(asks)
             for ask in asks:
-                yield Record.failed(item, ask, _message(exc))
+                yield Record.failed(item, ask, record_error(exc))
             continue
         for item in items:
             todo = []
@@ -98,13 +98,6 @@ def plan(files: Iterable, asks: list[Ask], src: sources.Options, tally: Tally,
                 continue
             yield Unit(item, tuple(todo))
     tally.inputs_listed = True
-
-
-def _message(exc: BaseException) -> str:
-    from fuyu.preprocess import PreprocessError
-
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, (PreprocessError, FuyuError)) else f"{type(exc).__name__}: {text}"
 
 
 def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record], None] | None = None,
@@ -164,7 +157,7 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
                         try:
                             on_record(rec)
                         except Exception as exc:  # e.g. --draw cannot write: this item failed
-                            rec.error = _message(exc)
+                            rec.error = record_error(exc)
                     if out.sidecar:
                         sidecars.write(rec)  # first: a sidecar that may not be written fails the record
                     for sink in sinks:

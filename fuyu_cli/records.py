@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from fuyu.errors import one_line
+
 TASKS = ("caption", "ask", "bbox", "ocr")
 
 
@@ -143,7 +145,7 @@ class Record(Outcome):
     @classmethod
     def failed(cls, item: Item, ask: Ask, message: str, size=None, seconds=None) -> Record:
         rec = cls(item.path, ask.task, _prompt_or_empty(ask), item.page, item.pages,
-                  error=" ".join(message.split()))
+                  error=one_line(message))
         if size:
             rec.width, rec.height = size
         rec.seconds = seconds

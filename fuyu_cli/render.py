@@ -17,6 +17,8 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.text import Text
 
+from fuyu.errors import one_line
+
 
 def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
@@ -24,7 +26,7 @@ def stderr_console() -> Console:
 
 def error_line(console: Console, message: str, hint: str = "") -> None:
     """`error: what (file) — what to do`, always shown, even with --quiet."""
-    message = " ".join(message.splitlines())  # e.g. CUDA's multi-line out-of-memory text
+    message = one_line(message)  # e.g. CUDA's multi-line out-of-memory text
     console.print(Text.assemble(("error", "bold red"), ": ", message, f" — {hint}" if hint else ""))
 
 
@@ -127,7 +129,7 @@ def progress_line(label: str, tally, now: float) -> str:
 def warning_line(message: str) -> None:
     """`warning: …` on stderr, one line, even with --quiet (it tells of a problem)."""
     console = stderr_console()
-    console.print(Text.assemble(("warning", "bold yellow"), ": ", " ".join(message.split())))
+    console.print(Text.assemble(("warning", "bold yellow"), ": ", one_line(message)))
 
 
 def draw_boxes(image, boxes: list[list[int]], dst: Path) -> None:

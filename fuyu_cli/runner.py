@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from fuyu import memory, sources
 from fuyu.inputs import IDLE
-from fuyu.errors import FuyuError
+from fuyu.errors import FuyuError, one_line, record_error
 from fuyu.options import GenOptions, ModelSpec
 from fuyu.records import Ask, Item, Record, Unit
 
@@ -108,7 +108,7 @@ class Runner:
                 raise
             from fuyu.options import DEVICE_MAP_EXAMPLE
 
-            message = " ".join(str(e).split())
+            message = one_line(e)
             hint = ("add --offload-folder DIR" if "offload_folder" in message
                     else f"e.g. {DEVICE_MAP_EXAMPLE}")
             raise FuyuError(message, hint) from None
@@ -348,11 +348,7 @@ class Runner:
 
 
 def _failure(item: Item, ask: Ask, exc: BaseException, size=None) -> Record:
-    from fuyu.preprocess import PreprocessError
-
-    known = isinstance(exc, (PreprocessError, FuyuError))
-    message = " ".join(str(exc).split())  # one line, whatever the exception printed
-    return Record.failed(item, ask, message if known else f"{type(exc).__name__}: {message}", size)
+    return Record.failed(item, ask, record_error(exc), size)
 
 
 def _parse_answer(rec: Record, field, max_new_tokens: int) -> None:

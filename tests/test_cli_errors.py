@@ -123,3 +123,13 @@ def test_debug_adds_the_traceback_to_a_broken_checkpoint_error(tmp_path, tiny):
     assert "fuyu.model.errors.CheckpointError" in r.stderr and "load_pretrained" in r.stderr
     last = r.stderr.splitlines()[-1]
     assert last.startswith(f"error: {broken / 'model.safetensors'}: tensor 'vision_embed_tokens.bias'")
+
+
+def test_error_text_is_one_line_and_an_unexpected_error_keeps_its_type():
+    # One helper flattens every message (records, stderr, Ray's errors, warnings).
+    from fuyu.errors import FuyuError, one_line, record_error
+
+    assert one_line("cannot read\n  a.png:\ttruncated ") == "cannot read a.png: truncated"
+    assert one_line("\nboom  now\nTraceback (most recent call last):\n  File …", first=True) == "boom now"
+    assert record_error(FuyuError("box 1,2,3,4\nis outside")) == "box 1,2,3,4 is outside"
+    assert record_error(RuntimeError("boom\nsecond line")) == "RuntimeError: boom second line"
