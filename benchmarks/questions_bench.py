@@ -48,7 +48,7 @@ def main() -> None:
 
         ckpt = make_checkpoint(tmp / "mid", hidden=1024, heads=16, layers=8, vocab_size=262144,
                                dtype=torch.bfloat16, shards=2)
-    runner = Runner.load(ModelSpec(str(ckpt), device="cpu", dtype=args.dtype))
+    runner = Runner.load(ModelSpec(path=str(ckpt), device="cpu", dtype=args.dtype))
     image = tmp / "screenshot.png"
     test_image(1280, 720, seed=3).save(image)
     copies = []

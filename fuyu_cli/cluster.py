@@ -337,10 +337,11 @@ class FuyuPredictor:
         self.task = "ocr" if task == "bbox" and box is not None else task
         self.text = {"caption": prompt, "ask": question, "bbox": find, "fields": None}[task]
         self.box = None if box is None else tuple(float(v) for v in box)
-        self.gen = GenOptions(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature, top_p, seed,
-                              min_score=min_score)
+        self.gen = GenOptions(max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], temperature=temperature,
+                              top_p=top_p, seed=seed, min_score=min_score)
         self.src = sources.Options(pages, dpi)
-        spec = ModelSpec(model, device, dtype, quantize, model_batch_size, threads=threads)
+        spec = ModelSpec(path=model, device=device, dtype=dtype, quantize=quantize, batch_size=model_batch_size,
+                         threads=threads)
         self.runner = _load_runner(spec, None, self.gen.max_new_tokens, self.src)
         self.batch_size = model_batch_size or self.runner.default_batch_size()
 

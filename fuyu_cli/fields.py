@@ -428,8 +428,9 @@ def extract(paths: Iterable[str], fields, *, model: str | None = None, runner=No
     if runner is None:
         from fuyu.runner import Runner
 
-        runner = Runner.load(ModelSpec(model, device, dtype), max_new_tokens=max_new_tokens, sources_options=src)
+        runner = Runner.load(ModelSpec(path=model, device=device, dtype=dtype), max_new_tokens=max_new_tokens,
+                             sources_options=src)
     wrapped = fieldset.wrap(runner)
     work = plan(list(paths), fieldset.asks, src, Tally())
-    gen = GenOptions(max_new_tokens, min_score=min_score)
+    gen = GenOptions(max_new_tokens=max_new_tokens, min_score=min_score)
     yield from wrapped.run(work, batch_size or runner.default_batch_size(), gen)

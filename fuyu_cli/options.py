@@ -285,7 +285,7 @@ SHARED = [
 
 # --- the groups the options are passed on in -----------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InputSpec:
     paths: list[str]
     recursive: bool = False
@@ -295,7 +295,7 @@ class InputSpec:
     all_frames: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     path: Optional[str] = None  # a folder or a hub repo id; None: adept/fuyu-8b
     device: str = "auto"
@@ -317,7 +317,7 @@ class ModelSpec:
                             "e.g. --device-map auto --max-memory cpu=12GiB --offload-folder /tmp/fuyu-offload")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenOptions:
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -327,7 +327,7 @@ class GenOptions:
     min_score: Optional[float] = None  # answers scoring below it are marked doubtful
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     format: str = "jsonl"
     output: Optional[Path] = None
@@ -339,7 +339,7 @@ class OutputSpec:
     shard: Optional[tuple[int, int]] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClusterSpec:
     address: Optional[str] = None  # --ray: auto | local | host:port
     workers: int = 1
@@ -347,7 +347,7 @@ class ClusterSpec:
     cpus_per_worker: Optional[float] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunOptions:
     inputs: InputSpec
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -389,14 +389,18 @@ def run_options(paths: list[str], v: dict, default_max_new_tokens: int) -> RunOp
     if v["sidecar"] and v["ray"] is not None:
         raise FuyuError("--sidecar writes next to local images, --ray runs elsewhere", "drop --sidecar")
     return RunOptions(
-        InputSpec(paths, v["recursive"], v["null"], v["pages"], v["dpi"], v["all_frames"]),
-        ModelSpec(v["model"], v["device"], v["dtype"].value, v["quantize"].value, v["batch_size"],
-                  v["device_map"], v["max_memory"], v["offload_folder"], v["download"], v["threads"]),
-        GenOptions(v["max_new_tokens"] or default_max_new_tokens, temperature, v["top_p"], v["seed"],
-                   v["compile"], v["min_score"]),
-        OutputSpec(fmt, output, v["sidecar"], v["overwrite"], v["quiet"],
-                   None if output_dir is None else str(output_dir), v["shard_size"], v["shard"]),
-        ClusterSpec(v["ray"], v["workers"], v["gpus_per_worker"], v["cpus_per_worker"]),
+        inputs=InputSpec(paths=paths, recursive=v["recursive"], null=v["null"], pages=v["pages"], dpi=v["dpi"],
+                         all_frames=v["all_frames"]),
+        model=ModelSpec(path=v["model"], device=v["device"], dtype=v["dtype"].value, quantize=v["quantize"].value,
+                        batch_size=v["batch_size"], device_map=v["device_map"], max_memory=v["max_memory"],
+                        offload_folder=v["offload_folder"], download=v["download"], threads=v["threads"]),
+        gen=GenOptions(max_new_tokens=v["max_new_tokens"] or default_max_new_tokens, temperature=temperature,
+                       top_p=v["top_p"], seed=v["seed"], compile=v["compile"], min_score=v["min_score"]),
+        out=OutputSpec(format=fmt, output=output, sidecar=v["sidecar"], overwrite=v["overwrite"],
+                       quiet=v["quiet"], output_dir=None if output_dir is None else str(output_dir),
+                       shard_size=v["shard_size"], shard=v["shard"]),
+        cluster=ClusterSpec(address=v["ray"], workers=v["workers"], gpus_per_worker=v["gpus_per_worker"],
+                            cpus_per_worker=v["cpus_per_worker"]),
     )
 
 

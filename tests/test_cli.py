@@ -192,6 +192,18 @@ def test_options_reach_the_runner(fake, shots, monkeypatch):
     assert fake.specs[1].path == str(shots / "sub") and fake.calls[1][1] == 3  # runner's default batch
 
 
+def test_option_groups_are_built_by_keyword_only():
+    # A spec of ten fields built by position silently shifts when a field is added.
+    from dataclasses import fields
+
+    from fuyu import options
+
+    for spec in (options.InputSpec, options.ModelSpec, options.GenOptions, options.OutputSpec,
+                 options.ClusterSpec, options.RunOptions):
+        with pytest.raises(TypeError, match="positional"):
+            spec(*[None] * len(fields(spec)))
+
+
 @pytest.mark.parametrize("args", [["--device", "gpu"], ["--dtype", "int3"], ["--quantize", "2bit"],
                                   ["--batch-size", "0"], ["--top-p", "0"], ["--format", "xml"],
                                   ["--temperature", "-1"], ["--seed", "3"], ["--top-p", "0.5"],

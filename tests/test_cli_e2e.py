@@ -144,7 +144,7 @@ def runner(tiny_model):
     from fuyu.options import ModelSpec
     from fuyu.runner import Runner
 
-    return Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
+    return Runner.load(ModelSpec(path=tiny_model, device="cpu", dtype="float32"))
 
 
 def test_loading_reads_config_json_once(tiny_model, monkeypatch):
@@ -156,7 +156,7 @@ def test_loading_reads_config_json_once(tiny_model, monkeypatch):
     reads = []
     real = weights.read_config
     monkeypatch.setattr(weights, "read_config", lambda ckpt: reads.append(ckpt) or real(ckpt))
-    Runner.load(ModelSpec(tiny_model, device="cpu", dtype="float32"))
+    Runner.load(ModelSpec(path=tiny_model, device="cpu", dtype="float32"))
     assert reads == [tiny_model]
 
 
