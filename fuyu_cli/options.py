@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -402,6 +403,18 @@ def run_options(paths: list[str], v: dict, default_max_new_tokens: int) -> RunOp
         cluster=ClusterSpec(address=v["ray"], workers=v["workers"], gpus_per_worker=v["gpus_per_worker"],
                             cpus_per_worker=v["cpus_per_worker"]),
     )
+
+
+def text_after_paths(paths: list[str], *, what: str, missing: FuyuError, hint: str) -> tuple[list[str], str]:
+    """(paths, text) for `fuyu ask chart.png 'What is…'` and `fuyu bbox shot.png Save`: the text is
+    the last argument, which must not be stdin's `-` or name a file (then `what` it is not, and
+    `hint`); `missing` when there is no argument after the first path."""
+    if len(paths) < 2:
+        raise missing
+    *paths, last = paths
+    if last == "-" or os.path.exists(last):
+        raise FuyuError(f"the last argument ({last}) is a file, not {what}", hint)
+    return paths, last
 
 
 def run_command(default_max_new_tokens: int) -> Callable:

@@ -229,9 +229,12 @@ def test_ask_takes_the_question_last_or_by_option(fake, shots):
     assert fuyu("ask", shots / "a.png", "--question", " ").code == 2
 
 
-def test_ask_with_a_file_as_the_last_argument_is_a_usage_error(fake, shots):
-    r = fuyu("ask", shots / "a.png", shots / "b.png")
-    assert r.code == 2 and "is a file, not a question" in r.err and fake.specs == []
+@pytest.mark.parametrize("command, what", [("ask", "a question"), ("bbox", "the text to find")])
+def test_a_file_or_stdin_as_the_last_argument_is_a_usage_error(fake, shots, command, what):
+    # ask and bbox read their text after the paths the same way (options.text_after_paths).
+    for last in (shots / "b.png", "-"):
+        r = fuyu(command, shots / "a.png", last)
+        assert r.code == 2 and f"the last argument ({last}) is a file, not {what}" in r.err and fake.specs == []
 
 
 def test_several_questions_give_one_record_each_and_run_together(fake, shots, tmp_path):

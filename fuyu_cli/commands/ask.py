@@ -8,14 +8,13 @@ a field's type) are decoded under a grammar, so they always parse.
 from __future__ import annotations
 
 import enum
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from fuyu.errors import FuyuError
-from fuyu.options import GEN, PathsArg, RunOptions, run_command
+from fuyu.options import GEN, PathsArg, RunOptions, run_command, text_after_paths
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -72,12 +71,10 @@ def questions_from(paths: list[str], question: list[str] | None, questions: Path
     if questions is not None:
         asked += [line.strip() for line in questions.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not asked:
-        if len(paths) < 2:
-            raise FuyuError("no question given", "fuyu ask IMAGE 'question', or fuyu ask IMAGES... -q 'question'")
-        *paths, last = paths
-        if last == "-" or os.path.exists(last):
-            raise FuyuError(f"the last argument ({last}) is a file, not a question",
-                            "give the question with -q/--question, e.g. fuyu ask a.png b.png -q 'Total?'")
+        paths, last = text_after_paths(
+            paths, what="a question",
+            missing=FuyuError("no question given", "fuyu ask IMAGE 'question', or fuyu ask IMAGES... -q 'question'"),
+            hint="give the question with -q/--question, e.g. fuyu ask a.png b.png -q 'Total?'")
         asked = [last]
     if any(not q.strip() for q in asked):
         raise FuyuError("a question is empty", "give each -q some text")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from fuyu.errors import FuyuError
-from fuyu.options import PathsArg, RunOptions, run_command
+from fuyu.options import PathsArg, RunOptions, run_command, text_after_paths
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -58,12 +58,10 @@ def bbox(paths: PathsArg, find: FindOpt = None, box: BoxOpt = None, draw: DrawOp
 
     targets = list(find or [])
     if not targets and not box:
-        if len(paths) < 2:
-            raise FuyuError("nothing to find", "fuyu bbox IMAGE 'text', --find TEXT or --box x0,y0,x1,y1")
-        *paths, last = paths
-        if last == "-" or os.path.exists(last):
-            raise FuyuError(f"the last argument ({last}) is a file, not the text to find",
-                            "give the text with --find, e.g. fuyu bbox a.png b.png --find Save")
+        paths, last = text_after_paths(
+            paths, what="the text to find",
+            missing=FuyuError("nothing to find", "fuyu bbox IMAGE 'text', --find TEXT or --box x0,y0,x1,y1"),
+            hint="give the text with --find, e.g. fuyu bbox a.png b.png --find Save")
         targets = [last]
     asks = [Ask("bbox", t) for t in dict.fromkeys(targets)] + [Ask("ocr", box=b) for b in dict.fromkeys(box or [])]
     on_record = None
