@@ -78,16 +78,10 @@ class Ask:
 
     @property
     def prompt(self) -> str:
-        """The text given to the processor, from the model card's prompts."""
-        from fuyu.preprocess import TASK_PROMPTS, ask_prompt, box_to_text_prompt, text_to_box_prompt
+        """The text given to the processor (fuyu.preprocess builds every prompt)."""
+        from fuyu.preprocess import task_prompt
 
-        if self.task == "ocr":
-            return box_to_text_prompt(self.box)
-        if self.task == "bbox":
-            return text_to_box_prompt(self.text)
-        if self.task == "caption" and not self.text:
-            return TASK_PROMPTS["caption"]
-        return ask_prompt(self.text)  # a question or custom prompt, ending in one newline
+        return task_prompt(self.task, self.text, self.box)
 
 
 @dataclass(frozen=True)

@@ -331,17 +331,16 @@ class Runner:
 
     def _shared_prefix(self, items: list[Prepared]) -> tuple:
         """(continuations batch, prefix=, rows=) for generate: every image's prefix (its patch rows,
-        the same length for same-size images) encoded once, and each prompt (<s> prompt <0x04>,
-        left-padded among themselves) continuing from its image's keys and values."""
+        the same length for same-size images) encoded once, and each prompt's ids (left-padded
+        among themselves) continuing from its image's keys and values."""
         import torch
 
         from fuyu.model import encode_prefix
 
-        bos = self.processor.tokenizer.bos_id
-        P = items[0].samples[0].ids.index(bos)
+        P = items[0].samples[0].prefix_len
         prefix_ids = torch.tensor([p.samples[0].ids[:P] for p in items], device=self.device)  # (B, P)
         patches = torch.cat([p.samples[0].patches for p in items]).to(self.device)
-        conts = [replace(s, ids=s.ids[P:], patches=s.patches[:0]) for p in items for s in p.samples]
+        conts = [replace(s, ids=s.ids[P:], patches=s.patches[:0], prefix_len=0) for p in items for s in p.samples]
         rows = torch.tensor([b for b, p in enumerate(items) for _ in p.samples], device=self.device)
         batch = self.processor.collate(conts).to(self.device)
         return batch, {"prefix": encode_prefix(self.model, prefix_ids, patches), "rows": rows}

@@ -13,13 +13,14 @@ from fuyu.preprocess.patches import PATCH_DIM
 
 @dataclass(frozen=True)
 class Sample:
-    """One image + prompt, ready to batch: image rows, <s>, prompt, <0x04>."""
+    """One image + prompt, ready to batch: image rows, then the prompt (fuyu.preprocess.prompt)."""
 
     ids: list[int]
     patches: torch.Tensor  # (N, 2700) float32; N = 0 for a text-only sample
     size: tuple[int, int] | None  # original (height, width) after EXIF orientation; None if no image
     scale: float | None  # float32-rounded resized_h / h, the factor used for prompt coordinates
     name: str  # the image's path or description, for messages
+    prefix_len: int = 0  # ids[:prefix_len] are the image's rows: the prefix its prompts can share
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,7 +16,7 @@ from fuyu.preprocess.errors import PreprocessError, PromptError
 from fuyu.preprocess.image import ImageInput, describe, fit_size, load_image, resize_to_fit
 from fuyu.preprocess.pages import Page, load_page
 from fuyu.preprocess.patches import PATCH_DIM, grid, image_token_ids, patchify
-from fuyu.preprocess.prompt import encode_prompt
+from fuyu.preprocess.prompt import prompt_ids
 from fuyu.preprocess.tokenizer import Tokenizer
 
 MAX_LENGTH = 16384  # Fuyu-8B's max_position_embeddings
@@ -48,31 +49,7 @@ class FuyuProcessor:
 
     def prepare_one(self, image: ImageInput | Page | None, prompt: str) -> Sample:
         """Everything for one sample; errors name the image. Thread-safe (for worker threads)."""
-        tok = self.tokenizer
-        if image is None:
-            name, size, scale, ids = "<text-only>", None, None, []
-            patches = torch.zeros((0, PATCH_DIM), dtype=torch.float32)
-        else:
-            if isinstance(image, Page):  # a PDF page or a frame, from list_pages
-                name, im = image.id, load_page(image)
-            else:
-                name, im = describe(image), load_image(image)
-            size = (im.height, im.width)
-            pixels = resize_to_fit(im)
-            # The realised height ratio, rounded to float32 as the reference's tensor holds it (§4.2).
-            scale = float(np.float32(pixels.shape[0] / size[0]))
-            patches = patchify(pixels)
-            ids = image_token_ids(*grid(*pixels.shape[:2]), tok.speaker_id, tok.newline_id)
-        try:
-            # Text-only samples have no resize: coordinates are only halved (scale 1).
-            text_ids = encode_prompt(prompt, 1.0 if scale is None else scale, tok)
-        except PromptError as e:
-            raise PromptError(f"{name}: {e}") from None
-        ids = ids + [tok.bos_id] + text_ids + [tok.boa_id]
-        if len(ids) > self.max_length:
-            raise PromptError(f"{name}: {len(ids)} tokens ({len(text_ids)} of prompt), over the "
-                              f"limit of {self.max_length}; shorten the prompt")
-        return Sample(ids, patches, size, scale, name)
+        return self._with_prompt(self._image(image), prompt)
 
     def prepare_many(self, image: ImageInput | Page, prompts: Sequence[str | Exception]) -> list[Sample | Exception]:
         """prepare_one for several prompts about one image: the image is loaded, resized and cut
@@ -85,20 +62,41 @@ class FuyuProcessor:
                 out.append(prompt)
                 continue
             if base is None:
-                base = self.prepare_one(image, "")  # raises ImageError for an unreadable image
+                base = self._image(image)  # raises ImageError for an unreadable image
             try:
-                text_ids = encode_prompt(prompt, 1.0 if base.scale is None else base.scale, self.tokenizer)
+                out.append(self._with_prompt(base, prompt))
             except PromptError as e:
-                out.append(PromptError(f"{base.name}: {e}"))
-                continue
-            head = base.ids[:-1]  # image rows and <s>, without the empty prompt's <0x04>
-            ids = head + text_ids + [self.tokenizer.boa_id]
-            if len(ids) > self.max_length:
-                out.append(PromptError(f"{base.name}: {len(ids)} tokens ({len(text_ids)} of prompt), "
-                                       f"over the limit of {self.max_length}; shorten the prompt"))
-                continue
-            out.append(Sample(ids, base.patches, base.size, base.scale, base.name))
+                out.append(e)
         return out
+
+    def _image(self, image: ImageInput | Page | None) -> Sample:
+        """A sample of the image alone: its |SPEAKER|/|NEWLINE| rows (all of ids) and its patches."""
+        if image is None:
+            return Sample([], torch.zeros((0, PATCH_DIM), dtype=torch.float32), None, None, "<text-only>")
+        if isinstance(image, Page):  # a PDF page or a frame, from list_pages
+            name, im = image.id, load_page(image)
+        else:
+            name, im = describe(image), load_image(image)
+        size = (im.height, im.width)
+        pixels = resize_to_fit(im)
+        # The realised height ratio, rounded to float32 as the reference's tensor holds it (§4.2).
+        scale = float(np.float32(pixels.shape[0] / size[0]))
+        tok = self.tokenizer
+        ids = image_token_ids(*grid(*pixels.shape[:2]), tok.speaker_id, tok.newline_id)
+        return Sample(ids, patchify(pixels), size, scale, name, prefix_len=len(ids))
+
+    def _with_prompt(self, image: Sample, prompt: str) -> Sample:
+        """`image` (from _image) followed by its prompt's ids; a PromptError names the image."""
+        try:
+            # Text-only samples have no resize: coordinates are only halved (scale 1).
+            text_ids = prompt_ids(prompt, 1.0 if image.scale is None else image.scale, self.tokenizer)
+        except PromptError as e:
+            raise PromptError(f"{image.name}: {e}") from None
+        ids = image.ids + text_ids
+        if len(ids) > self.max_length:
+            raise PromptError(f"{image.name}: {len(ids)} tokens ({len(text_ids) - 2} of prompt), over the "
+                              f"limit of {self.max_length}; shorten the prompt")
+        return replace(image, ids=ids)
 
     def collate(self, samples: Sequence[Sample]) -> FuyuBatch:
         return collate(samples, self.tokenizer.pad_id)

@@ -1,4 +1,5 @@
-"""Task prompts (model-card wording) and prompt -> ids with <box>/<point> rewriting."""
+"""The prompt, built here only: each task's text (model-card wording), and text -> the ids that
+follow the image's rows, <s> prompt <0x04>, with <box>/<point> rewritten to coordinate tokens."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ _OPENERS = {"<0x00>": ("box", 4, "y1, x1, y2, x2 (top, left, bottom, right)"),
             "<0x02>": ("point", 2, "x, y")}
 
 
+def task_prompt(task: str, text: str | None = None, box=None) -> str:
+    """The prompt of a task: caption (text: one's own prompt instead of the model card's), ask (text:
+    the question), bbox (text: what to find), ocr (box: x0, y0, x1, y1 pixels to read)."""
+    if task == "ocr":
+        return box_to_text_prompt(box)
+    if task == "bbox":
+        return text_to_box_prompt(text)
+    if task == "caption" and not text:
+        return TASK_PROMPTS["caption"]
+    if task in ("ask", "caption"):
+        return ask_prompt(text)  # a question or one's own prompt, ending in one newline
+    raise ValueError(f"unknown task {task!r}")
+
+
 def ask_prompt(question: str) -> str:
     """A question prompt: the question with exactly one trailing newline."""
     return TASK_PROMPTS["ask"].format(question=question.rstrip("\n"))
@@ -43,6 +58,11 @@ def box_to_text_prompt(box: Box | tuple[float, float, float, float]) -> str:
 
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(float(v))
+
+
+def prompt_ids(text: str, scale: float, tok: Tokenizer) -> list[int]:
+    """What follows an image's rows (or starts a text-only sample): <s> prompt <0x04>."""
+    return [tok.bos_id, *encode_prompt(text, scale, tok), tok.boa_id]
 
 
 def encode_prompt(text: str, scale: float, tok: Tokenizer) -> list[int]:

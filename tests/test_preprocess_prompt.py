@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fuyu.preprocess import (TASK_PROMPTS, Box, FuyuProcessor, PromptError, ask_prompt, box_to_text_prompt,
-                        text_to_box_prompt)
+                        task_prompt, text_to_box_prompt)
 from fuyu.preprocess.boxes import find_spans, to_model_coords
 from fuyu.preprocess.prompt import encode_prompt
 
@@ -24,6 +24,30 @@ def test_task_prompts_use_the_model_card_wording():
     assert TASK_PROMPTS["bbox"] == INSTRUCTION
     assert ask_prompt("What color is the bus?") == ask_prompt("What color is the bus?\n") == "What color is the bus?\n"
     assert text_to_box_prompt("Williams") == INSTRUCTION + "Williams"
+
+
+def test_each_task_has_its_prompt_in_one_table():
+    # The CLI's records ask preprocess for every prompt (fuyu.records.Ask.prompt -> task_prompt).
+    assert task_prompt("caption") == TASK_PROMPTS["caption"]
+    assert task_prompt("caption", "Describe the UI.") == "Describe the UI.\n"
+    assert task_prompt("ask", "Total?\n\n") == "Total?\n"
+    assert task_prompt("bbox", "Save") == INSTRUCTION + "Save"
+    assert task_prompt("ocr", box=(1, 2, 3, 4)) == INSTRUCTION + "<box>2, 1, 4, 3</box>"
+    with pytest.raises(ValueError, match="unknown task"):
+        task_prompt("summarise", "x")
+
+
+def test_prompts_about_one_image_share_its_rows_and_each_follows_them_once(proc, tok):
+    # prepare_many = prepare_one per prompt; ids[:prefix_len] are the image's rows, then <s> prompt <0x04>.
+    img = image(60, 90)
+    many = proc.prepare_many(img, ["Total?\n", "Date?\n"])
+    for sample, prompt in zip(many, ["Total?\n", "Date?\n"]):
+        one = proc.prepare_one(img, prompt)
+        P = sample.prefix_len
+        assert sample.ids == one.ids and P == one.prefix_len == 2 * (3 + 1)  # 2 rows of 3 patches + |NEWLINE|
+        assert set(sample.ids[:P]) == {tok.speaker_id, tok.newline_id}
+        assert sample.ids[P:] == [tok.bos_id, *encode_prompt(prompt, sample.scale, tok), tok.boa_id]
+    assert many[0].patches is many[1].patches
 
 
 def test_box_to_text_takes_user_order_and_writes_top_left_bottom_right():
