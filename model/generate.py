@@ -1,13 +1,16 @@
 """The batch-level API, plain functions over token ids: prefill, decode steps, logits, loss, generate.
 
 `batch` is a fuyu.preprocess.FuyuBatch or anything with `input_ids` (B, T) left-padded,
-`attention_mask` (B, T) and `image_patches` (P, 2700) (attributes or dict keys). A decode step
+`attention_mask` (B, T) and `image_patches` (P, 2700) (attributes or dict keys), or a list of
+them; each public function resolves it once into `Inputs` on the model's device. A decode step
 lives in one place, `decode_step`; generate runs it eagerly or compiled, the same function. It is
 the one place that hands a step to the model's backend (model.backend: the CPU backend of a model
 loaded on the CPU, model/backend.py) or runs the plain step (model/fuyu.py's torch ops).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +20,16 @@ from fuyu.model.constrain import Constraints, Grammar
 from fuyu.model.fuyu import Fuyu
 
 
-def batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(input_ids, attention_mask, patches or None) of a batch, on `device`."""
+class Inputs(NamedTuple):
+    """One batch's tensors, on the model's device."""
+
+    ids: torch.Tensor  # (B, T) int64, left-padded
+    mask: torch.Tensor  # (B, T), 0 on padding
+    patches: torch.Tensor | None  # (P, 2700): the k-th |SPEAKER| id (row-major) takes patch k
+
+
+def batch_tensors(batch, device) -> Inputs:
+    """Inputs of a batch (FuyuBatch, dict or anything with its attributes), on `device`."""
     get = batch.get if isinstance(batch, dict) else lambda k: getattr(batch, k, None)
     ids = get("input_ids").to(device)
     mask = get("attention_mask")
@@ -26,7 +37,15 @@ def batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     patches = get("image_patches")
     if isinstance(patches, (list, tuple)):  # the reference processor's per-sample [1, N, 2700] list
         patches = torch.cat([p.reshape(-1, p.shape[-1]) for p in patches]) if patches else None
-    return ids, mask, None if patches is None else patches.to(device)
+    return Inputs(ids, mask, None if patches is None else patches.to(device))
+
+
+def _resolve(model: Fuyu, batch) -> Inputs | list[Inputs]:
+    """`batch` (one, or a list or tuple of them) as Inputs on the model's device: done once, here."""
+    device = _device(model)
+    if isinstance(batch, (list, tuple)):
+        return [batch_tensors(b, device) for b in batch]
+    return batch_tensors(batch, device)
 
 
 def _device(model: Fuyu) -> torch.device:
@@ -44,12 +63,17 @@ def prefill(model: Fuyu, batch, max_new_tokens: int = 0, *, prefix: KVCache | No
     prefix (from encode_prefix): the batch holds continuations only; row i continues prefix row
     rows[i] (default i), with positions following on as if it had been run in one piece.
     """
-    device = _device(model)
-    if isinstance(batch, (list, tuple)):
+    return _prefill(model, _resolve(model, batch), max_new_tokens, prefix, rows)
+
+
+def _prefill(model: Fuyu, inputs: Inputs | list[Inputs], max_new_tokens: int, prefix: KVCache | None,
+             rows: torch.Tensor | None) -> tuple[KVCache, torch.Tensor]:
+    """prefill on resolved inputs: one batch (continuing `prefix` if given), or a list of them."""
+    if isinstance(inputs, list):
         if prefix is not None:
             raise ValueError("prefix= continues one batch, not a list of them")
-        return _prefill_parts(model, [batch_tensors(b, device) for b in batch], max_new_tokens)
-    ids, mask, patches = batch_tensors(batch, device)
+        return _prefill_parts(model, inputs, max_new_tokens)
+    ids, mask, patches = inputs
     B, T = ids.shape
     if prefix is None:
         cache = KVCache.for_model(model, B, T + max_new_tokens)
@@ -65,7 +89,7 @@ def prefill(model: Fuyu, batch, max_new_tokens: int = 0, *, prefix: KVCache | No
     return cache, model.lm_head(h[:, -1])
 
 
-def _prefill_parts(model: Fuyu, parts: list, max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+def _prefill_parts(model: Fuyu, parts: list[Inputs], max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
     """prefill of several batches into one cache, each right-aligned at the longest one's end."""
     if not parts:
         raise ValueError("no batches to prefill")
@@ -201,16 +225,15 @@ def generate(model: Fuyu, batch, max_new_tokens: int = 32, *, eos_id: int | None
     """
     eos = model.config.eos_token_id if eos_id is None else eos_id
     device = _device(model)
-    parts = [batch_tensors(b, device) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
-    B, T = sum(ids.shape[0] for ids, _, _ in parts), max(ids.shape[1] for ids, _, _ in parts)
+    inputs = _resolve(model, batch)
+    parts = inputs if isinstance(inputs, list) else [inputs]
+    B, T = sum(p.ids.shape[0] for p in parts), max(p.ids.shape[1] for p in parts)
     if max_new_tokens <= 0:
-        empty = parts[0][0].new_zeros(B, 0)
+        empty = parts[0].ids.new_zeros(B, 0)
         return (empty, empty.float()) if logprobs else empty
     start = 0 if prefix is None else prefix.length
     room = cache_room(start + T, max_new_tokens) if compile else max_new_tokens
-    parts = [dict(input_ids=ids, attention_mask=mask, image_patches=patches) for ids, mask, patches in parts]
-    cache, last = prefill(model, parts if isinstance(batch, (list, tuple)) else parts[0], room,
-                          prefix=prefix, rows=rows)
+    cache, last = _prefill(model, inputs, room, prefix, rows)
     step = stepper(cache, compile)
     # The stop test reads a flag back from the device: every step on CPU, every 8th on GPU.
     check = 1 if device.type == "cpu" else 8

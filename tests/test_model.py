@@ -246,3 +246,18 @@ def test_a_list_of_batches_decodes_together_as_each_alone(fp32):
     assert ids.shape == (5,)
     with pytest.raises(ValueError, match="prefix"):
         prefill(fp32, groups, prefix=cache)
+
+
+def test_generate_resolves_each_batch_once(fp32, monkeypatch):
+    # A batch goes from the caller's form (FuyuBatch, dict, or a list of them) to tensors once,
+    # at generate's edge; prefill then works on those tensors.
+    gen = sys.modules["fuyu.model.generate"]  # (fuyu.model.generate is the function)
+    groups = [make_batch([(3, 4, 5)], VOCAB, seed=5), make_batch([(1, 2, 3)], VOCAB, seed=6)]
+    resolved = []
+    real = gen.batch_tensors
+    monkeypatch.setattr(gen, "batch_tensors", lambda b, device: resolved.append(b) or real(b, device))
+    generate(fp32, groups, max_new_tokens=2, eos_id=-1)
+    assert resolved == groups
+    resolved.clear()
+    generate(fp32, vars(groups[0]), max_new_tokens=2, eos_id=-1)  # a dict
+    assert resolved == [vars(groups[0])]
