@@ -284,7 +284,7 @@ class Runner:
             for s in samples:
                 sizes.setdefault(s.size, []).append(s)
             order = [s for group in sizes.values() for s in group]
-            parts = [self.processor.collate(group).to(self.device) for group in sizes.values()]
+            parts = [self.processor.collate(group) for group in sizes.values()]  # generate moves them
             if sampling["constraints"] is not None:  # each row's grammar follows its row
                 grammar_of = {id(s): g for s, g in zip(samples, constraints)}
                 sampling["constraints"] = [grammar_of[id(s)] for s in order]
@@ -292,16 +292,18 @@ class Runner:
             back = {id(s): i for i, s in enumerate(order)}
             rows = [back[id(s)] for s in samples]
             new_ids, logprobs = new_ids[rows], logprobs[rows]  # rows in the items' order again
-            batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         else:  # several: each image's prefix once, its prompts continuing from it
             conts, shared = self._shared_prefix(items)
             new_ids, logprobs = generate(self.model, conts, **shared, **sampling)
-            # boxes() maps each row's coordinates with its image's size: the full samples' batch
-            batch = self.processor.collate([replace(s, patches=s.patches[:0]) for s in samples])
         new_ids, logprobs = new_ids.cpu(), logprobs.cpu()
         texts = self.processor.decode(new_ids)
-        # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
-        boxes = self.processor.boxes(new_ids, batch, on_problem=lambda message: None)
+        boxes = {}  # row → its boxes, for bbox rows: mapped back with each row's image size
+        located = [row for row, ask in enumerate(asks) if ask.task == "bbox"]
+        if located:
+            # Malformed spans are skipped; the raw answer stays in "text" for the user to see.
+            found = self.processor.boxes(new_ids[located], [samples[row].size for row in located],
+                                         on_problem=lambda message: None)
+            boxes = dict(zip(located, found))
         share = (time.perf_counter() - start) / len(samples)
         eos = self.model.config.eos_token_id
         records, row = [], 0
@@ -342,7 +344,7 @@ class Runner:
         patches = torch.cat([p.samples[0].patches for p in items]).to(self.device)
         conts = [replace(s, ids=s.ids[P:], patches=s.patches[:0], prefix_len=0) for p in items for s in p.samples]
         rows = torch.tensor([b for b, p in enumerate(items) for _ in p.samples], device=self.device)
-        batch = self.processor.collate(conts).to(self.device)
+        batch = self.processor.collate(conts)
         return batch, {"prefix": encode_prefix(self.model, prefix_ids, patches), "rows": rows}
 
 

@@ -185,6 +185,24 @@ def test_a_failing_batch_is_retried_item_by_item(runner, tmp_path, monkeypatch):
     assert by_name["good1"].new_tokens == 3 and by_name["good2"].new_tokens == 3
 
 
+def test_a_batch_is_collated_once_and_boxes_are_parsed_for_bbox_rows_only(runner, tmp_path, monkeypatch):
+    from fuyu.options import GenOptions
+    from fuyu.records import Ask
+
+    paths = [png(tmp_path / f"{i}.png", (50, 40), (i * 80, 0, 0)) for i in range(2)]
+    proc, collated, parsed = runner.processor, [], []
+    collate, boxes = proc.collate, proc.boxes
+    monkeypatch.setattr(proc, "collate", lambda samples: collated.extend(samples) or collate(samples))
+    monkeypatch.setattr(proc, "boxes", lambda ids, sizes, **kw: parsed.append(list(sizes)) or boxes(ids, sizes, **kw))
+    gen = GenOptions(max_new_tokens=3)
+    recs = list(runner.run(units(paths, Ask("ask", "What?")), 2, gen))
+    assert all(r.ok for r in recs) and len(collated) == 2 and parsed == []
+    collated.clear()
+    recs = list(runner.run(units(paths, Ask("bbox", "Save"), Ask("ask", "What?")), 4, gen))  # a shared prefix
+    assert len(collated) == 4 and parsed == [[(40, 50), (40, 50)]]  # each bbox row's (height, width)
+    assert [r.boxes is not None for r in recs] == [r.task == "bbox" for r in recs]
+
+
 def test_a_prompt_too_long_for_the_model_is_an_error_record(runner, tmp_path, monkeypatch):
     from dataclasses import replace
 

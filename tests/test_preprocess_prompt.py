@@ -132,6 +132,7 @@ def test_boxes_come_back_in_pixels_user_order(proc, tok):
     first, second = proc.boxes(new, batch)
     assert first == [Box(x0=111, y0=56, x1=3889, y1=2778)]  # ×2 ÷ 0.36
     assert second == [Box(12, 10, 16, 14), Box(0, 0, 2, 2)]  # no resize: ×2
+    assert proc.boxes(new, [(3000, 4000), (500, 800)]) == [first, second]  # each row's image size is enough
 
 
 def test_boxes_are_clamped_to_the_image(proc, tok):
