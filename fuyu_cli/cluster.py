@@ -13,7 +13,6 @@ hdfs://, file://): workers on other machines must see the same inputs, output an
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -29,9 +28,6 @@ from fuyu.parts import (Folder, PartResult, marker_name, nothing_to_do, part_lin
                         summary_line)
 from fuyu.records import Ask, Item, Record, Unit
 
-# Test-only: "module:function" taking (spec, max_new_tokens, sources_options) and returning a
-# runner, used by the workers instead of Runner.load (tests/test_ray.py slows the real one down).
-RUNNER_HOOK = "FUYU_TEST_RAY_RUNNER"
 # --ray local: the dataset carries file lists and summaries, never images (workers read those).
 LOCAL_OBJECT_STORE = 128 * 2**20
 
@@ -163,8 +159,7 @@ def run_parts(asks: list[Ask], opts: RunOptions, folder: Folder, parts: list[lis
                                  override_num_blocks=len(todo))  # one part per block: any worker takes any part
         ds = ds.map_batches(
             PartWorker, batch_size=1,
-            fn_constructor_kwargs=dict(asks=asks, opts=opts, ckpt=str(ckpt), folder=folder.location,
-                                       runner_hook=os.environ.get(RUNNER_HOOK), fields=fields),
+            fn_constructor_kwargs=dict(asks=asks, opts=opts, ckpt=str(ckpt), folder=folder.location, fields=fields),
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}))
         results, first, last = [], None, None
@@ -233,16 +228,13 @@ def cpu_share() -> int:
     return max(1, int(cpus)) if cpus else available_cpus()
 
 
-def _load_runner(spec: ModelSpec, ckpt: str | None, max_new_tokens: int, src, hook: str | None = None):
+def _load_runner(spec: ModelSpec, ckpt: str | None, max_new_tokens: int, src):
     """Runner.load on this worker, with torch threads = its CPU share unless --threads was given.
     The driver's model folder is used when this machine has it, else spec.path is resolved here."""
     from fuyu.runner import Runner
 
     here = ckpt is not None and Path(ckpt).is_dir()
     spec = replace(spec, path=ckpt if here else spec.path, threads=spec.threads or cpu_share())
-    if hook:
-        module, _, name = hook.partition(":")
-        return getattr(importlib.import_module(module), name)(spec, max_new_tokens, src)
     return Runner.load(spec, ckpt=Path(ckpt) if here else None, max_new_tokens=max_new_tokens,
                        sources_options=src)
 
@@ -251,15 +243,13 @@ class PartWorker:
     """A Ray Data actor: loads the model once, then writes one whole part per call and returns a
     summary row. Errors come back in the row (message, hint, exit code), for the driver to stop on."""
 
-    def __init__(self, asks: list[Ask], opts: RunOptions, ckpt: str, folder: str,
-                 runner_hook: str | None = None, fields=None):
+    def __init__(self, asks: list[Ask], opts: RunOptions, ckpt: str, folder: str, fields=None):
         from fuyu.pipeline import source_options
 
         self.asks, self.opts, self.fields, self.error = asks, opts, fields, None
         try:
             self.folder = Folder(folder)
-            self.runner = _load_runner(opts.model, ckpt, opts.gen.max_new_tokens, source_options(opts),
-                                       runner_hook)
+            self.runner = _load_runner(opts.model, ckpt, opts.gen.max_new_tokens, source_options(opts))
             if fields is not None:
                 self.runner = fields.wrap(self.runner)
         except Exception as exc:  # reported with the first part, as a local run reports it

@@ -20,32 +20,22 @@ from tests.helpers import REPO, cli_env, fuyu, fuyu_cmd, png
 
 ray = pytest.importorskip("ray")
 
-from fuyu.cluster import RUNNER_HOOK, FuyuPredictor  # noqa: E402
+from fuyu.cluster import FuyuPredictor  # noqa: E402
 from fuyu.parts import read_records  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SLOW = "tests.test_ray:slow_runner"  # the real runner, 0.4 s per record: time to kill something
 # float32: texts are compared across batchings (a batch mixes image sizes differently in each
 # run), and only float32 promises the same greedy ids whatever the batch; bf16 may flip a near-tie
 # of the tiny random model.
 COMMON = ("--max-new-tokens", "8", "--shard-size", "2", "--dtype", "float32")
 
 
-def slow_runner(spec, max_new_tokens, src):
-    """A RUNNER_HOOK factory, imported by Ray workers."""
-    from fuyu.pipeline import load_runner
-
-    runner = load_runner(spec, max_new_tokens, src)
-
-    class Slow:
-        default_batch_size = runner.default_batch_size
-
-        def run(self, work, batch_size, gen, window=256):
-            for rec in runner.run(work, batch_size, gen, window=window):
-                time.sleep(0.4)
-                yield rec
-
-    return Slow()
+def slow_workers_env(**extra) -> dict:
+    """The environment of a `fuyu --ray local` run whose Ray workers take 0.4 s more per record
+    (tests/slow_workers/sitecustomize.py, imported by every Python process it starts): time to
+    kill something mid-part."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "slow_workers"), os.environ.get("PYTHONPATH")]))
+    return cli_env(PYTHONPATH=path, **extra)
 
 
 # Texts are compared across processes (the single run, Ray workers, the predictor), and kernel
@@ -126,8 +116,7 @@ def test_ray_workers_write_the_records_of_a_single_process_run(cluster, tiny_mod
     assert lines[-1].startswith("caption: 5 parts, 9 records, 1 failed in ") and "on 2 workers" in lines[-1]
 
 
-def test_a_killed_worker_is_restarted_and_its_part_written_once(cluster, tiny_model, images, single,
-                                                                 tmp_path, monkeypatch):
+def test_a_killed_worker_is_restarted_and_its_part_written_once(tiny_model, images, single, tmp_path):
     out = tmp_path / "out"
     killed = []
 
@@ -141,13 +130,13 @@ def test_a_killed_worker_is_restarted_and_its_part_written_once(cluster, tiny_mo
                 break
             time.sleep(0.05)
 
-    monkeypatch.setenv(RUNNER_HOOK, SLOW)
     watcher = threading.Thread(target=kill_first_writer)
     watcher.start()
-    run = fuyu("caption", images, "--model", tiny_model, "--ray", "local", "--workers", "2",
-               "--output-dir", out, *COMMON)
+    run = subprocess.run(fuyu_cmd("caption", images, "--model", tiny_model, "--ray", "local", "--workers", "2",
+                                  "--output-dir", out, *COMMON),
+                         env=slow_workers_env(**PLAIN), cwd=REPO, capture_output=True, text=True, timeout=300)
     watcher.join()
-    assert run.code == 0, run.err
+    assert run.returncode == 0, run.stderr
     assert killed
     assert texts(exactly_once(out, images)) == single
     writers = [json.loads(m.read_text())["pid"] for m in out.glob("part-*.done.json")]
@@ -183,7 +172,7 @@ def test_after_the_driver_is_killed_a_rerun_does_only_the_unfinished_parts(clust
     out = tmp_path / "out"
     args = ["caption", images, "--model", tiny_model, "--workers", "1", "--output-dir", out, *COMMON]
     with open(tmp_path / "first.err", "w") as err:  # a cluster of its own, started by the driver
-        first = subprocess.Popen(fuyu_cmd(*args, "--ray", "local"), env=cli_env(**{RUNNER_HOOK: SLOW}), cwd=REPO,
+        first = subprocess.Popen(fuyu_cmd(*args, "--ray", "local"), env=slow_workers_env(), cwd=REPO,
                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
