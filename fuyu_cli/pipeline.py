@@ -18,7 +18,6 @@ from fuyu.options import ModelSpec, RunOptions
 from fuyu.output import STDOUT_SINKS, Sidecars
 from fuyu.records import Ask, Item, Record, Unit, record_key, resolve
 from fuyu.render import Reporter
-from fuyu.resume import OutputFile
 from fuyu.runner import Runner
 
 
@@ -180,6 +179,8 @@ def run_task(asks: list[Ask], opts: RunOptions, *, on_record: Callable[[Record],
 def _locked(path):
     """The --output file, locked for the run; compacted when the run ends, unless writing failed
     (then the next run compacts, once there is space)."""
+    from fuyu.resume import OutputFile
+
     outfile = OutputFile(path)
     try:
         yield outfile

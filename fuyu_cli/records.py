@@ -13,6 +13,7 @@ import base64
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 
 from fuyu.errors import one_line
 
@@ -76,7 +77,7 @@ class Ask:
     box: tuple[float, float, float, float] | None = None
     field: object = None  # a fuyu.fields.Field: a named answer, typed, its decoding constrained
 
-    @property
+    @cached_property  # asked for by the runner, the record and --output's resume key
     def prompt(self) -> str:
         """The text given to the processor (fuyu.preprocess builds every prompt)."""
         from fuyu.preprocess import task_prompt

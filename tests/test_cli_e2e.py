@@ -313,6 +313,16 @@ def test_help_path_imports_no_torch_model_or_preprocess():
     assert r.returncode == 0 and "caption" in r.stdout
 
 
+def test_a_plain_ask_imports_no_fields_resume_parts_or_cluster(tiny_model, shots):
+    # What -q questions to stdout never use stays unimported (the run path, docs/architecture.md).
+    code = ("import sys; from fuyu.app import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m in {'fuyu.fields', 'fuyu.resume', 'fuyu.parts', "
+            "'fuyu.cluster'}), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, "ask", shots / "wide.png", "-q", "What?", "-m", tiny_model, *FAST,
+                        "--quiet"], env=cli_env(FUYU_KERNELS="plain"), capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "[]" and '"text": ' in r.stdout, r.stderr
+
+
 def test_examples_run_on_the_tiny_model(tiny_model, tmp_path):
     r = subprocess.run([sys.executable, REPO / "examples" / "python_api.py", tiny_model],
                        env=cli_env(), capture_output=True, text=True, timeout=120)

@@ -112,11 +112,12 @@ def ask(paths: PathsArg, question: QuestionOpt = None, questions: QuestionsFileO
         run: RunOptions) -> None:
     """Ask questions about images: IMAGE... QUESTION, IMAGE... -q Q1 -q Q2 (one record per
     question), or IMAGE... --field NAME=QUESTION... (one record per item, a column per field)."""
-    from fuyu.fields import FieldSet, check_names, make_field
     from fuyu.pipeline import run_task
     from fuyu.records import Ask
 
     if field or fields is not None:
+        from fuyu.fields import FieldSet, check_names
+
         if question or questions is not None:
             raise FuyuError("-q gives a record per question, --field/--fields a record per item",
                             "give the questions as fields, e.g. --field total='Total?'")
@@ -135,6 +136,8 @@ def ask(paths: PathsArg, question: QuestionOpt = None, questions: QuestionsFileO
     if kind == "text":
         asks = [Ask("ask", q) for q in asked]
     else:  # each question its own typed field, so that the runner constrains and parses it
+        from fuyu.fields import make_field
+
         asks = [Ask("ask", q, field=make_field(f"q{i}", q, kind, options, regex, f"--type {kind}"))
                 for i, q in enumerate(asked)]
     run_task(asks, run.with_paths(paths))
