@@ -105,23 +105,23 @@ class FuyuProcessor:
         """Generated ids (B, N) -> text per row, cut at the first |ENDOFTEXT|."""
         return [self.tokenizer.decode(row) for row in self._rows(new_ids)]
 
-    def boxes(self, new_ids: torch.Tensor, images: FuyuBatch | Sequence[tuple[int, int] | None],
+    def boxes(self, new_ids: torch.Tensor, batch: FuyuBatch | Sequence[tuple[int, int] | None],
               on_problem: Callable[[str], None] | None = None) -> list[list[Box]]:
         """Per row: generated <0x00> y1 x1 y2 x2 <0x01> spans as Box(x0, y0, x1, y1) in original-image
-        pixels, clamped to the image. images: the batch the ids came from, or just each row's
+        pixels, clamped to the image. batch: the batch the ids came from, or just each row's
         original (height, width) (None: text-only), all the mapping needs. Malformed spans go to
         on_problem (default: a RuntimeWarning)."""
         tok = self.tokenizer
-        rows = self._spans(new_ids, images, tok.box_open_id, tok.box_close_id, 4, on_problem)
+        rows = self._spans(new_ids, batch, tok.box_open_id, tok.box_close_id, 4, on_problem)
         return [[Box(to_x(x0), to_y(y0), to_x(x1), to_y(y1)) for y0, x0, y1, x1 in spans]
                 for spans, (to_x, to_y) in rows]
 
-    def points(self, new_ids: torch.Tensor, images: FuyuBatch | Sequence[tuple[int, int] | None],
+    def points(self, new_ids: torch.Tensor, batch: FuyuBatch | Sequence[tuple[int, int] | None],
                on_problem: Callable[[str], None] | None = None) -> list[list[tuple[int, int]]]:
-        """Per row: generated <0x02> x y <0x03> spans as (x, y) in original-image pixels (images: as
+        """Per row: generated <0x02> x y <0x03> spans as (x, y) in original-image pixels (batch: as
         for boxes)."""
         tok = self.tokenizer
-        rows = self._spans(new_ids, images, tok.point_open_id, tok.point_close_id, 2, on_problem)
+        rows = self._spans(new_ids, batch, tok.point_open_id, tok.point_close_id, 2, on_problem)
         return [[(to_x(x), to_y(y)) for x, y in spans] for spans, (to_x, to_y) in rows]
 
     def _rows(self, new_ids) -> list[list[int]]:
@@ -129,12 +129,12 @@ class FuyuProcessor:
         eos = self.tokenizer.eos_id
         return [row[:row.index(eos)] if eos in row else row for row in rows]
 
-    def _spans(self, new_ids, images, open_id, close_id, count, on_problem):
+    def _spans(self, new_ids, batch, open_id, close_id, count, on_problem):
         """Per row: (the numbers of each well-formed span, the row's (to_x, to_y) converters)."""
-        if isinstance(images, FuyuBatch):
-            sizes, names = images.image_sizes, images.names
-        else:
-            sizes = list(images)
+        if isinstance(batch, FuyuBatch):
+            sizes, names = batch.image_sizes, batch.names
+        else:  # the rows' image sizes
+            sizes = list(batch)
             names = [f"row {b}" for b in range(len(sizes))]
         out = []
         for b, row in enumerate(self._rows(new_ids)):
