@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
                      "reduced": not cuda, "torch": torch.__version__, "python": platform.python_version(),
                      "sections": {}}
     if not cuda:
-        from fuyu.model.tuning import cpu_model
+        from fuyu.model.native.build import cpu_model
 
         results["device"] = cpu_model()
     start = time.perf_counter()

@@ -77,7 +77,7 @@ def main() -> None:
     med = {k: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
            for k, vals in results.items()}
     same = results["shared"][-1][2] == results["separate"][-1][2]
-    from fuyu.model.tuning import cpu_model
+    from fuyu.model.native.build import cpu_model
 
     out = {"cpu": cpu_model(), "model": str(args.model or "mid (random)"), "dtype": args.dtype,
            "questions": args.questions, "new_tokens": args.new_tokens, "image": "1280x720",

@@ -149,14 +149,13 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def kernel_choice(net) -> dict:
-    """{weight: {"kernel", "modules", "ms": {kernel: [ms at each of tuning.ROWS]}}}
-    (empty off CPU)."""
-    from fuyu.model import tuning
+def kernel_plan(net) -> dict:
+    """The kernel plan the model was loaded with and the timings of the plans it beat
+    (fuyu.model.plan.report); empty off the CPU."""
+    from fuyu.model import plan
 
-    if net.embed_tokens.weight.device.type != "cpu":
-        return {}
-    return tuning.report(net, tuning.load_choices())
+    chosen = getattr(net.backend, "plan", None) if net.backend is not None else None
+    return {} if chosen is None else plan.report(net, chosen)
 
 
 def ms(s) -> dict:

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     for name, r in summary.items():
         two = f"   two at once {r['two_at_once']:7.1f} ms/step ({r['two_at_once'] / r['alone']:.1f}x)" if "two_at_once" in r else ""
         print(f"{name:26s} alone {r['alone']:7.1f} ms/step{two}")
-    from fuyu.model.tuning import cpu_model
+    from fuyu.model.native.build import cpu_model
 
     print(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "steps": args.steps, "ms_per_step": summary}))
 

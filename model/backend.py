@@ -2,11 +2,12 @@
 
 model/fuyu.py is the math, in torch ops that run anywhere. For a model on the CPU, loading
 (weights.for_inference) sets `model.backend` to a CpuBackend, the one part that knows our C
-kernels (model/native) and the Linear layouts tuning swapped in (model/kernels.py):
+kernels (model/native), the Linear layouts the kernel plan swapped in (model/kernels.py) and the
+plan itself (model/plan.py, `plan`):
 
   step(model, cache, ids)   a whole decode step with every decoder layer in one C call, where
-                            tuning picked the native GEMV for every layer's Linears; None where it
-                            does not serve (the caller runs the plain step)
+                            the plan serves every layer's Linears with the native kernels (16-bit,
+                            int8 or int4); None where it does not (the caller runs the plain step)
   attend(q, k, v, mask)     one-query decode attention in one C pass over the cache, for the
                             plain step's layers (model/fuyu.py's decode_attention otherwise)
   argmax(logits)            greedy ids in one C pass over 16-bit logits
@@ -35,6 +36,7 @@ class CpuBackend:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.plan = None  # the kernel plan loading applied (model/plan.py), for reports
         self._layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache: (model, Layers | None)
 
     @functools.cached_property

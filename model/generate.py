@@ -112,7 +112,7 @@ def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
 
     Eagerly, the model's backend runs the step where it serves it (on the CPU: every layer in one
     C call), else the plain step runs, with the backend's decode attention. Under torch.compile
-    the plain step alone (its Linears as tuning swapped them): fixed shapes and no host sync, so it
+    the plain step alone (its Linears as the kernel plan swapped them): fixed shapes and no host sync, so it
     compiles once.
     """
     backend = None if torch.compiler.is_compiling() else model.backend

@@ -1,31 +1,28 @@
-"""CPU kernel variants of nn.Linear, swapped in after loading, each equivalent to the plain op.
+"""CPU kernel variants of nn.Linear (and of the quantized Linears), swapped in after loading.
 
-A kernel name says how decode-sized calls are served and, after a "+", prefill-sized ones where
-that differs. Which one serves which weight is decided by timing on the machine
-(model/tuning.py); this module
-only holds the variants and the swap, and does no I/O. Every variant gives back its plain
-nn.Linear exactly (`restore_plain`), e.g. to train, move or save the model.
+A kernel name says how decode-sized calls (up to 8 rows) are served and, after a "+", prefill-sized
+ones where that differs. Which one serves which weight is the plan's choice, made by timing whole
+decode steps on the machine (model/plan.py); this module only holds the variants and the swap, and
+does no I/O. Every variant gives back its plain module exactly (`restore_plain`), e.g. to train,
+move or save the model.
 
   linear   F.linear on the plain weight (no swap)
   packed   oneDNN's blocked weight layout (PackedLinear): no per-call weight reorder
-  mv       torch.mv (BLAS GEMV) for one-row inputs, F.linear otherwise (MvLinear)
-  native   our own C matrix-vector kernel (model/native/, compiled on the machine) for inputs of
-           up to 8 rows (a decode batch), F.linear otherwise (NativeLinear): reads 16-bit weights at
-           about the memory's read rate where oneDNN's GEMV does not (both AMD EPYC kinds)
-  gemv     an inductor-compiled multiply-and-reduce with float32 accumulation for 1–2 rows
-           (GemvLinear; F.linear above that), which streams a big LM head at close to the
-           memory bandwidth on some CPUs (AMD EPYC) and not on others
-  +f32     suffix: prefill-sized calls (more rows than a decode batch) as one float32 GEMM over the
-           exactly widened 16-bit weight, rounded once (wide_linear): where the CPU has no fast
-           16-bit GEMM (AVX2 without AVX-512 BF16: oneDNN's bf16 GEMM runs at 16-19 GFLOP/s, float32
-           at 70-110 on a 2-core AVX2-only AMD EPYC) a prefill is 4-5x faster, no less accurate.
-           "linear+f32" is F.linear for the rest
-  int8 / int8+dequant   for Int8Linear: torch's int8 kernel, or for prefill-sized inputs the
-           weight dequantized per call into one 16-bit GEMM (the int8 kernel is ~5× slower there)
+  native   our own C kernels (model/native/, compiled on the machine) for inputs of up to 8 rows:
+           a 16-bit weight read once, four rows at a time (NativeLinear; F.linear for more rows),
+           or an int8/int4 weight in the kernels' tiled layout (NativeQuantLinear; prefill-sized
+           calls as 16-bit GEMMs over blocks of rows made dense a block at a time)
+  +f32     suffix: prefill-sized calls as one float32 GEMM over the exactly widened 16-bit weight,
+           rounded once (wide_linear): where the CPU has no fast 16-bit GEMM (AVX2 without AVX-512
+           BF16: oneDNN's bf16 GEMM runs at 16-19 GFLOP/s, float32 at 70-110 on a 2-core AVX2-only
+           AMD EPYC) a prefill is 4-5x faster, no less accurate. "linear+f32" is F.linear otherwise
+  int8 / int8+dequant   Int8Linear: torch's int8 kernel, or for prefill-sized inputs the weight
+           dequantized per call into one 16-bit GEMM (the int8 kernel is ~5x slower there)
+  int4     Int4Linear: torch's int4 kernel
 
-Where tuning picked "native" for every layer's Linears, an eager decode step goes further:
-`fused_layers` hands all decoder layers to one call of the C kernels (native.Layers), which the
-CPU backend (model/backend.py) runs.
+Where every decoder layer's Linears are native, an eager decode step goes further: `fused_layers`
+hands all decoder layers to one call of the C kernels (native.Layers), which the CPU backend
+(model/backend.py) runs.
 """
 
 from __future__ import annotations
@@ -35,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuyu.model import native
-from fuyu.model.quantize import Int8Linear
+from fuyu.model.quantize import Int4Linear, Int8Linear
 
-GEMV_MAX_ROWS = 2  # one multiply-reduce per row, fused by inductor into one pass over the weight
 DEQUANT_FROM_ROWS = 32  # Int8Linear "int8+dequant": inputs with this many rows or more
 WIDE_FROM_ROWS = native.MAX_ROWS + 1  # "+f32": inputs with more rows than a decode batch
 WIDE_BLOCK = 1 << 20  # weight elements widened to float32 at a time (4 MiB)
@@ -117,56 +113,6 @@ def _(x, packed, bias):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, K) @ w (N, K)ᵀ accumulated and returned in float32, B ≤ GEMV_MAX_ROWS.
-
-    Written row by row (B is static): inductor then reads w once for all rows. In blocks of rows,
-    so that if it ever ran uncompiled it would not materialise an N × K float32 copy.
-    """
-    block = max(1, (1 << 22) // w.shape[1])
-    xf = x.float()
-    parts = [torch.stack([(w[i:i + block].float() * xf[r]).sum(-1) for r in range(x.shape[0])])
-             for i in range(0, w.shape[0], block)]
-    return torch.cat(parts, dim=-1)
-
-
-class GemvLinear(nn.Module):
-    """nn.Linear (plain weight, no bias) whose 1–2-row calls go through a compiled fp32 GEMV."""
-
-    kernel = "gemv"
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("GemvLinear serves bias-free weights (the LM head)")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self._compiled = torch.compile(gemv, dynamic=False)
-        self._broken = False  # compiling failed once (no C compiler, too many shapes): plain op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > GEMV_MAX_ROWS or x.requires_grad or self._broken:
-            return F.linear(x, self.weight)
-        if torch.compiler.is_compiling():  # inside a compiled decode step: part of its graph
-            return gemv(rows, self.weight).reshape(*x.shape[:-1], -1)
-        # A fresh buffer: compiled code guards on strides, and h[:, -1] of a prefill has a row
-        # stride of T·D, so each prompt length would recompile.
-        rows = torch.empty_like(rows, memory_format=torch.contiguous_format).copy_(rows)
-        try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                return self._compiled(rows, self.weight).reshape(*x.shape[:-1], -1)
-        except Exception:  # the plain op is always right
-            self._broken = True
-            return F.linear(x, self.weight)
-
-    def plain(self) -> nn.Linear:
-        return _linear(self.weight, None)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, gemv rows<={GEMV_MAX_ROWS}"
-
-
 def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) for 16-bit x and weights as float32 GEMMs over the exactly
     widened operands, rounded once to the weights' dtype. The weight is widened a block of rows
@@ -224,48 +170,21 @@ class WideLinear(_PlainWeightLinear):
 
 
 class NativeLinear(_PlainWeightLinear):
-    """nn.Linear (plain weight) whose decode-sized calls (≤ native.MAX_ROWS rows) go through
-    the C GEMV of model/native/."""
+    """nn.Linear (plain weight) whose decode-sized calls (<= native.MAX_ROWS rows) go through
+    the C kernels of model/native/."""
 
     base = "native"
     note = f"native rows<={native.MAX_ROWS}"
+
+    def spec(self) -> native.Weight:
+        return native.Weight("PLAIN", self.weight, None, self.bias, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > native.MAX_ROWS * x.shape[-1] or x.requires_grad or x.dtype != self.weight.dtype:
             return self.large(x)
         if torch.compiler.is_compiling():  # inside a compiled decode step: an op of its graph
             return _native_linear(x, self.weight, self.bias)
-        return native.linear(x, self.weight, self.bias)  # (the op's dispatch costs ~30 µs a call)
-
-
-def layer_tensors(block: nn.Module) -> list[torch.Tensor | None]:
-    """A decoder layer's 16 weights and biases in the order native.Layers takes them (the comment
-    on `layers` in native/csrc/native.c)."""
-    attn, mlp = block.self_attn, block.mlp
-    ln1, qln, kln, ln2 = block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm
-    qkv, dense, up, down = attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
-    return [ln1.weight, ln1.bias, qkv.weight, qkv.bias, qln.weight, qln.bias, kln.weight, kln.bias,
-            dense.weight, dense.bias, ln2.weight, ln2.bias, up.weight, up.bias, down.weight, down.bias]
-
-
-def fused_layers(model: nn.Module, cache, lib) -> native.Layers | None:
-    """A Fuyu model's decoder layers as one call of the C kernels (native.Layers, library `lib`)
-    for decode steps over `cache`, or None where they do not serve them (backend.CpuBackend.step).
-
-    Served where tuning picked the native GEMV for all four Linears of every layer: the layers then
-    do the same GEMVs with nothing in between."""
-    eps = model.layers[0].input_layernorm.eps if len(model.layers) else None
-    for block in model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-        norms = (block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm)
-        if (not all(type(m) is NativeLinear for m in linears)
-                or any(n.eps != eps or not n.elementwise_affine for n in norms)):
-            return None
-    if eps is None:
-        return None
-    return native.Layers.build([layer_tensors(b) for b in model.layers], cache.k, cache.v, eps,
-                               model.layers[0].mlp.dense_h_to_4h.out_features, lib)
+        return native.linear(x, self.spec())  # (the op's dispatch costs ~30 us a call)
 
 
 @torch.library.custom_op("fuyu::native_linear", mutates_args=())
@@ -277,6 +196,150 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @_native_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+DENSE_BLOCK_BYTES = 16 << 20  # a quantized weight's rows made dense at a time for a prefill GEMM
+
+
+class NativeQuantLinear(nn.Module):
+    """An int8 or int4 Linear in the C kernels' tiled layout (native/csrc/quant.h): decode-sized
+    calls read the packed weight once (int16-quantized inputs, exact integer dot products);
+    prefill-sized ones multiply 16-bit blocks of rows made dense a block at a time (DENSE_BLOCK_BYTES:
+    no dense copy of the whole weight), int8 exactly (the integers, scaled after the GEMM as
+    Int8Linear's dequantized path does), int4 as q * scale + min rounded to the activations' dtype.
+    Built from a scheme's portable pieces (`from_pieces`); `plain()` and the state dict give them back."""
+
+    kernel = "native"
+
+    def __init__(self, method: str, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int, dtype: torch.dtype, group: int = 0):
+        super().__init__()
+        self.method, self.in_features, self.out_features, self.group = method, in_features, out_features, group
+        self.dtype = dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @staticmethod
+    def serves(method: str, out_features: int, in_features: int, group: int = 0) -> bool:
+        fmt = {"int8": "INT8", "int4": "INT4"}.get(method)
+        return fmt is not None and native.serves_quantized(fmt, out_features, in_features, group)
+
+    @classmethod
+    def from_pieces(cls, method: str, pieces: dict, bias: torch.Tensor | None, dtype: torch.dtype,
+                    group: int = 0) -> NativeQuantLinear:
+        """From Int8's pieces (weight (N, K) int8, scales (N)) or Int4's (weight (N, K/2) nibbles,
+        scales_and_zeros (K/g, N, 2): w = (q - 8) * scale + zero) (model/quantize.py)."""
+        if method == "int8":
+            q = pieces["weight"]
+            N, K = q.shape
+            tiles = q.view(N // native.TILE, native.TILE, K // 64, 64).permute(0, 2, 1, 3).contiguous()
+            return cls(method, tiles, pieces["scales"].float().contiguous(), bias, K, N, dtype)
+        nibbles, sz = pieces["weight"], pieces["scales_and_zeros"].float()
+        N, K = nibbles.shape[0], nibbles.shape[1] * 2
+        q = unpack_int4(nibbles).view(N // native.TILE, native.TILE, K // 128, 2, 64)
+        tiles = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+        scale, zero = sz.unbind(-1)  # (K/g, N) each
+        pairs = torch.stack([scale, zero - 8 * scale], -1).transpose(0, 1)  # (N, G, 2): scale, min
+        pairs = pairs.to(torch.float16).view(N // native.TILE, native.TILE, -1, 2).transpose(1, 2).contiguous()
+        return cls(method, tiles, pairs, bias, K, N, dtype, group)
+
+    def pieces(self) -> dict:
+        """The portable pieces back, exactly (Int8's or Int4's with the scales as float16 rounded them)."""
+        N, K = self.out_features, self.in_features
+        if self.method == "int8":
+            q = self.weight.view(N // native.TILE, K // 64, native.TILE, 64).permute(0, 2, 1, 3).reshape(N, K)
+            return {"weight": q, "scales": self.scales}
+        t = self.weight.permute(0, 2, 1, 3)  # (N/4, 4, K/128, 64)
+        q = torch.stack([t & 15, t >> 4], dim=-2).reshape(N, K)
+        pairs = self.scales.transpose(1, 2).reshape(N, -1, 2).float()  # (N, G, 2)
+        scale, low = pairs.unbind(-1)
+        sz = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
+        return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales_and_zeros": sz}
+
+    def spec(self) -> native.Weight:
+        return native.Weight(self.method.upper(), self.weight, self.scales, self.bias, self.out_features,
+                             self.in_features, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise RuntimeError("this Fuyu's quantized weights are laid out for the CPU kernels; "
+                               "restore plain ones first: fuyu.model.kernels.restore_plain(model)")
+        x = x.to(self.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= native.MAX_ROWS:
+            return native.linear(x, self.spec())
+        spec, int8 = self.spec(), self.method == "int8"
+        y = torch.empty(rows.shape[0], self.out_features, dtype=self.dtype)
+        step = max(native.TILE, DENSE_BLOCK_BYTES // (self.in_features * 2) // native.TILE * native.TILE)
+        for i in range(0, self.out_features, step):
+            j = min(i + step, self.out_features)
+            block = F.linear(rows, native.dense(spec, i, j, self.dtype, unscaled=int8))
+            if int8:
+                block = block * self.scales[i:j].to(self.dtype)
+            y[:, i:j] = block if self.bias is None else block + self.bias[i:j]
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def plain(self) -> nn.Module:
+        from fuyu.model.quantize import resolve_scheme
+
+        scheme = resolve_scheme({"method": self.method, **({"group_size": self.group} if self.group else {})})
+        with torch.device("meta"):
+            module = scheme.make(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
+        scheme.install(module, self.pieces(), self.weight.device, self.dtype)
+        module.bias = self.bias
+        return module
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the portable pieces under the quantized module's keys: saving a loaded model just works
+        pieces = self.pieces()
+        if self.method == "int8":
+            pieces["scales"] = pieces["scales"].to(self.dtype)
+        for k, v in pieces.items():
+            destination[prefix + k] = v
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def extra_repr(self) -> str:
+        group = f", groups of {self.group}" if self.group else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.method} tiled for the native kernels{group}")
+
+
+def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) values 0..15 (even columns in the low nibbles)."""
+    return torch.stack([nibbles & 15, nibbles >> 4], dim=-1).flatten(-2)
+
+
+def layer_spec(block: nn.Module) -> tuple[list[torch.Tensor | None], list[native.Weight]] | None:
+    """A decoder layer as native.Layers takes it: its 8 LayerNorm tensors (LN1, q-LN, k-LN, LN2:
+    weight, bias) and its 4 Linears as native Weights (qkv, dense, up, down); None where a Linear
+    is not served by the native kernels."""
+    attn, mlp = block.self_attn, block.mlp
+    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    if not all(type(m) in (NativeLinear, NativeQuantLinear) for m in linears):
+        return None
+    norms = (block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm)
+    return [t for n in norms for t in (n.weight, n.bias)], [m.spec() for m in linears]
+
+
+def fused_layers(model: nn.Module, cache, lib) -> native.Layers | None:
+    """A Fuyu model's decoder layers as one call of the C kernels (native.Layers, library `lib`)
+    for decode steps over `cache`, or None where they do not serve them (backend.CpuBackend.step):
+    served where every layer's four Linears are native, so the layers do the same products with
+    nothing in between."""
+    if not len(model.layers):
+        return None
+    eps = model.layers[0].input_layernorm.eps
+    specs = []
+    for block in model.layers:
+        norms = (block.input_layernorm, block.self_attn.q_layernorm, block.self_attn.k_layernorm,
+                 block.post_attention_layernorm)
+        spec = layer_spec(block)
+        if spec is None or any(n.eps != eps or not n.elementwise_affine for n in norms):
+            return None
+        specs.append(spec)
+    return native.Layers.build(specs, cache.k, cache.v, eps, model.layers[0].mlp.dense_h_to_4h.out_features, lib)
 
 
 class DequantInt8Linear(Int8Linear):
@@ -304,21 +367,6 @@ class DequantInt8Linear(Int8Linear):
         return module
 
 
-class MvLinear(_PlainWeightLinear):
-    """nn.Linear (plain weight) whose one-row calls go through torch.mv: BLAS's GEMV streams a
-    16-bit weight faster than F.linear's GEMM path on some CPUs (and slower on others)."""
-
-    base = "mv"
-    note = "mv for 1 row"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.shape[-1] or x.requires_grad:
-            return self.large(x)
-        y = torch.mv(self.weight, x.reshape(-1))
-        y = y if self.bias is None else y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
-
-
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -335,83 +383,53 @@ def can_pack(weight: torch.Tensor) -> bool:
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-SWAPPED = (PackedLinear, GemvLinear, _PlainWeightLinear, DequantInt8Linear)
+SWAPPED = (PackedLinear, _PlainWeightLinear, DequantInt8Linear, NativeQuantLinear)
 
 
 def eligible(module: nn.Module) -> bool:
     """Whether a CPU kernel other than its own could serve `module` (cheap: builds nothing)."""
-    if type(module) is Int8Linear:
+    if type(module) in (Int8Linear, Int4Linear):
         return module.weight.device.type == "cpu"
     return type(module) is nn.Linear and not hasattr(module, "_hf_hook") and module.weight.device.type == "cpu"
 
 
-def candidates(module: nn.Module) -> list[str]:
-    """Kernel names for `module`'s decode-sized calls (first: what it is now, unswapped)."""
-    if not eligible(module):
-        return []
-    if type(module) is Int8Linear:
-        return ["int8"]
-    names = ["linear"]
-    if can_pack(module.weight):
-        names.append("packed")
-    if native.serves(module.weight) and native.available():
-        names.append("native")
-    if module.weight.dtype in (torch.bfloat16, torch.float16):
-        names.append("mv")
-        if module.bias is None:
-            names.append("gemv")
-    return names
-
-
-def prefill_candidates(module: nn.Module) -> list[str]:
-    """Kernel names for `module`'s prefill-sized calls: F.linear, oneDNN packed, float32 GEMMs;
-    the int8 kernel or the weight dequantized per call."""
-    if not eligible(module):
-        return []
-    if type(module) is Int8Linear:
-        return ["int8", "int8+dequant"]
-    names = ["linear"]
-    if can_pack(module.weight):
-        names.append("packed")
-    if module.weight.dtype in (torch.bfloat16, torch.float16):
-        names.append("linear+f32")
-    return names
-
-
-def compose(decode: str, prefill: str) -> str | None:
-    """The kernel that serves decode-sized calls as `decode` and prefill-sized ones as `prefill`
-    (names from candidates and prefill_candidates), or None where no one kernel does both."""
-    if "packed" in (decode, prefill):  # the packed weight replaces the plain one: both or neither
-        return "packed" if decode == prefill else None
-    if decode == "int8":
-        return prefill
-    if prefill == "linear":
-        return decode
-    return None if decode == "gemv" else decode + "+f32"  # (gemv keeps F.linear for the rest)
+def kind(module: nn.Module) -> str:
+    """What a module's weight is, as the plan groups kernels: "int8", "int4", or "float" (16/32-bit)."""
+    if isinstance(module, (Int8Linear,)) or getattr(module, "method", None) == "int8":
+        return "int8"
+    if isinstance(module, Int4Linear) or getattr(module, "method", None) == "int4":
+        return "int4"
+    return "float"
 
 
 def use(module: nn.Module, kernel: str) -> nn.Module:
-    """`module` (plain) served by `kernel`: a new module, or the same one set up for it."""
+    """`module` (plain, or quantized on torch's kernel) served by `kernel`: a new module, or the
+    same one where it already is."""
+    if kernel == kernel_of(module):
+        return module
     if kernel == "packed":
         return PackedLinear(module)
-    if kernel == "gemv":
-        return GemvLinear(module)
+    if type(module) is Int8Linear:
+        if kernel == "native":
+            return NativeQuantLinear.from_pieces("int8", {"weight": module.weight, "scales": module.scales},
+                                                 module.bias, module.scales.dtype)
+        return DequantInt8Linear(module) if kernel == "int8+dequant" else module
+    if type(module) is Int4Linear:
+        return module  # installed as planned while loading (its torch layout cannot be re-tiled)
     base, _, suffix = kernel.partition("+")
     wide = suffix == "f32"
-    if base == "mv":
-        return MvLinear(module, wide)
     if base == "native":
         return NativeLinear(module, wide)
     if kernel == "linear+f32":
         return WideLinear(module)
-    if kernel == "int8+dequant":
-        return DequantInt8Linear(module)
     return module
 
 
 def kernel_of(module: nn.Module) -> str | None:
     if type(module) is Int8Linear:
         return "int8"
+    if type(module) is Int4Linear:
+        return "int4"
     if type(module) is nn.Linear:
         return "linear"
     return getattr(module, "kernel", None)

@@ -1,10 +1,11 @@
 """The environment variables the library reads, all in one place: `Settings.from_environment()`.
 
-  FUYU_KERNELS    the CPU kernel mode at load: auto (default), plain, tune (model/tuning.py)
+  FUYU_KERNELS    the CPU kernel plan at load: auto (default: timed), plain, or a fixed native,
+                  packed or linear (model/plan.py)
   FUYU_NATIVE     0: never build or load our C kernels (model/native/); debug: build them with
                   -O0 -g -fsanitize=address (load with the sanitizer's runtime preloaded)
   CC              the C compiler (default: cc)
-  XDG_CACHE_HOME  where kernel timings and the compiled C library are cached (default ~/.cache),
+  XDG_CACHE_HOME  where kernel plans and the compiled C library are cached (default ~/.cache),
                   under fuyu/
 
 The rest of the library reads them through this function: a call that takes `settings=None` reads

@@ -16,8 +16,8 @@ from fuyu.model.config import FuyuConfig
 from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
-from fuyu.model import backend, memory, native, reader, tuning
-from fuyu.model.kernels import PackedLinear
+from fuyu.model import backend, memory, native, plan as kernel_plan, reader
+from fuyu.model.kernels import NativeQuantLinear, PackedLinear
 from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 from fuyu.model.settings import Settings
 
@@ -118,13 +118,14 @@ def load_pretrained(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     device_map: "auto" (with optional max_memory {0: "20GiB", "cpu": "30GiB"}) or {module: device}
     (model/devices.py); it overrides `device`. Offloaded modules stay unquantized; disk-offloaded
     tensors are read from the checkpoint's own files, or from offload_folder when they must change.
-    kernels: on CPU, "auto" swaps in the Linear kernels timed fastest on this machine (model/tuning.py;
-    same results up to rounding), "tune" also times the compiled GEMV, "plain" keeps nn.Linear;
+    kernels: on CPU, "auto" swaps in the kernel plan timed fastest on this machine for a whole
+    decode step (model/plan.py; same results up to rounding), "plain" keeps nn.Linear and the
+    quantized modules' own kernels, "native"/"packed"/"linear" fix the plan without timing;
     None = $FUYU_KERNELS or "auto". `fuyu.model.kernels.restore_plain(model)` undoes it exactly.
-    On the CPU this writes caches and starts a compiler: the kernel timings go to $XDG_CACHE_HOME/fuyu/
-    once per machine (unless kernels="plain"), and the CPU backend's C kernels compile into it at
-    their first use (model/native, once per machine, with $CC; FUYU_NATIVE=0 keeps the compiler
-    off). model/settings.py reads those variables.
+    On the CPU this writes caches and starts a compiler: the plan goes to $XDG_CACHE_HOME/fuyu/
+    once per machine and model shape (unless kernels="plain"), and the CPU backend's C kernels
+    compile into it at their first use (model/native, once per machine, with $CC; FUYU_NATIVE=0
+    keeps the compiler off). model/settings.py reads those variables.
     config: the checkpoint's config.json as read_config(ckpt_dir) returned it, for a caller that
     read it already (the CLI checks memory with it first); None reads it here.
     """
@@ -147,9 +148,10 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
     weights for a benchmark): load_pretrained's work once the files are found. `where` names the
     source in errors."""
     ckpt, dtype = Path(where), resolve_dtype(dtype)
-    cpu_kernels = device_map is None and torch.device(device).type == "cpu" and tuning.mode(kernels) != "plain"
-    if cpu_kernels:
-        native.build_in_background(Settings.from_environment())  # for the kernel step (timed before the weights are read)
+    settings = Settings.from_environment()
+    on_cpu = device_map is None and torch.device(device).type == "cpu"
+    if on_cpu and kernel_plan.mode(settings, kernels) != "plain":
+        native.build_in_background(settings)  # for the plan (timed before the weights are read)
     try:
         stored = resolve_scheme(cfg.quantization)  # how the checkpoint's own tensors are quantized
     except ValueError as e:
@@ -164,12 +166,14 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
         swap_linears(model, scheme.make, sorted(quantized))
     if device_map is None:
         memory.check_weights(model, dtype, device, ckpt, dict.fromkeys(quantized, scheme.method) if scheme else None)
-    # Kernels are timed now, on synthetic weights, while memory is free; a weight whose kernel
-    # repacks it and that is too big to hold twice (the LM head) is packed as it is read.
-    entries = tuning.time_ahead(model, dtype, kernels) if cpu_kernels else None
+    # The kernel plan is timed now, on synthetic weights, while memory is free; a weight whose
+    # kernel repacks it and that is too big to hold twice (the LM head) is packed as it is read,
+    # and quantized weights the native kernels serve are laid out for them as they are read.
+    plan = kernel_plan.choose(kernel_plan.Shape.of(model, dtype), settings, kernels) if on_cpu else None
+    planned = {name: plan.kernel(name) for name, _ in model.named_modules()} if plan else {}
     pack_as_read = {name for name, m in model.named_modules()
-                    if entries and type(m) is torch.nn.Linear and m.weight.numel() * dtype.itemsize > PACK_BLOCK_BYTES
-                    and tuning.planned(model, name, dtype, entries) == "packed"}
+                    if type(m) is torch.nn.Linear and m.weight.numel() * dtype.itemsize > PACK_BLOCK_BYTES
+                    and planned.get(name) == "packed"}
 
     expected: dict[str, tuple[str, str]] = {}  # local tensor name → (module, piece)
     for name in shapes:
@@ -194,7 +198,7 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
                 continue
             pieces = pending.pop(module)
             if module in quantized:
-                _install(stored, model, module, pieces, target, dtype, file)
+                _install(stored, model, module, pieces, target, dtype, file, planned.get(module))
                 continue
             name, entry, source = f"{module}.weight", stored.dequantize(pieces), None  # offloaded
         shape = tuple(entry.shape)
@@ -203,7 +207,7 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
                                   f"config.json implies {shapes[name]}")
         if module in quantized and piece == "weight":
             pieces = scheme.quantize(_read(entry, dtype, target))
-            _install(scheme, model, module, pieces, target, dtype, file)
+            _install(scheme, model, module, pieces, target, dtype, file, planned.get(module))
             del pieces
         elif module in pack_as_read and piece == "weight":
             _pack_rows(model, module, entry, dtype)
@@ -217,21 +221,24 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
         raise CheckpointError(f"{ckpt}: tensor {missing[0]!r}{more} missing from the checkpoint; "
                               "a shard is incomplete or the checkpoint does not match config.json")
     dispatch(model, placement, offload_folder, offload_index)
-    return for_inference(model, kernels, kernel_step=device_map is None, timings=entries)
+    return for_inference(model, kernels, kernel_step=device_map is None, settings=settings, plan=plan)
 
 
 def for_inference(model: Fuyu, kernels: str | None = None, kernel_step: bool = True,
-                  settings: Settings | None = None, timings: dict | None = None) -> Fuyu:
-    """Eval mode, frozen weights, and for a model on the CPU the kernel step (model/tuning.py;
-    `timings` from tuning.time_ahead spare it timing anything) and the CPU backend
-    (model/backend.py; its C kernels compile at first use, per `settings`, None:
-    Settings.from_environment()): what every loaded model goes through, random benchmark models
-    included."""
+                  settings: Settings | None = None, plan: kernel_plan.Plan | None = None) -> Fuyu:
+    """Eval mode, frozen weights, and for a model on the CPU the kernel plan (model/plan.py; a
+    `plan` chosen before loading spares choosing it again) and the CPU backend (model/backend.py;
+    its C kernels compile at first use), per `settings` (None: Settings.from_environment()): what
+    every loaded model goes through, random benchmark models included."""
+    settings = settings or Settings.from_environment()
     model = model.eval().requires_grad_(False)
-    tuning.mode(kernels)  # a bad name fails on any device
-    model.backend = backend.for_model(model, settings or Settings.from_environment())
+    kernel_plan.mode(settings, kernels)  # a bad name fails on any device
+    model.backend = backend.for_model(model, settings)
     if kernel_step and model.embed_tokens.weight.device.type == "cpu":
-        tuning.choose(model, kernels, entries=timings)
+        if plan is None:
+            plan = kernel_plan.choose(kernel_plan.Shape.of(model, model.embed_tokens.weight.dtype), settings, kernels)
+        kernel_plan.apply(model, plan)
+        model.backend.plan = plan
     return model
 
 
@@ -258,9 +265,19 @@ def _pick_scheme(ckpt: Path, requested, stored):
     return stored
 
 
-def _install(scheme, model, module: str, pieces, device, dtype, file: Path) -> None:
+def _install(scheme, model, module: str, pieces, device, dtype, file: Path, kernel: str | None = None) -> None:
+    """Install a quantized weight's pieces into its module, or, where the plan serves it with the
+    native kernels, straight into their layout (no second layout made and dropped)."""
     try:
-        scheme.install(model.get_submodule(module), pieces, device, dtype)
+        old = model.get_submodule(module)
+        group = getattr(old, "group", 0)
+        if kernel == "native" and NativeQuantLinear.serves(scheme.method, old.out_features, old.in_features, group):
+            parent, _, leaf = module.rpartition(".")
+            new = NativeQuantLinear.from_pieces(scheme.method, pieces, None, dtype, group)
+            new.bias = old.bias  # meta until the checkpoint's bias is read (_set_tensor)
+            setattr(model.get_submodule(parent), leaf, new)
+            return
+        scheme.install(old, pieces, device, dtype)
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         raise CheckpointError(f"{file}: the {scheme.method} tensors of {module!r} are unusable "
                               f"({e}); re-convert the checkpoint") from None

@@ -365,9 +365,10 @@ def test_compile_flag_gives_the_eager_text(tiny_model, tmp_path):
 
 
 def test_the_cli_loads_with_kernels_timed_on_this_machine_and_caches_the_choice(tiny_model, shots, monkeypatch):
-    from fuyu.model import tuning
+    from fuyu.model import plan
+    from fuyu.model.settings import Settings
 
     monkeypatch.setenv("FUYU_KERNELS", "auto")
     r = fuyu("caption", shots / "wide.png", "-m", tiny_model, "--dtype", "bfloat16", "--max-new-tokens", "4")
     assert r.code == 0 and r.records()[0]["new_tokens"] == 4, r.err
-    assert tuning.cache_file().is_file()  # in the test session's own XDG_CACHE_HOME
+    assert plan.cache_file(Settings.from_environment()).is_file()  # in the test session's own XDG_CACHE_HOME

@@ -1,13 +1,15 @@
 """Every fast path against the plain one: float32 logits within 1e-4 and identical greedy ids
-(tiny checkpoints, CPU); the kernel choice, its cache file and the way back to plain weights."""
+(tiny checkpoints, CPU); the kernel plan, its cache file, its fallback and the way back to plain
+weights."""
 
 import json
 
 import pytest
 import torch
 
-from fuyu.model import generate, kernels, load_pretrained, logits, native, sample, tuning
-from fuyu.model.kernels import GemvLinear, PackedLinear, restore_plain
+from fuyu.model import generate, kernels, load_pretrained, logits, native, plan, sample
+from fuyu.model.kernels import PackedLinear, restore_plain
+from fuyu.model.settings import Settings
 from fuyu.testing.checkpoint import make_checkpoint
 from fuyu.testing.batches import make_batch
 
@@ -38,27 +40,28 @@ def plain32(ckpt, batch):
         return model, logits(model, batch), generate(model, batch, 16, eos_id=-1)
 
 
+# Which Linears each kernel serves (the plan offers +f32 for 16-bit weights only, but the modules
+# serve any dtype, so their equivalence is tested where it is exact enough).
+SERVES = {"packed": lambda m: kernels.kind(m) == "float" and kernels.can_pack(m.weight),
+          "native": lambda m: kernels.kind(m) == "float" or kernels.NativeQuantLinear.serves(
+              kernels.kind(m), m.out_features, m.in_features, getattr(m, "group", 0)),
+          "linear+f32": lambda m: kernels.kind(m) == "float", "native+f32": lambda m: kernels.kind(m) == "float",
+          "int8+dequant": lambda m: kernels.kind(m) == "int8"}
+
+
 def every(kernel):
-    offered = lambda m: kernels.candidates(m) + kernels.prefill_candidates(m)  # noqa: E731
-    return lambda name, module: kernel if kernel in offered(module) else None
+    return lambda name, module: kernel if SERVES[kernel](module) else None
 
 
-# Which Linears each kernel can serve in float32 (tuning offers mv and gemv for 16-bit weights only,
-# but the modules serve any dtype, so their equivalence is tested where it is exact enough).
-SERVES = {"packed": lambda m: kernels.can_pack(m.weight), "mv": lambda m: True, "gemv": lambda m: m.bias is None,
-          "native": lambda m: True, "linear+f32": lambda m: True, "native+f32": lambda m: True}
-
-
-@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("mv", 14), ("gemv", 1), ("native", 14),
-                                             ("linear+f32", 14), ("native+f32", 14)])
+@pytest.mark.parametrize("kernel, swapped", [("packed", 14), ("native", 14), ("linear+f32", 14), ("native+f32", 14)])
 def test_each_kernel_gives_the_plain_float32_logits_and_greedy_ids(ckpt, batch, plain32, kernel, swapped, request):
     if kernel.startswith("native"):
         request.getfixturevalue("native_lib")  # built, or the test fails (skips without a compiler)
     model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
     if not SERVES[kernel](model.lm_head):
         pytest.skip(f"no {kernel} kernel on this machine (packed: oneDNN)")
-    # 14: the patch projection, 3 layers × 4 Linears, the LM head; gemv: the head (no bias)
-    assert len(kernels.apply(model, lambda name, m: kernel if SERVES[kernel](m) else None)) == swapped
+    # 14: the patch projection, 3 layers × 4 Linears, the LM head
+    assert len(kernels.apply(model, every(kernel))) == swapped
     with torch.inference_mode():
         assert (logits(model, batch) - plain32[1]).abs().max().item() < 1e-4
         assert generate(model, batch, 16, eos_id=-1).tolist() == plain32[2].tolist()
@@ -113,53 +116,64 @@ def test_restore_plain_gives_back_the_exact_weights(ckpt, tmp_path, batch):
     assert {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} == {"Linear"}
 
 
-def test_kernel_choice_is_timed_once_per_machine_and_cached_in_the_user_cache(ckpt, tmp_path, monkeypatch):
+def test_the_plan_is_timed_once_per_machine_and_model_and_cached_in_the_user_cache(ckpt, tmp_path, monkeypatch):
     timed = []
-    real = tuning.measure
-    monkeypatch.setattr(tuning, "measure", lambda m, tune=False, head=False: (timed.append(tuning.key(m)),
-                                                                             real(m, tune, head))[1])
-    monkeypatch.setattr(tuning, "NOISY", float("inf"))  # keep every timing, however busy the machine
-    monkeypatch.setattr(tuning, "CPU_SHARE", 0.0)
+    real = plan.time_plans
+    monkeypatch.setattr(plan, "time_plans", lambda shape, settings: (timed.append(shape), real(shape, settings))[1])
+    monkeypatch.setattr(plan, "CPU_SHARE", 0.0)  # keep the plan, however busy the machine
     monkeypatch.setenv("FUYU_KERNELS", "auto")  # the default outside the test suite
     model = load_pretrained(ckpt, dtype=torch.bfloat16)
-    # query_key_value, dense, dense_h_to_4h, dense_4h_to_h, lm_head; not the patch projection
-    assert len(timed) == 5 and all("bfloat16" in k for k in timed)
-    path = tuning.cache_file()
-    assert path.is_relative_to(tmp_path / "xdg" / "fuyu") and tuning.cpu_model() == json.loads(path.read_text())["cpu"]
-    report = tuning.report(model, tuning.load_choices())
-    assert sum(r["modules"] for r in report.values()) == 3 * 4 + 2
-    for row in report.values():
-        if row["ms"]:  # timed: the winner among them, decode kernels at 1, 2, 8 rows, prefill ones at 128
-            assert all(len(ms) == len(tuning.ROWS) for ms in row["ms"].values())
-            decode, _, prefill = row["kernel"].partition("+")
-            assert row["ms"][decode][0] is not None
-            assert prefill == "" or row["ms"]["linear+" + prefill][-1] is not None
-    assert sum(bool(row["ms"]) for row in report.values()) == 5
+    chosen = model.backend.plan
+    assert len(timed) == 1 and chosen.how == "timed"
+    path = plan.cache_file(Settings.from_environment())
+    assert path.is_relative_to(tmp_path / "xdg" / "fuyu")
+    entry, = json.loads(path.read_text())["entries"].values()
+    # every candidate of both parts timed: decode steps at 1, 2 and 8 rows, the layers' prefill
+    for part in ("layers", "head"):
+        offered = plan.candidates(timed[0], part, Settings.from_environment())
+        assert set(entry["timings"][part]) == set(offered) and entry[part] == getattr(chosen, part)
+        assert all(len(t["ms"]) == len(plan.ROWS) + 1 and t["ms"][0] > 0 for t in entry["timings"][part].values())
+        best = min(entry["timings"][part].values(), key=lambda t: t["score"])
+        assert entry["timings"][part][getattr(chosen, part)] == best
+    in_use = plan.report(model, chosen)["in_use"]
+    assert sum(r["modules"] for r in in_use.values()) == 3 * 4 + 2
+    assert load_pretrained(ckpt, dtype=torch.bfloat16).backend.plan.how == "cached" and len(timed) == 1
+    load_pretrained(ckpt, dtype=torch.float32)  # another dtype: another entry
+    monkeypatch.setattr(plan.native_build, "cpu_flags", lambda: "flags : fpu sse2")  # another CPU kind
     load_pretrained(ckpt, dtype=torch.bfloat16)
-    assert len(timed) == 5  # the second load reads the choices
+    assert len(timed) == 3 and len(json.loads(path.read_text())["entries"]) == 3
 
 
-def test_fuyu_kernels_plain_turns_the_kernel_step_off(ckpt, monkeypatch):
+@pytest.mark.usefixtures("native_lib")
+def test_a_cached_plan_naming_kernels_not_offered_falls_back_without_error(ckpt, batch, monkeypatch):
+    """A cached plan that names the native kernels where they cannot be had now (FUYU_NATIVE=0 or
+    no compiler): the best other candidate it timed serves, or oneDNN's packed kernel."""
+    monkeypatch.setenv("FUYU_KERNELS", "auto")
+    settings = Settings.from_environment()
+    shape = plan.Shape.of(load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain"), torch.bfloat16)
+    timings = {"layers": {"native": {"ms": [1, 1, 1, 1], "score": 1.0}, "linear": {"ms": [2, 2, 2, 2], "score": 2.0}},
+               "head": {"native": {"ms": [1, 1, 1, None], "score": 1.0}}}
+    plan.save(plan.cache_file(settings), shape.key(), plan.Plan("native", "native", timings=timings))
+    assert load_pretrained(ckpt, dtype=torch.bfloat16).backend.plan.layers == "native"  # offered: used as cached
+    monkeypatch.setenv("FUYU_NATIVE", "0")
+    model = load_pretrained(ckpt, dtype=torch.bfloat16)
+    chosen = model.backend.plan
+    assert chosen.how == "fallback" and chosen.layers == "linear"  # the best it timed that is offered
+    assert chosen.head == ("packed" if kernels.can_pack(torch.empty(0, dtype=torch.bfloat16)) else "linear")
+    assert "native" not in set(kernels.in_use(model).values())
+    with torch.inference_mode():
+        assert generate(model, batch, 4, eos_id=-1).shape == (2, 4)
+    monkeypatch.setenv("FUYU_KERNELS", "native")  # a fixed plan falls back alike
+    assert "native" not in set(kernels.in_use(load_pretrained(ckpt, dtype=torch.bfloat16)).values())
+
+
+def test_fuyu_kernels_plain_turns_the_kernel_plan_off(ckpt, monkeypatch):
     monkeypatch.setenv("FUYU_KERNELS", "plain")
     model = load_pretrained(ckpt, dtype=torch.bfloat16)
     assert set(kernels.in_use(model).values()) == {"linear"}
-    assert not tuning.cache_file().exists()
+    assert not plan.cache_file(Settings.from_environment()).exists()
     with pytest.raises(ValueError, match="kernels='fast'"):
         load_pretrained(ckpt, kernels="fast")
-
-
-def test_gemv_compiles_once_per_row_count_whatever_the_prompt_length():
-    import torch._dynamo
-
-    head = GemvLinear(torch.nn.Linear(64, 512, bias=False).bfloat16().requires_grad_(False))
-    counts = torch._dynamo.utils.counters
-    counts.clear()
-    with torch.inference_mode():
-        for T in (5, 9, 17, 33, 65, 129, 257, 513, 1025, 3):  # more lengths than dynamo's recompile limit
-            h = torch.randn(1, T, 64).bfloat16()[:, -1]  # as a prefill's last position: row stride T·64
-            want = (h.float() @ head.weight.float().T)
-            assert torch.allclose(head(h).float(), want, atol=0.07, rtol=0.01)
-    assert counts["stats"]["unique_graphs"] == 1 and not head._broken
 
 
 def test_rotary_rounds_like_the_reference_formula():
@@ -263,7 +277,9 @@ def test_compiled_decode_through_the_native_kernel_gives_the_eager_greedy_ids(ck
 def test_no_compiler_means_no_native_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert native.library() is None and not native.available()
-    assert "native" not in kernels.candidates(torch.nn.Linear(8, 8).bfloat16())
+    shape = plan.Shape(64, 256, 4, 2, 512, torch.bfloat16, "float", "float")
+    assert not any(k.startswith("native") for part in ("layers", "head")
+                   for k in plan.candidates(shape, part, Settings.from_environment()))
     monkeypatch.delenv("CC")
     monkeypatch.setenv("FUYU_NATIVE", "0")
     assert native.library() is None

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fuyu.model import FuyuConfig, load_pretrained, logits
-from fuyu.model import kernels, reader, tuning, weights
+from fuyu.model import kernels, plan, reader, weights
 from fuyu.model.errors import CheckpointError
 from fuyu.testing.batches import make_batch
 from fuyu.testing.checkpoint import hub_order, make_checkpoint, parameter_shapes
@@ -77,14 +77,14 @@ def test_swapping_kernels_frees_each_plain_weight_before_the_next_swap():
     assert alive_at_each_swap == [0, 0, 0, 0]  # nothing swapped before is still held
 
 
-def test_kernels_are_timed_before_the_weights_are_read(tmp_path, monkeypatch):
+def test_the_plan_is_timed_before_the_weights_are_read(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "m", hidden=64, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False,
                            dtype=torch.bfloat16)
     events = []
-    real_time_ahead, real_read = tuning.time_ahead, reader.StoredTensor.read
-    monkeypatch.setattr(tuning, "time_ahead", lambda *a, **k: (events.append("timed"), real_time_ahead(*a, **k))[1])
+    real_read = reader.StoredTensor.read
+    monkeypatch.setattr(plan, "time_plans", lambda shape, settings: (events.append("timed"),
+                                                                     (plan.Plan("linear", "linear"), False))[1])
     monkeypatch.setattr(reader.StoredTensor, "read", lambda self, *a, **k: (events.append("read"), real_read(self, *a, **k))[1])
-    monkeypatch.setattr(tuning, "measure", lambda m, tune=False, head=False: {"kernel": "linear", "ms": {}, "noisy": True})
     load_pretrained(ckpt, dtype=torch.bfloat16, kernels="auto")
     assert events[0] == "timed" and events.count("timed") == 1 and "read" in events
 
@@ -95,8 +95,7 @@ def test_a_big_weight_planned_packed_is_packed_as_it_is_read(tmp_path, monkeypat
     ckpt = make_checkpoint(tmp_path / "m", hidden=64, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False, seed=3)
     plain = load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain")
     monkeypatch.setattr(weights, "PACK_BLOCK_BYTES", 64 * 2 * 64)  # the head (300 rows) is "big": 64-row blocks
-    monkeypatch.setattr(tuning, "measure", lambda m, tune=False, head=False: {
-        "kernel": "packed" if head else "linear", "ms": {}, "noisy": True})
+    monkeypatch.setattr(plan, "time_plans", lambda shape, settings: (plan.Plan("linear", "packed"), False))
     reads = []
     real = reader.StoredTensor.read
     monkeypatch.setattr(reader.StoredTensor, "read", lambda self, *a, **k: (reads.append((self.key, self.shape)),

@@ -74,11 +74,13 @@ def test_a_failed_build_at_run_time_is_one_warning_line_and_no_kernels(tmp_path,
 def test_the_bindings_are_the_table_of_prototypes(native_lib):
     """Every exported function is bound from csrc/native.h, with the C types' ctypes."""
     table = build.prototypes()
-    assert set(table) == {"fuyu_gemv", "fuyu_attend", "fuyu_layers", "fuyu_argmax"}
+    assert set(table) == {"fuyu_linear", "fuyu_scratch_bytes", "fuyu_dequant", "fuyu_attend", "fuyu_layers",
+                          "fuyu_layers_work_bytes", "fuyu_argmax"}
     P, I32, I64 = build.ctypes.c_void_p, build.ctypes.c_int, build.ctypes.c_int64
     assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
-    assert table["fuyu_layers"][0] is I32
-    assert build.dtype_codes() == {"F32": 0, "BF16": 1} and native.DTYPE[torch.bfloat16] == 1
+    assert table["fuyu_layers"][0] is I32 and table["fuyu_scratch_bytes"] == (I64, [I64, I64])
+    assert build.enum_codes("dtype") == {"F32": 0, "BF16": 1} and native.DTYPE[torch.bfloat16] == 1
+    assert build.enum_codes("wformat") == native.FORMAT == {"PLAIN": 0, "INT8": 1, "INT4": 2}
     for name, (restype, argtypes) in table.items():
         fn = getattr(native_lib, name)
         assert fn.argtypes == argtypes and fn.restype == restype
@@ -148,7 +150,7 @@ def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
         return h, k, v
 
     fused_k, fused_v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
-    layers = native.Layers.build([kernels.layer_tensors(b) for b in blocks], fused_k, fused_v,
+    layers = native.Layers.build([plain_spec(b) for b in blocks], fused_k, fused_v,
                                  cfg.layer_norm_eps, cfg.intermediate_size)
     assert layers is not None
     ours = layers(x, cos.contiguous(), sin.contiguous(), window.slots, window.mask)
@@ -165,6 +167,15 @@ def test_fused_layers_compute_the_layers_of_fuyu_py(native_lib, seed, dtype):
         assert (ours - theirs).abs().mean() <= 0.1 * (theirs - f32).abs().mean()
         for a, b in zip((*fused_k, *fused_v), (*k, *v)):  # each written value rounded once, alike
             assert (a.float() - b.float()).abs().max() <= b.float().abs().max() * 2 ** -7
+
+
+def plain_spec(block):
+    """A plain Block as native.Layers takes it (kernels.layer_spec asks for native Linears)."""
+    attn, mlp = block.self_attn, block.mlp
+    norms = (block.input_layernorm, attn.q_layernorm, attn.k_layernorm, block.post_attention_layernorm)
+    linears = (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    return ([t for n in norms for t in (n.weight, n.bias)],
+            [native.Weight("PLAIN", m.weight, None, m.bias, m.out_features, m.in_features) for m in linears])
 
 
 def _float(block, cfg):
@@ -215,7 +226,7 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
         from fuyu.model.weights import for_inference
         assert "site-packages" in fuyu.model.__file__, fuyu.model.__file__
         assert sorted(p.name for p in build.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h")) == [
-            "attend.h", "gemv.h", "native.c", "native.h", "vec.h"], build.SOURCE_DIR
+            "attend.h", "gemv.h", "isa.h", "linear.h", "native.c", "native.h", "quant.h", "vec.h"], build.SOURCE_DIR
         got = native.outcome()
         assert got.lib is not None and got.build is not None, got.reason  # built now, from those files
         assert str(build.SOURCE_DIR / "native.c") in got.build.command
@@ -235,3 +246,123 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
     r = subprocess.run([str(python), "-c", script], cwd=run, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("decoded " + site), r.stdout
+
+
+# --- the quantized kernels ---------------------------------------------------------------------
+
+def quantized(linear, method, group):
+    from fuyu.model.quantize import resolve_scheme
+
+    scheme = resolve_scheme({"method": method, **({"group_size": group} if group else {})})
+    pieces = scheme.quantize(linear.weight.float())
+    return kernels.NativeQuantLinear.from_pieces(method, pieces, linear.bias, linear.weight.dtype, group), scheme, pieces
+
+
+@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 128), ("int4", 64)])
+def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, group):
+    """Decode-sized calls (int16-quantized inputs, exact integer sums) and prefill-sized ones (dense
+    blocks, a 16-bit GEMM) against the dequantized weight in float64: within the inputs' own
+    bfloat16 rounding; the pieces come back exactly (int4's scales as float16 keeps them)."""
+    g = torch.Generator().manual_seed(len(method) + group)
+    linear = torch.nn.Linear(384, 272).bfloat16().requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(272, 384, generator=g) / 20)
+    module, scheme, pieces = quantized(linear, method, group)
+    w = scheme.dequantize(module.pieces()).double()
+    for rows in (1, 2, 3, 4, 5, 8, 9, 40):
+        x = torch.randn(rows, 384, generator=g).bfloat16()
+        exact = x.double() @ w.T + linear.bias.double()
+        got = module(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 272)
+        # the output's one bf16 rounding (2^-8) plus the integer path's input quantization (2^-15 of
+        # each row's largest input) or the prefill's weight rounding to bf16 (int4: 2^-8 a weight)
+        bound = exact.abs() * 2 ** -8 + (x.double().abs() @ w.abs().T) * 2 ** -8 + 1e-3
+        assert ((got.double() - exact).abs() <= bound).all(), (rows, (got.double() - exact).abs().max())
+    back = module.pieces()
+    assert torch.equal(back["weight"], pieces["weight"])
+    if method == "int8":
+        assert torch.equal(back["scales"], pieces["scales"])
+    else:
+        assert torch.equal(back["scales_and_zeros"], module.pieces()["scales_and_zeros"])
+        assert (back["scales_and_zeros"] - pieces["scales_and_zeros"]).abs().max() <= pieces["scales_and_zeros"].abs().max() * 2 ** -9  # float16
+    plain = module.plain()  # torch's own module again, same values
+    assert type(plain).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear"}[method]
+    x = torch.randn(3, 384, generator=g).bfloat16()
+    assert (plain(x).float() - module(x).float()).abs().max() <= module(x).float().abs().max() * 2 ** -5
+
+
+@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 128), ("int4", 64)])
+def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, method, group):
+    """native.Layers over int8/int4 Linears against model/fuyu.py's Block calling the same kernels
+    one Linear at a time: the same products and roundings, in one call."""
+    g = torch.Generator().manual_seed(7)
+    cfg = FuyuConfig.tiny(hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=2)
+    blocks = [Block(cfg) for _ in range(2)]
+    with torch.no_grad():
+        for p in (p for b in blocks for p in b.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    blocks = [b.bfloat16().requires_grad_(False) for b in blocks]
+    for b in blocks:
+        for name in ("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(b.get_submodule(parent), leaf, quantized(b.get_submodule(name), method, group)[0])
+    B, S, at = 3, 40, 30
+    cache = KVCache(2, B, 2, S, 64, cfg.rotary_dim, cfg.rope_theta, "cpu", torch.bfloat16)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    cache.valid[:, :at] = True
+    cache.next_position[:] = at
+    cache.length = at
+    cache.start_decoding()
+    positions = cache.step()
+    window = cache.window(1)
+    cos, sin = cache.rotary(positions)
+    x = torch.randn(B, 1, 128, generator=g)
+    k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    layers = native.Layers.build([kernels.layer_spec(b) for b in blocks], k, v, cfg.layer_norm_eps, 256)
+    assert layers is not None
+    ours = layers(x, cos.contiguous(), sin.contiguous(), window.slots, window.mask)
+    h = x
+    with torch.inference_mode():
+        for i, block in enumerate(blocks):
+            h = block(h, cos, sin, cache.layer(i, window))
+    assert (ours - h).abs().max() <= h.abs().max() * 2 ** -6
+    assert (ours - h).abs().mean() <= h.abs().mean() * 2 ** -9
+    for a, b in zip((*k, *v), (*cache.k, *cache.v)):
+        assert (a.float() - b.float()).abs().max() <= b.float().abs().max() * 2 ** -6
+
+
+MARCHES = {"x86-64-v3": "AVX2, no AVX-512", "x86-64": "no vector integers: the values one at a time"}
+
+
+@needs_cc
+@pytest.mark.slow
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 targets")
+def test_every_instruction_set_computes_the_same_products(native_lib, tmp_path):
+    """The kernels built for other x86-64 targets than this CPU (isa.h's AVX2 and plain-C paths;
+    AVX-512 and its bf16 dot product where this CPU has them) agree with this machine's build:
+    the quantized products are the same integers, summed in another order; the 16-bit ones float32
+    sums in another order. Outputs within one bfloat16 rounding."""
+    import ctypes
+
+    g = torch.Generator().manual_seed(11)
+    N, K = 136, 512
+    dense = torch.randn(N, K, generator=g) / 20
+    bias = torch.randn(N, generator=g).bfloat16()
+    weights = {"PLAIN": native.Weight("PLAIN", dense.bfloat16(), None, bias, N, K)}
+    for method, group in (("int8", 0), ("int4", 128), ("int4", 64)):
+        lin = torch.nn.Linear(K, N).bfloat16().requires_grad_(False)
+        lin.weight.copy_(dense.bfloat16())
+        lin.bias.copy_(bias)
+        weights[f"{method}/{group}"] = quantized(lin, method, group)[0].spec()
+    x = torch.randn(8, K, generator=g).bfloat16()
+    want = {name: {B: native.linear(x[:B], w) for B in (1, 3, 8)} for name, w in weights.items()}
+    for march in MARCHES:
+        path = tmp_path / f"native-{march}.so"
+        built = build.build(path, CC, march=march)
+        assert built.ok, built.output
+        lib = build.bind(ctypes.CDLL(str(path)))
+        for name, w in weights.items():
+            for B, y in want[name].items():
+                got = native.linear(x[:B], w, lib=lib)
+                assert ((got.float() - y.float()).abs() <= y.float().abs() * 2 ** -7 + 1e-3).all(), (march, name, B)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fuyu.model import CheckpointError, generate, load_pretrained, logits
+from fuyu.model import CheckpointError, generate, kernels, load_pretrained, logits
 from fuyu.model.quantize import (Int4, Int8, Int8Linear, dequantize_int4, quantize_int4,
                             quantize_int8, resolve_scheme, scheme_config)
 from fuyu.testing.batches import make_batch
@@ -36,8 +36,8 @@ def batch():
 
 
 def linear_types(model) -> dict[str, str]:
-    """Module type per Linear; a 16-bit weight served by a CPU kernel (packed, mv, GEMV) counts as Linear."""
-    return {name: "Linear" if type(m).__name__ in ("PackedLinear", "GemvLinear", "MvLinear") else type(m).__name__
+    """Module type per Linear; a weight served by a CPU kernel counts as its plain module's type."""
+    return {name: type(m.plain()).__name__ if isinstance(m, kernels.SWAPPED) else type(m).__name__
             for name, m in model.named_modules()
             if name.split(".")[-1] in ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                                        "lm_head", "vision_embed_tokens")}

@@ -51,7 +51,6 @@ def benchmark(
 
     from fuyu import threads as cpu_threads
     from fuyu.benchmarks import arithmetic, suite, workloads
-    from fuyu.model import tuning
     from fuyu.errors import FuyuError
     from fuyu.render import benchmark_table, stderr_console
     from fuyu.runner import resolve_device, resolve_dtype
@@ -84,7 +83,7 @@ def benchmark(
     net, proc = workloads.load(model, random or "", dev, dt, quantize, config)  # load_pretrained + the kernel step
     res["load_s"] = round(time.perf_counter() - start, 3)
     res["load_peak_rss_gb"] = workloads.peak_memory(dev)["peak_rss_gb"]
-    res["kernels"] = suite.kernel_choice(net)
+    res["plan"] = suite.kernel_plan(net)
     real = arithmetic.decode_bytes(net) >= suite.REAL_SIZE_BYTES
     sizes = [int(b) for b in (batch_sizes or ("1" if real else "1,4,16")).split(",")]
     res.update((suite.run_real if real else suite.run)(net, proc, dev, sizes, new_tokens, repeats, compile))
@@ -99,13 +98,24 @@ def benchmark(
                                              files, suite.CAPTION, repeats)
     res.update(workloads.peak_memory(dev))
     benchmark_table(console, res)
-    for weight, pick in res["kernels"].items():
-        timed = ", ".join(f"{k} " + "/".join("-" if t is None else str(t) for t in v) + " ms"
-                          for k, v in pick["ms"].items())
-        rows = "/".join(map(str, tuning.ROWS))
-        console.print(f"kernel {pick['kernel']:>12} for {pick['modules']:2d} × {weight}"
-                      + (f"  ({rows} rows: {timed})" if timed else ""), markup=False, highlight=False)
+    for line in plan_lines(res["plan"]):
+        console.print(line, markup=False, highlight=False)
     typer.echo(json.dumps(res))
+
+
+def plan_lines(report: dict) -> list[str]:
+    """The kernel plan chosen, then per part each candidate's timings (decode ms a step at 1, 2
+    and 8 rows, per layer for the layers, and the layers' 512-row prefill), the chosen one first."""
+    if not report:
+        return []
+    lines = [f"kernel plan: layers {report['layers']}, head {report['head']} ({report['how']}"
+             + (", every layer in one native call a decode step" if report["fused"] else "") + ")"]
+    for part, timed in report["timings"].items():
+        for kernel, t in sorted(timed.items(), key=lambda kv: kv[1]["score"]):
+            ms = "/".join("-" if v is None else f"{v:.3g}" for v in t["ms"])
+            mark = "chosen" if kernel == report[part] else "beaten"
+            lines.append(f"  {part:6} {kernel:>12}  {mark}  score {t['score']:.4g}  (ms at 1/2/8 rows/prefill: {ms})")
+    return lines
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ has already loaded (libgomp's soname), so it shares torch's thread pool rather t
 one that would spin against it; where torch brings no libgomp (macOS, Windows, other OpenMP
 builds), no compiler exists or `FUYU_NATIVE=0`, `available()` is False and the kernels are simply
 not offered. A build that fails where a compiler exists is one warning line on stderr; the torch
-ops then serve. model/tuning.py times the GEMV against the other candidates like any of them.
+ops then serve. model/plan.py times them against the other candidates, as whole decode steps.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ from fuyu.model.settings import Settings
 MAX_ROWS = 8  # input rows the GEMV serves (a decode batch); above this it is compute-bound and
 # oneDNN's GEMMs, which multiply bf16 pairs in one instruction where the CPU can, win
 MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
-_CODES = native_build.dtype_codes()
+_CODES = native_build.enum_codes("dtype")
 DTYPE = {torch.float32: _CODES["F32"], torch.bfloat16: _CODES["BF16"]}  # the dtypes served, as the C's codes
+FORMAT = native_build.enum_codes("wformat")  # {"PLAIN": 0, "INT8": 1, "INT4": 2}: how a weight is stored
+INT4_GROUPS = (64, 128)  # inputs per scale the int4 kernels take
+TILE = 4  # rows per tile of the quantized layouts (csrc/quant.h)
+CHUNK = {"INT8": 64, "INT4": 128}  # inputs per tile step: in_features must be a multiple
 
 
 def _torch_has_libgomp() -> bool:
@@ -132,25 +136,71 @@ def serves(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in DTYPE and weight.dim() == 2
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def serves_quantized(fmt: str, out_features: int, in_features: int, group: int = 0) -> bool:
+    """Whether the int8/int4 kernels take a weight of this shape (and int4 group size)."""
+    return (out_features % TILE == 0 and in_features % CHUNK[fmt] == 0
+            and (fmt == "INT8" or group in INT4_GROUPS))
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight as the kernels take it: fmt ("PLAIN", "INT8", "INT4"), w (PLAIN: (N, K) in the
+    activations' dtype; else the tiled layout of csrc/quant.h), scales (INT8: (N,) float32; INT4:
+    float16 (scale, min) pairs; PLAIN: None), group (INT4), out/in features, bias or None."""
+
+    fmt: str
+    w: torch.Tensor
+    scales: torch.Tensor | None
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+    group: int = 0
+
+    def pointers(self) -> list[int | None]:
+        return [self.w.data_ptr(), None if self.scales is None else self.scales.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr()]
+
+    def kind(self) -> list[int]:
+        return [FORMAT[self.fmt], self.group]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Weight, bias: torch.Tensor | None = None,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x with at most MAX_ROWS rows (any leading shape), float32
-    accumulation, output in the weight's dtype."""
-    lib = library()
-    N, K = weight.shape
+    accumulation, output in x's dtype; weight a plain tensor or a Weight (with its own bias).
+    lib: the library (default: library())."""
+    lib = lib or library()
+    if not isinstance(weight, Weight):
+        weight = Weight("PLAIN", weight, None, bias, *weight.shape)
+    N, K = weight.out_features, weight.in_features
     rows = x.reshape(-1, K)
-    if (lib is None or rows.shape[0] > MAX_ROWS or not serves(weight) or not weight.is_contiguous()
-            or x.dtype != weight.dtype or x.device.type != "cpu"
-            or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
-        raise ValueError("native.linear: a contiguous CPU float32/bfloat16 weight, a bias and CPU "
-                         f"inputs of its dtype, at most {MAX_ROWS} rows, and a built kernel are required")
-    xf = rows if rows.dtype == torch.float32 else rows.float()
-    if not xf.is_contiguous():
-        xf = xf.contiguous()
-    y = torch.empty(rows.shape[0], N, dtype=weight.dtype)
-    scratch = torch.empty(xf.numel(), dtype=torch.float32)  # the inputs, interleaved
-    lib.fuyu_gemv(xf.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                  DTYPE[weight.dtype], rows.shape[0], N, K, torch.get_num_threads(), scratch.data_ptr())
+    plain = weight.fmt == "PLAIN"
+    if (lib is None or rows.shape[0] > MAX_ROWS or x.dtype not in DTYPE or x.device.type != "cpu"
+            or not weight.w.is_contiguous() or weight.w.device.type != "cpu"
+            or (plain and (weight.w.dtype != x.dtype or weight.w.shape != (N, K)))
+            or (weight.bias is not None and (weight.bias.dtype != x.dtype or not weight.bias.is_contiguous()))):
+        raise ValueError("native.linear: a contiguous CPU weight (float32/bfloat16 as its inputs, or int8/int4), "
+                         f"a bias of the inputs' dtype, at most {MAX_ROWS} rows, and a built kernel are required")
+    rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], N, dtype=x.dtype)
+    scratch = torch.empty(lib.fuyu_scratch_bytes(rows.shape[0], K), dtype=torch.uint8)
+    w, scales, b = weight.pointers()
+    lib.fuyu_linear(rows.data_ptr(), w, scales, b, y.data_ptr(), DTYPE[x.dtype], FORMAT[weight.fmt], weight.group,
+                    rows.shape[0], N, K, torch.get_num_threads(), scratch.data_ptr())
     return y.view(*x.shape[:-1], N)
+
+
+def dense(weight: Weight, start: int, stop: int, dtype: torch.dtype, unscaled: bool = False) -> torch.Tensor:
+    """Rows start:stop of a quantized weight as a dense (stop - start, K) tensor of `dtype`;
+    unscaled (int8): the integers themselves, exactly, for a product scaled afterwards."""
+    lib = library()
+    if lib is None:
+        raise ValueError("native.dense: the C kernels are not built")
+    out = torch.empty(stop - start, weight.in_features, dtype=dtype)
+    lib.fuyu_dequant(weight.w.data_ptr(), None if weight.scales is None else weight.scales.data_ptr(),
+                     out.data_ptr(), DTYPE[dtype], FORMAT[weight.fmt], weight.group, start, stop,
+                     weight.in_features, int(unscaled), torch.get_num_threads())
+    return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -190,39 +240,48 @@ class Layers:
     row) that run all layers in one call of the kernel: weights, biases and cache checked and
     their addresses gathered once, not at every step.
 
-    tensors: per layer, 16 weights and biases in the cache's dtype, in the order of the comment
-    on `layers` in csrc/native.c (a bias may be None); k, v: each layer's cache (B, H, S, d).
-    `build` returns None where the kernel does not serve them. The object holds the tensors, so the addresses stay
-    valid for as long as it lives."""
+    layers: per layer, the 8 LayerNorm tensors (LN1 w, b; q-LN w, b; k-LN w, b; LN2 w, b) in the
+    cache's dtype and the 4 Linears as Weights (qkv, dense, up, down); k, v: each layer's cache
+    (B, H, S, d). `build` returns None where the kernel does not serve them. The object holds the
+    tensors, so the addresses stay valid for as long as it lives."""
 
-    def __init__(self, lib, tensors, k, v, eps: float, intermediate: int):
+    def __init__(self, lib, layers, k, v, eps: float, intermediate: int):
         self.fn, self.dtype = lib.fuyu_layers, DTYPE[k[0].dtype]
-        self.tensors, self.k, self.v = tensors, k, v  # kept alive: their addresses are used
+        self.layers, self.k, self.v = layers, k, v  # kept alive: their addresses are used
         self.eps, self.intermediate = eps, intermediate
         B, H, S, d = k[0].shape
         self.shape = (B, H, S, d)
-        flat = [t for layer in tensors for t in layer]
-        self.pointers = (ctypes.c_void_p * len(flat))(*(None if t is None else t.data_ptr() for t in flat))
+        flat, kinds = [], []
+        for norms, linears in layers:
+            ln1w, ln1b, qw, qb, kw, kb, ln2w, ln2b = (None if t is None else t.data_ptr() for t in norms)
+            qkv, dense, up, down = (lin.pointers() for lin in linears)
+            flat += [ln1w, ln1b, *qkv, qw, qb, kw, kb, *dense, ln2w, ln2b, *up, *down]  # csrc/native.c's order
+            kinds += [c for lin in linears for c in lin.kind()]
+        self.pointers = (ctypes.c_void_p * len(flat))(*flat)
+        self.kinds = (ctypes.c_int * len(kinds))(*kinds)
         self.k_pointers = (ctypes.c_void_p * len(k))(*(t.data_ptr() for t in k))
         self.v_pointers = (ctypes.c_void_p * len(v))(*(t.data_ptr() for t in v))
-        M = max(H * d, intermediate)
-        self.work_floats = B * (2 * M + 5 * H * d + intermediate)  # + S per thread (scores)
+        self.work_bytes = lambda threads: lib.fuyu_layers_work_bytes(B, H, d, S, intermediate, threads)
 
     @classmethod
-    def build(cls, tensors: list[list[torch.Tensor | None]], k: list[torch.Tensor], v: list[torch.Tensor],
-              eps: float, intermediate: int, lib: ctypes.CDLL | None = None) -> Layers | None:
+    def build(cls, layers: list[tuple[list[torch.Tensor | None], list[Weight]]], k: list[torch.Tensor],
+              v: list[torch.Tensor], eps: float, intermediate: int, lib: ctypes.CDLL | None = None) -> Layers | None:
         lib = lib or library()
-        if lib is None or not k or len(k) != len(v) or len(k) != len(tensors):
+        if lib is None or not k or len(k) != len(v) or len(k) != len(layers):
             return None
         shape, dt = k[0].shape, k[0].dtype
         B, H, S, d = shape
+        tensors = [t for norms, linears in layers
+                   for t in (*norms, *(x for lin in linears for x in (lin.w, lin.scales, lin.bias)))]
         ok = (dt in DTYPE and B <= MAX_ROWS and d <= MAX_HEAD_DIM
               and all(t.shape == shape and t.dtype == dt and t.device.type == "cpu" and t.is_contiguous()
                       for t in (*k, *v))
-              and all(len(layer) == 16 and all(t is None or (t.dtype == dt and t.device.type == "cpu"
-                                                             and t.is_contiguous()) for t in layer)
-                      for layer in tensors))
-        return cls(lib, tensors, k, v, eps, intermediate) if ok else None
+              and all(len(norms) == 8 and len(linears) == 4 for norms, linears in layers)
+              and all(lin.fmt != "PLAIN" or lin.w.dtype == dt for _, linears in layers for lin in linears)
+              and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+              and all(t is None or t.dtype == dt for norms, linears in layers
+                      for t in (*norms, *(lin.bias for lin in linears))))
+        return cls(lib, layers, k, v, eps, intermediate) if ok else None
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor | None:
@@ -237,10 +296,9 @@ class Layers:
                 or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and mask.is_contiguous())):
             return None
         out, threads = x.clone(), torch.get_num_threads()
-        work = torch.empty(self.work_floats + threads * S, dtype=torch.float32)
-        if self.fn(out.data_ptr(), self.pointers, self.k_pointers, self.v_pointers, cos.data_ptr(),
+        work = torch.empty(self.work_bytes(threads), dtype=torch.uint8)
+        if self.fn(out.data_ptr(), self.pointers, self.kinds, self.k_pointers, self.v_pointers, cos.data_ptr(),
                    sin.data_ptr(), slot.data_ptr(), mask.data_ptr(), self.dtype, len(self.k), B, H, d, cos.shape[-1],
                    S, self.intermediate, self.eps, threads, work.data_ptr()):
             raise IndexError(f"KV cache slot {int(slot)} is outside the cache's {S} slots")
         return out
-

@@ -1,13 +1,13 @@
 """Compile the C kernels of csrc/ (beside this file) into a shared library, cache it, and bind its functions.
 
 The sources ship in the package (fuyu/model/native/csrc/*.c, *.h). They are compiled with the system's C
-compiler, `-O3 -march=native -fopenmp` (or, for debugging, `-O0 -g -fsanitize=address`), into
+compiler, `-O3 -fopenmp -march=native` (or, for debugging, `-O0 -g -fsanitize=address`), into
 <cache>/native/native-<hash>.so, the hash covering the sources, the compiler, the flags and the
 CPU's feature flags: a home folder shared by different machines never hands one a binary built for
 another. The compiler's command and output go to the .log file beside it, failed or not.
 
 The bindings come from one table, csrc/native.h: each line declaring a `fuyu_*` function gives
-that function's ctypes argtypes and restype, and its dtype enum the codes a call passes. native.c includes it, so the compiler checks every
+that function's ctypes argtypes and restype, and its enums the codes a call passes. native.c includes it, so the compiler checks every
 definition against the same line, and a signature lives in one place.
 """
 
@@ -27,7 +27,7 @@ from typing import Callable
 SOURCE_DIR = Path(__file__).parent / "csrc"
 MAIN = "native.c"  # the one translation unit; it includes the headers
 HEADER = "native.h"  # the table of exported prototypes
-FLAGS = ("-O3", "-march=native", "-fopenmp")
+FLAGS = ("-O3", "-fopenmp")  # and -march=<march>: native, or another target a test builds for
 DEBUG_FLAGS = ("-O0", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-fopenmp")
 SHARED = ("-shared", "-fPIC")
 TIMEOUT_S = 120
@@ -46,15 +46,28 @@ def cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
-def flags(debug: bool = False) -> tuple[str, ...]:
-    return (*(DEBUG_FLAGS if debug else FLAGS), *SHARED)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports only: choices are keyed by cpu_flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def flags(debug: bool = False, march: str = "native") -> tuple[str, ...]:
+    return (*(DEBUG_FLAGS if debug else (*FLAGS, f"-march={march}")), *SHARED)
 
 
 def library_path(cache_dir: Path, compiler: str, debug: bool = False,
-                 source_dir: Path = SOURCE_DIR) -> Path:
+                 source_dir: Path = SOURCE_DIR, march: str = "native") -> Path:
     """Where the library built from these sources, with this compiler and flags, on this CPU, lives."""
     parts = [f"{name}\0{text}" for name, text in sources(source_dir).items()]
-    digest = hashlib.sha256("\0".join([*parts, compiler, *flags(debug), cpu_flags()]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([*parts, compiler, *flags(debug, march), cpu_flags()]).encode()).hexdigest()[:16]
     return cache_dir / "native" / f"native-{digest}.so"
 
 
@@ -85,12 +98,13 @@ def compiler_path(compiler: str) -> str | None:
     return shutil.which(compiler)
 
 
-def build_command(compiler: str, debug: bool, out: Path, source_dir: Path = SOURCE_DIR) -> tuple[str, ...]:
-    return (compiler, *flags(debug), str(source_dir / MAIN), "-o", str(out), "-lm")
+def build_command(compiler: str, debug: bool, out: Path, source_dir: Path = SOURCE_DIR,
+                  march: str = "native") -> tuple[str, ...]:
+    return (compiler, *flags(debug, march), str(source_dir / MAIN), "-o", str(out), "-lm")
 
 
 def build(path: Path, compiler: str, debug: bool = False, source_dir: Path = SOURCE_DIR,
-          announce: Callable[[str], None] | None = None) -> Build:
+          announce: Callable[[str], None] | None = None, march: str = "native") -> Build:
     """Compile the sources into `path`, atomically (concurrent processes may build it at once),
     writing the command and the compiler's output to the log beside it. The compiler must exist
     (compiler_path); a failure to run it, or a timeout, is a failed Build too. announce, where
@@ -98,7 +112,7 @@ def build(path: Path, compiler: str, debug: bool = False, source_dir: Path = SOU
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        command = build_command(compiler, debug, out, source_dir)
+        command = build_command(compiler, debug, out, source_dir, march)
         if announce is not None:
             announce(" ".join(command))
         try:
@@ -115,9 +129,10 @@ def build(path: Path, compiler: str, debug: bool = False, source_dir: Path = SOU
 
 # --- the bindings, from the table of prototypes -----------------------------------------------
 
-PROTOTYPE = re.compile(r"^(void|int) (fuyu_\w+)\((.*)\);$", re.MULTILINE)
-DTYPE_ENUM = re.compile(r"^typedef enum \{ (.*) \} dtype;$", re.MULTILINE)
-SCALARS = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "dtype": ctypes.c_int, "float": ctypes.c_float}
+PROTOTYPE = re.compile(r"^(void|int|int64_t) (fuyu_\w+)\((.*)\);$", re.MULTILINE)
+ENUM = re.compile(r"^typedef enum \{ (.*) \} (\w+);$", re.MULTILINE)
+SCALARS = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "dtype": ctypes.c_int, "wformat": ctypes.c_int,
+           "float": ctypes.c_float}
 
 
 def prototypes(source_dir: Path = SOURCE_DIR) -> dict[str, tuple[type | None, list[type]]]:
@@ -132,10 +147,10 @@ def prototypes(source_dir: Path = SOURCE_DIR) -> dict[str, tuple[type | None, li
     return table
 
 
-def dtype_codes(source_dir: Path = SOURCE_DIR) -> dict[str, int]:
-    """{enumerator: value} of the table's dtype enum, e.g. {"F32": 0, "BF16": 1}."""
-    names = DTYPE_ENUM.search((source_dir / HEADER).read_text()).group(1)
-    return {name.strip(): i for i, name in enumerate(names.split(","))}
+def enum_codes(name: str, source_dir: Path = SOURCE_DIR) -> dict[str, int]:
+    """{enumerator: value} of the table's enum `name`, e.g. enum_codes("dtype") = {"F32": 0, "BF16": 1}."""
+    enums = {enum: values for values, enum in ENUM.findall((source_dir / HEADER).read_text())}
+    return {value.strip(): i for i, value in enumerate(enums[name].split(","))}
 
 
 def bind(lib: ctypes.CDLL, source_dir: Path = SOURCE_DIR) -> ctypes.CDLL:

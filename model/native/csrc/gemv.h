@@ -3,7 +3,7 @@
 #ifndef FUYU_GEMV_H
 #define FUYU_GEMV_H
 
-#include "vec.h"
+#include "isa.h"
 
 /* Weight bytes read ahead of use: the hardware prefetchers alone left 10-20% of the read rate on
    the table (AMD EPYC, AVX2: 11 -> 13-15 GB/s per call on 64 MB, a float32 sum 14-16). */
@@ -67,50 +67,70 @@ static void interleave(const float *x, int64_t B, int64_t K, float *xi) {
         for (int64_t b = 0; b < B; b++) memcpy(xi + k * B + b * L, x + b * K + k, VB);
 }
 
-/* What a GEMV does with y = s + bias, each value first rounded to the weights' dtype as torch's
-   Linear would: store it in that dtype (OUT), keep it in float32 (KEEP), add it to a float32
-   residual (ADD), or keep its squared ReLU rounded again (RELU2: torch's relu_ then square_). */
-enum { OUT, KEEP, ADD, RELU2 };
+/* row, compiled once per dtype. */
+static void row_bf16(const void *w, const float *xi, const float *x, int64_t K, int64_t B, float *s) {
+    row(w, BF16, xi, x, K, B, s);
+}
 
-/* y (B, N) from x (B, K) @ w (N, K)^T + bias (N, may be NULL), 1 <= B <= 8, inside a parallel
-   region: the weight rows are split over its threads (an orphaned omp for, with its barrier at
-   the end). xi: x interleaved. yt: the output in dt (OUT), else yf: float32. */
-static inline __attribute__((always_inline)) void rows(const float *xi, const float *x,
-                                                       const void *w, const void *bias, dtype dt,
-                                                       int64_t B, int64_t N, int64_t K, int mode,
-                                                       void *yt, float *yf) {
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float s[8];
-        row((const char *)w + n * K * size_of(dt), dt, xi, x, K, B, s);
-        float b = bias ? get(bias, n, dt) : 0.f;
-        for (int64_t c = 0; c < B; c++) {
-            float t = rounded(s[c] + b, dt);
-            switch (mode) {
-            case OUT: put(yt, c * N + n, t, dt); break;
-            case KEEP: yf[c * N + n] = t; break;
-            case ADD: yf[c * N + n] += t; break;
-            default: t = t < 0.f ? 0.f : t; yf[c * N + n] = rounded(t * t, dt); break;
-            }
+static void row_f32(const void *w, const float *xi, const float *x, int64_t K, int64_t B, float *s) {
+    row(w, F32, xi, x, K, B, s);
+}
+
+static inline void row_of(dtype dt, const void *w, const float *xi, const float *x, int64_t K,
+                          int64_t B, float *s) {
+    (dt == BF16 ? row_bf16 : row_f32)(w, xi, x, K, B, s);
+}
+
+#if HAVE_DOT_BF16
+/* 16-bit weights with the bfloat16 dot product instruction (isa.h): the inputs are bfloat16
+   already (every GEMV input is rounded to the weights' dtype first), interleaved for each 32
+   columns (xb: each row's 32 in turn), and R <= 4 weight rows go through at once, each weight
+   vector multiplied into BB <= 4 input rows: 16 accumulators, the inputs loaded once per R rows.
+   s[r * 8 + b] for b0 <= b < b0 + BB. */
+#define BF16_PREFETCH 512 /* bytes ahead in each weight row (measured: 0-512 best, 4 KB 10% slower) */
+
+static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int64_t K,
+                                                            const uint16_t *xb, int64_t B,
+                                                            int64_t b0, int R, int BB, float *s) {
+    vf a[4][4];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < BB; b++) a[r][b] = (vf){0};
+    for (int64_t k = 0; k < K; k += 32) {
+        bv v[4];
+        for (int r = 0; r < R; r++) {
+            __builtin_prefetch((const char *)(w + r * K + k) + BF16_PREFETCH);
+            v[r] = bv_load(w + r * K + k);
+        }
+        const uint16_t *x = xb + k * B + b0 * 32;
+        for (int b = 0; b < BB; b++) {
+            bv xv = bv_load(x + b * 32);
+            for (int r = 0; r < R; r++) a[r][b] = dot_bf16(a[r][b], v[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(a[r][b]);
+}
+
+/* bf16_tile over every input row, 4 at a time. */
+static inline __attribute__((always_inline)) void bf16_rows_all(const uint16_t *w, int64_t K,
+                                                                const uint16_t *xb, int64_t B,
+                                                                int R, float *s) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        switch (B - b0) {
+        case 1: bf16_tile(w, K, xb, B, b0, R, 1, s); break;
+        case 2: bf16_tile(w, K, xb, B, b0, R, 2, s); break;
+        case 3: bf16_tile(w, K, xb, B, b0, R, 3, s); break;
+        default: bf16_tile(w, K, xb, B, b0, R, 4, s); break;
         }
     }
 }
 
-/* rows, compiled once per dtype (the layers call it four times a layer). */
-static void rows_bf16(const float *xi, const float *x, const void *w, const void *bias, int64_t B,
-                      int64_t N, int64_t K, int mode, void *yt, float *yf) {
-    rows(xi, x, w, bias, BF16, B, N, K, mode, yt, yf);
+/* The inputs x (B, K) rounded to bfloat16 and interleaved for bf16_tile. */
+static void interleave_bf16(const float *x, int64_t B, int64_t K, uint16_t *xb) {
+    for (int64_t k = 0; k < K; k += 32)
+        for (int64_t b = 0; b < B; b++)
+            for (int j = 0; j < 32; j++) xb[k * B + b * 32 + j] = round_bf16(x[b * K + k + j]);
 }
-
-static void rows_f32(const float *xi, const float *x, const void *w, const void *bias, int64_t B,
-                     int64_t N, int64_t K, int mode, void *yt, float *yf) {
-    rows(xi, x, w, bias, F32, B, N, K, mode, yt, yf);
-}
-
-static inline void rows_of(dtype dt, const float *xi, const float *x, const void *w,
-                           const void *bias, int64_t B, int64_t N, int64_t K, int mode, void *yt,
-                           float *yf) {
-    (dt == BF16 ? rows_bf16 : rows_f32)(xi, x, w, bias, B, N, K, mode, yt, yf);
-}
+#endif
 
 #endif

@@ -8,15 +8,37 @@
 #include <stdlib.h>
 
 #include "attend.h"
-#include "gemv.h"
+#include "linear.h"
 #include "native.h"
 #include "vec.h"
 
-void fuyu_gemv(const float *x, const void *w, const void *bias, void *y, dtype dt, int64_t B,
-               int64_t N, int64_t K, int threads, float *xi) {
-    interleave(x, B, K, xi);
+int64_t fuyu_scratch_bytes(int64_t B, int64_t K) { return B * K * 4 + prepared_bytes(B, K); }
+
+void fuyu_linear(const void *x, const void *w, const void *scales, const void *bias, void *y,
+                 dtype dt, wformat fmt, int group, int64_t B, int64_t N, int64_t K, int threads,
+                 void *scratch) {
+    float *xf = scratch;
+    void *xp = xf + B * K;
+    for (int64_t i = 0; i < B * K; i++) xf[i] = get(x, i, dt);
+    lin lw = {fmt, group, w, scales, bias};
+    prepare(xf, B, K, &lw, dt, xp);
 #pragma omp parallel num_threads(threads)
-    rows_of(dt, xi, x, w, bias, B, N, K, OUT, y, NULL);
+    linear_rows(xf, xp, &lw, dt, B, N, K, OUT, y, NULL);
+}
+
+void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wformat fmt, int group,
+                  int64_t n0, int64_t n1, int64_t K, int unscaled, int threads) {
+    lin lw = {fmt, group, w, scales, NULL};
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = malloc(sizeof(float) * K);
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            dense_row(&lw, dt, n, K, unscaled, row);
+            for (int64_t k = 0; k < K; k++) put(out, (n - n0) * K + k, row[k], dt);
+        }
+        free(row);
+    }
 }
 
 /* One query per (row, head), (row, head) pairs split over the threads; out rounded once. */
@@ -51,44 +73,67 @@ static void layer_norm(const float *x, int64_t n, const void *w, const void *b, 
     }
 }
 
-/* The B rows of x (B, D) LayerNormed and rounded into h, then interleaved into xi: a GEMV's input. */
+/* The B rows of x (B, D) LayerNormed and rounded into h, then prepared into xp for lw. */
 static void norm_rows(const float *x, int64_t B, int64_t D, const void *w, const void *b,
-                      dtype dt, float eps, float *h, float *xi) {
+                      dtype dt, float eps, float *h, const lin *lw, void *xp) {
     for (int64_t r = 0; r < B; r++) layer_norm(x + r * D, D, w, b, dt, eps, 1, h + r * D);
-    interleave(h, B, D, xi);
+    prepare(h, B, D, lw, dt, xp);
+}
+
+/* Per layer in p: LN1 w, b; qkv w, scales, b; q-LN w, b; k-LN w, b; dense w, scales, b; LN2 w,
+   b; up w, scales, b; down w, scales, b (20 pointers; biases and plain weights' scales NULL);
+   in kinds: (format, group) of qkv, dense, up, down (8 ints). */
+#define LAYER_POINTERS 20
+#define LAYER_KINDS 8
+
+static lin layer_linear(const void *const *w, const int *kinds, int i) {
+    static const int at[4] = {2, 9, 14, 17}; /* where each Linear's weight is in a layer's pointers */
+    lin lw = {(wformat)kinds[2 * i], kinds[2 * i + 1], w[at[i]], w[at[i] + 1], w[at[i] + 2]};
+    return lw;
+}
+
+/* Float32 values of work per row and in all, besides the prepared inputs. */
+static inline int64_t layers_floats(int64_t B, int64_t D, int64_t I) { return B * (3 * D + D + D + I); }
+
+int64_t fuyu_layers_work_bytes(int64_t B, int64_t H, int64_t d, int64_t S, int64_t I, int threads) {
+    int64_t D = H * d, M = D > I ? D : I;
+    return 4 * (B * M + layers_floats(B, D, I) + threads * S) + prepared_bytes(B, M) + 64;
 }
 
 /* The decoder layers for one new token per row (a decode step), in one parallel region, no torch
    op in between: x (B, D) float32, the residual stream, updated in place, layer after layer:
    x += dense(attention(rotary(qk-LayerNorm(qkv(LN1(x)))))); x += down(relu²(up(LN2(x)))).
-   p: 16 tensors in dt per layer: LN1 w, b; qkv w, b; q-LN w, b; k-LN w, b; dense w, b; LN2 w, b;
-   up w, b; down w, b (biases may be NULL). cos, sin (B, R2): each row's rotary angles; kcs, vcs:
-   each layer's cache (B, H, S, d), this token's key and value written at slot *slot; mask (B, S).
-   work: B * (2 max(D, I) + 5 D + I) + threads * S floats (native.Layers.work_floats). */
-int fuyu_layers(float *x, const void *const *p, void *const *kcs, void *const *vcs,
-                const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask,
-                dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S,
-                int64_t I, float eps, int threads, float *work) {
+   p, kinds: as above, per layer; the norms' tensors in dt. cos, sin (B, R2): each row's rotary
+   angles; kcs, vcs: each layer's cache (B, H, S, d), this token's key and value written at slot
+   *slot; mask (B, S). work: fuyu_layers_work_bytes. */
+int fuyu_layers(float *x, const void *const *p, const int *kinds, void *const *kcs,
+                void *const *vcs, const float *cos, const float *sin, const int64_t *slot,
+                const uint8_t *mask, dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d,
+                int64_t R2, int64_t S, int64_t I, float eps, int threads, void *work) {
     int64_t D = H * d, M = D > I ? D : I, at = *slot, z = size_of(dt);
     if (at < 0 || at >= S) return -1;
-    float *h = work, *xi = h + B * M, *qkv = xi + B * M, *q = qkv + B * 3 * D;
-    float *att = q + B * D, *up = att + B * D, *scores = up + B * I;
+    float *h = work, *qkv = h + B * M, *q = qkv + B * 3 * D, *att = q + B * D, *up = att + B * D;
+    float *scores = up + B * I;
+    void *xp = scores + threads * S;
     float scale = 1.f / sqrtf((float)d);
 #pragma omp parallel num_threads(threads)
     for (int64_t l = 0; l < n_layers; l++) {
-        const void *const *w = p + 16 * l;
+        const void *const *w = p + LAYER_POINTERS * l;
+        const int *kind = kinds + LAYER_KINDS * l;
+        lin L_qkv = layer_linear(w, kind, 0), L_dense = layer_linear(w, kind, 1);
+        lin L_up = layer_linear(w, kind, 2), L_down = layer_linear(w, kind, 3);
         char *kc = kcs[l], *vc = vcs[l];
 #pragma omp single
-        norm_rows(x, B, D, w[0], w[1], dt, eps, h, xi);
-        rows_of(dt, xi, h, w[2], w[3], B, 3 * D, D, KEEP, NULL, qkv);
+        norm_rows(x, B, D, w[0], w[1], dt, eps, h, &L_qkv, xp);
+        linear_rows(h, xp, &L_qkv, dt, B, 3 * D, D, KEEP, NULL, qkv);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             int64_t b = bh / H, head = bh % H;
             const float *src = qkv + b * 3 * D + head * 3 * d; /* [q | k | v] of a head */
             const float *c = cos + b * R2, *s = sin + b * R2;
             float t[2][512];
-            layer_norm(src, d, w[4], w[5], dt, eps, 0, t[0]);
-            layer_norm(src + d, d, w[6], w[7], dt, eps, 0, t[1]);
+            layer_norm(src, d, w[5], w[6], dt, eps, 0, t[0]);
+            layer_norm(src + d, d, w[7], w[8], dt, eps, 0, t[1]);
             for (int i = 0; i < 2; i++)
                 for (int64_t j = 0; j < R2; j++) {
                     float a = t[i][j], e = t[i][j + R2];
@@ -110,14 +155,14 @@ int fuyu_layers(float *x, const void *const *p, void *const *kcs, void *const *v
             for (int64_t j = 0; j < d; j++) att[bh * d + j] = rounded(o[j], dt);
         }
 #pragma omp single
-        interleave(att, B, D, xi);
-        rows_of(dt, xi, att, w[8], w[9], B, D, D, ADD, NULL, x);
+        prepare(att, B, D, &L_dense, dt, xp);
+        linear_rows(att, xp, &L_dense, dt, B, D, D, ADD, NULL, x);
 #pragma omp single
-        norm_rows(x, B, D, w[10], w[11], dt, eps, h, xi);
-        rows_of(dt, xi, h, w[12], w[13], B, I, D, RELU2, NULL, up);
+        norm_rows(x, B, D, w[12], w[13], dt, eps, h, &L_up, xp);
+        linear_rows(h, xp, &L_up, dt, B, I, D, RELU2, NULL, up);
 #pragma omp single
-        interleave(up, B, I, xi);
-        rows_of(dt, xi, up, w[14], w[15], B, D, I, ADD, NULL, x);
+        prepare(up, B, I, &L_down, dt, xp);
+        linear_rows(up, xp, &L_down, dt, B, D, I, ADD, NULL, x);
     }
     return 0;
 }

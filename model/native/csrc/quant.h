@@ -1,0 +1,290 @@
+/* Matrix-vector products over int8 and int4 weights, read once at the memory's read rate.
+
+   The weights are laid out in tiles of 4 output rows, so that the 4 rows a thread works on at once
+   are one sequential stream (the hardware prefetchers follow one stream; 4 separate rows of an
+   int4 weight are 2 KB apiece at K = 4096, and a prefetch distance crossed into other rows):
+
+     INT8  w: (N/4, K/64, 4, 64) int8: for each 64 inputs, the 4 rows' 64 weights in turn;
+           scales: (N) float32, weight = q * scale.
+     INT4  w: (N/4, K/128, 4, 64) bytes: for each 128 inputs, each row's 64 bytes in turn; byte j
+           holds input j's weight in its low nibble and input 64 + j's in its high one, q in 0..15;
+           scales: (N/4, K/group, 4, 2) float16 bits: (scale, min) per row and group of `group`
+           (64 or 128) inputs, weight = q * scale + min.
+
+   The inputs are quantized per row to int16, x = sx * xq, |xq| <= QMAX (15 bits: 64 times finer
+   than the bfloat16 rounding every input has already been through, relative to the row's largest),
+   so the products are exact integer dot products (vpdpwssd for int8, vpdpbusd over xq's two bytes
+   for int4: isa.h) summed in int32, and scaled in float32:
+
+     INT8  y[n] = scale[n] * sx * sum_k q[n,k] xq[k]
+     INT4  y[n] = sx * sum_g scale[n,g] * sum_{k in g} q[n,k] xq[k]  +  sum_g min[n,g] * X[g]
+
+   where X[g] is the sum of the group's inputs (float32, before quantizing). Without integer
+   vectors (isa.h: HAVE_QV 0) the same sums are taken a value at a time. */
+#ifndef FUYU_QUANT_H
+#define FUYU_QUANT_H
+
+#include "isa.h"
+
+#define QMAX 32512       /* 127 * 256: xq's high byte fits int8 (the int4 planes) */
+#define Q8_CHUNK 64      /* inputs per tile step, INT8 */
+#define Q4_CHUNK 128     /* inputs per tile step, INT4 */
+#define Q8_FLUSH 32      /* INT8 steps summed in int32 before adding to the float total: with
+                            |q| <= 127 and |xq| <= QMAX a lane's int32 sum stays under 2^31 */
+#define QPREFETCH 1024   /* bytes ahead in a tile's stream */
+
+/* float16 bits to float32 (normal, subnormal, zero, inf; NaN as inf: scales are finite). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, u;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24 */
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u : ((e + 112) << 23)) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* --- the inputs, prepared once per call for every output row ---------------------------------
+
+   INT8: sx[8] float32, then xq interleaved: for each 64 inputs, each row's 64 int16 in turn.
+   INT4: sx[8], X[B][K/64] float32, then per 128 inputs and per row: 128 int8 high bytes of xq,
+         then 128 low bytes (the low byte as signed: xq = 256 * high + low). */
+
+static inline int64_t q4_sums(int64_t K) { return K / 64; } /* X's room per row: groups of 64 or more */
+
+/* Quantize row x (K) to xq (K) int16; returns sx. */
+static float quantize_row(const float *x, int64_t K, int16_t *xq) {
+    float top = 0.f;
+    for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(x[k]));
+    float sx = top > 0.f ? top / QMAX : 1.f, inv = 1.f / sx;
+    for (int64_t k = 0; k < K; k++) {
+        float q = rintf(x[k] * inv);
+        xq[k] = (int16_t)(q > QMAX ? QMAX : q < -QMAX ? -QMAX : q);
+    }
+    return sx;
+}
+
+/* x (B, K) float32 -> xp as the INT8 kernels read it. tmp: K int16. */
+static void q8_prepare(const float *x, int64_t B, int64_t K, void *xp, int16_t *tmp) {
+    float *sx = xp;
+    int16_t *xi = (int16_t *)((char *)xp + 64);
+    for (int64_t b = 0; b < B; b++) {
+        sx[b] = quantize_row(x + b * K, K, tmp);
+        for (int64_t k = 0; k < K; k += Q8_CHUNK)
+            memcpy(xi + k * B + b * Q8_CHUNK, tmp + k, Q8_CHUNK * 2);
+    }
+}
+
+static inline int64_t q4_planes_offset(int64_t B, int64_t K) {
+    return 64 + ((B * q4_sums(K) * 4 + 63) & ~(int64_t)63);
+}
+
+/* x (B, K) float32 -> xp as the INT4 kernels read it (group: inputs per X sum). tmp: K int16. */
+static void q4_prepare(const float *x, int64_t B, int64_t K, int group, void *xp, int16_t *tmp) {
+    float *sx = xp, *sums = (float *)((char *)xp + 64);
+    int8_t *planes = (int8_t *)xp + q4_planes_offset(B, K);
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * K;
+        sx[b] = quantize_row(row, K, tmp);
+        for (int64_t g = 0; g < K / group; g++) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k];
+            sums[b * q4_sums(K) + g] = s;
+        }
+        for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
+            int8_t *p = planes + (c * B + b) * 2 * Q4_CHUNK;
+            for (int j = 0; j < Q4_CHUNK; j++) {
+                int v = tmp[c * Q4_CHUNK + j];
+                int8_t low = (int8_t)(v & 255); /* two's complement: -128..127 */
+                p[j] = (int8_t)((v - low) / 256);
+                p[Q4_CHUNK + j] = low;
+            }
+        }
+    }
+}
+
+/* --- INT8 ---------------------------------------------------------------------------------- */
+
+/* The int32 sums of one tile (4 rows) against inputs b0 .. b0 + BB - 1, into s[r * 8 + b]
+   (before scaling). BB <= 4, a constant where inlined. */
+static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64_t K,
+                                                          const int16_t *xi, int64_t B, int64_t b0,
+                                                          int BB, float *s) {
+    float total[4][4] = {{0}};
+#if HAVE_QV
+    qv acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < BB; b++) acc[r][b] = qv_zero();
+    for (int64_t c = 0; c < K / Q8_CHUNK; c++) {
+        const int8_t *t = w + c * 4 * Q8_CHUNK;
+        __builtin_prefetch((const char *)t + QPREFETCH);
+        __builtin_prefetch((const char *)t + QPREFETCH + 64);
+        __builtin_prefetch((const char *)t + QPREFETCH + 128);
+        __builtin_prefetch((const char *)t + QPREFETCH + 192);
+        const int16_t *x = xi + c * B * Q8_CHUNK + b0 * Q8_CHUNK;
+        for (int h = 0; h < Q8_CHUNK; h += QV / 2)
+            for (int r = 0; r < 4; r++) {
+                qv v = qv_widen_i8(t + r * Q8_CHUNK + h);
+                for (int b = 0; b < BB; b++)
+                    acc[r][b] = qv_dot_i16(acc[r][b], v, qv_load(x + b * Q8_CHUNK + h));
+            }
+        if ((c + 1) % Q8_FLUSH == 0 || c + 1 == K / Q8_CHUNK)
+            for (int r = 0; r < 4; r++)
+                for (int b = 0; b < BB; b++) {
+                    total[r][b] += hsum(qv_to_vf(acc[r][b]));
+                    acc[r][b] = qv_zero();
+                }
+    }
+#else
+    for (int64_t c = 0; c < K / Q8_CHUNK; c++) {
+        const int8_t *t = w + c * 4 * Q8_CHUNK;
+        const int16_t *x = xi + c * B * Q8_CHUNK + b0 * Q8_CHUNK;
+        for (int r = 0; r < 4; r++)
+            for (int b = 0; b < BB; b++) {
+                int32_t a = 0;
+                for (int j = 0; j < Q8_CHUNK; j++) a += (int32_t)t[r * Q8_CHUNK + j] * x[b * Q8_CHUNK + j];
+                total[r][b] += (float)a;
+            }
+    }
+#endif
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = total[r][b];
+}
+
+/* q8_tile for every input row b < B, 4 at a time: s[r * 8 + b] = the tile's scaled sums. */
+static inline void q8_tile_all(const int8_t *w, const float *scales, int64_t K, const void *xp,
+                               int64_t B, float *s) {
+    const float *sx = xp;
+    const int16_t *xi = (const int16_t *)((const char *)xp + 64);
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        switch (B - b0) {
+        case 1: q8_tile(w, K, xi, B, b0, 1, s); break;
+        case 2: q8_tile(w, K, xi, B, b0, 2, s); break;
+        case 3: q8_tile(w, K, xi, B, b0, 3, s); break;
+        default: q8_tile(w, K, xi, B, b0, 4, s); break;
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int64_t b = 0; b < B; b++) s[r * 8 + b] *= scales[r] * sx[b];
+}
+
+/* --- INT4 ---------------------------------------------------------------------------------- */
+
+/* One tile against inputs b0 .. b0 + BB - 1 (BB <= 2): s[r * 8 + b] = sx * sum_g scale * dot
+   (the min terms are added by q4_tile_all). GROUP (64 or 128) a constant where inlined. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const uint16_t *sc,
+                                                          int64_t K, const int8_t *planes,
+                                                          const float *sx, int64_t B, int64_t b0,
+                                                          int BB, int GROUP, float *s) {
+    int64_t G = K / GROUP;
+#if HAVE_QV
+    vf f[4][2];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < BB; b++) f[r][b] = (vf){0};
+    for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
+        const uint8_t *t = w + c * 4 * 64;
+        __builtin_prefetch((const char *)t + QPREFETCH);
+        __builtin_prefetch((const char *)t + QPREFETCH + 64);
+        __builtin_prefetch((const char *)t + QPREFETCH + 128);
+        __builtin_prefetch((const char *)t + QPREFETCH + 192);
+        for (int r = 0; r < 4; r++) {
+            /* the scales of the chunk's low half (inputs 0..63) and high half (64..127) */
+            int64_t g = c * Q4_CHUNK / GROUP;
+            float s0 = half_to_float(sc[(g * 4 + r) * 2]);
+            float s1 = GROUP == 64 ? half_to_float(sc[((g + 1) * 4 + r) * 2]) : s0;
+            /* [b][half]: the sums against xq's high and low bytes; groups of 128 sum both
+               halves of the chunk together (half 1 is half 0) */
+            const int H = GROUP == 64;
+            qv hi[2][2], lo[2][2];
+            for (int b = 0; b < BB; b++)
+                for (int p = 0; p < 2; p++) hi[b][p] = lo[b][p] = qv_zero();
+            for (int o = 0; o < 64; o += QV) {
+                qv v = qv_load(t + r * 64 + o), w0 = qv_low_nibbles(v), w1 = qv_high_nibbles(v);
+                for (int b = 0; b < BB; b++) {
+                    const int8_t *x = planes + (c * B + b0 + b) * 2 * Q4_CHUNK;
+                    hi[b][0] = qv_dot_u8s8(hi[b][0], w0, qv_load(x + o));
+                    lo[b][0] = qv_dot_u8s8(lo[b][0], w0, qv_load(x + Q4_CHUNK + o));
+                    hi[b][H] = qv_dot_u8s8(hi[b][H], w1, qv_load(x + 64 + o));
+                    lo[b][H] = qv_dot_u8s8(lo[b][H], w1, qv_load(x + Q4_CHUNK + 64 + o));
+                }
+            }
+            for (int b = 0; b < BB; b++) {
+                f[r][b] += qv_to_vf(qv_shift_add(hi[b][0], lo[b][0])) * s0;
+                if (H) f[r][b] += qv_to_vf(qv_shift_add(hi[b][1], lo[b][1])) * s1;
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(f[r][b]) * sx[b0 + b];
+#else
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < BB; b++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                int32_t a = 0;
+                for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
+                    int64_t c = k / Q4_CHUNK, j = k % Q4_CHUNK;
+                    uint8_t byte = w[(c * 4 + r) * 64 + j % 64];
+                    int q = j < 64 ? byte & 15 : byte >> 4;
+                    const int8_t *x = planes + (c * B + b0 + b) * 2 * Q4_CHUNK;
+                    a += q * (256 * x[j] + x[Q4_CHUNK + j]);
+                }
+                total += (float)a * half_to_float(sc[(g * 4 + r) * 2]);
+            }
+            s[r * 8 + b0 + b] = total * sx[b0 + b];
+        }
+#endif
+    (void)G;
+}
+
+static inline void q4_tile_all(const uint8_t *w, const uint16_t *sc, int64_t K, int group,
+                               const void *xp, int64_t B, float *s) {
+    const float *sx = xp, *sums = (const float *)((const char *)xp + 64);
+    const int8_t *planes = (const int8_t *)xp + q4_planes_offset(B, K);
+    for (int64_t b0 = 0; b0 < B; b0 += 2) {
+        int two = B - b0 >= 2;
+        if (group == 64)
+            two ? q4_tile(w, sc, K, planes, sx, B, b0, 2, 64, s) : q4_tile(w, sc, K, planes, sx, B, b0, 1, 64, s);
+        else
+            two ? q4_tile(w, sc, K, planes, sx, B, b0, 2, 128, s) : q4_tile(w, sc, K, planes, sx, B, b0, 1, 128, s);
+    }
+    int64_t G = K / group;
+    for (int r = 0; r < 4; r++)
+        for (int64_t b = 0; b < B; b++) {
+            float m = 0.f;
+            for (int64_t g = 0; g < G; g++) m += half_to_float(sc[(g * 4 + r) * 2 + 1]) * sums[b * q4_sums(K) + g];
+            s[r * 8 + b] += m;
+        }
+}
+
+/* --- back to dense rows, for prefill-sized inputs ------------------------------------------- */
+
+/* Row n (of N) of a quantized weight as float32 values into out (K): q * scale (+ min); with
+   `unscaled` (INT8 only) q itself, for a product scaled afterwards. */
+static void q_row(int fmt_int4, int group, const void *w, const void *scales, int64_t n, int64_t K,
+                  int unscaled, float *out) {
+    int64_t t = n / 4, r = n % 4;
+    if (!fmt_int4) {
+        const int8_t *tile = (const int8_t *)w + t * 4 * K;
+        float s = unscaled ? 1.f : ((const float *)scales)[n];
+        for (int64_t c = 0; c < K / Q8_CHUNK; c++)
+            for (int j = 0; j < Q8_CHUNK; j++)
+                out[c * Q8_CHUNK + j] = (float)tile[(c * 4 + r) * Q8_CHUNK + j] * s;
+        return;
+    }
+    const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
+    const uint16_t *sc = (const uint16_t *)scales + t * 4 * (K / group) * 2;
+    for (int64_t c = 0; c < K / Q4_CHUNK; c++)
+        for (int j = 0; j < 64; j++) {
+            uint8_t byte = tile[(c * 4 + r) * 64 + j];
+            for (int half = 0; half < 2; half++) {
+                int64_t k = c * Q4_CHUNK + half * 64 + j, g = k / group;
+                float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
+                out[k] = (float)(half ? byte >> 4 : byte & 15) * scale + min;
+            }
+        }
+}
+
+#endif
