@@ -61,6 +61,7 @@ SKIP = ("vision_embed_tokens",)  # once per prefill: not worth a kernel of its o
 MIN_STACK_BYTES = 128 << 20  # the stand-in's layers outweigh the last-level cache
 HEAD_SLICE_BYTES = 192 << 20  # the head is timed on a slice of its rows this big (or whole)
 STEPS_PER_ROUND, ROUNDS = 2, 3  # decode steps timed per round; rounds (the first warms up)
+BIG_LAYER_BYTES = 64 << 20  # a layer this big is timed one step a round (Fuyu-8B's: 402 MB)
 CPU_SHARE = 0.7  # our threads got less of the CPU than this: another process ran, not cached
 
 
@@ -249,13 +250,35 @@ def apply(model: nn.Module, plan: Plan) -> dict[str, str]:
 
 # --- timing -------------------------------------------------------------------------------------
 
+class _Clock:
+    """Times timed calls, and what share of the CPU time our threads could have had they got:
+    another process on our cores (whose OpenMP threads spin, say) shows as a low share, and
+    makes every candidate wait alike."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.took = time.perf_counter() - self._wall
+        self.wall += self.took
+        self.cpu += time.process_time() - self._cpu
+
+    @property
+    def share(self) -> float:
+        return self.cpu / max(self.wall * torch.get_num_threads(), 1e-9)
+
+
 def time_plans(shape: Shape, settings: Settings) -> tuple[Plan, bool]:
-    """Time every candidate of both parts; the fastest of each, and whether the CPU was ours alone."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    timings = {"layers": _time_layers(shape, settings), "head": _time_head(shape, settings)}
-    share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+    """Time every candidate of both parts; the fastest of each, and whether the CPU was ours
+    alone while the candidates ran (else the plan serves this load but is not cached)."""
+    clock = _Clock()
+    timings = {"layers": _time_layers(shape, settings, clock), "head": _time_head(shape, settings, clock)}
     best = {part: min(t, key=lambda k: t[k]["score"]) for part, t in timings.items()}
-    return Plan(best["layers"], best["head"], "timed", timings), share >= CPU_SHARE
+    return Plan(best["layers"], best["head"], "timed", timings), clock.share >= CPU_SHARE
 
 
 def _score(ms: list[float | None], prefill: bool = True) -> float:
@@ -263,14 +286,14 @@ def _score(ms: list[float | None], prefill: bool = True) -> float:
     return round(decode + (PREFILL_WEIGHT * ms[len(ROWS)] if prefill and ms[len(ROWS)] is not None else 0), 3)
 
 
-def _time_layers(shape: Shape, settings: Settings) -> dict:
+def _time_layers(shape: Shape, settings: Settings, clock: _Clock) -> dict:
     """{candidate: {"ms": [per-layer decode step at each of ROWS, per-layer 512-row prefill],
     "score"}}: decode halves timed once each on a stand-in model, prefill halves on one GEMM."""
     offered = candidates(shape, "layers", settings)
     decode = {k: _decode_half(k) for k in offered}
     prefill = {k: _prefill_half(shape, k) for k in offered}
-    step_ms = {d: _time_steps(shape, d, settings) for d in dict.fromkeys(decode.values())}
-    gemm_ms = {p: _time_prefill(shape, p) for p in dict.fromkeys(prefill.values())}
+    step_ms = _time_steps(shape, list(dict.fromkeys(decode.values())), settings, clock)
+    gemm_ms = _time_prefill(shape, list(dict.fromkeys(prefill.values())), clock)
     out = {}
     for k in offered:
         ms = [*step_ms[decode[k]], gemm_ms[prefill[k]]]
@@ -309,19 +332,33 @@ def _linear(out_features: int, in_features: int, dtype: torch.dtype, bias: bool 
     return m
 
 
-def _served(linear: nn.Linear, kind: str, group: int, kernel: str) -> nn.Module:
-    """A synthetic float `linear` as the module kernel `kernel` makes of it for weights of `kind`:
-    quantized as loading would (model/quantize.py), then swapped (model/kernels.py)."""
+def _pieces(kind: str, out_features: int, in_features: int, group: int) -> dict:
+    """Synthetic quantized pieces of a weight (model/quantize.py's Int8/Int4 layouts): random
+    integers, made as fast as _synthetic makes floats; no float weight quantized."""
+    block = torch.randint(-127, 128, (1 << 16,), dtype=torch.int8)
+    if kind == "int8":
+        n = out_features * in_features
+        return {"weight": block.repeat(-(-n // block.numel()))[:n].view(out_features, in_features),
+                "scales": torch.full((out_features,), 2e-4)}
+    n = out_features * in_features // 2
+    nibbles = block.view(torch.uint8).repeat(-(-n // block.numel()))[:n].view(out_features, in_features // 2)
+    sz = torch.tensor([2e-3, 0.0]).expand(in_features // group, out_features, 2).contiguous()
+    return {"weight": nibbles, "scales_and_zeros": sz}
+
+
+def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict | None = None,
+            dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A synthetic `linear` (its weight may be on the meta device for quantized kinds) as the
+    module kernel `kernel` makes of it for weights of `kind`: installed as loading would
+    (model/quantize.py), then swapped (model/kernels.py). pieces: synthetic ones to share."""
     if kind == "float":
         return kernels.use(linear, kernel)
     from fuyu.model.quantize import resolve_scheme
 
     scheme = resolve_scheme({"method": kind, **({"group_size": group} if group else {})})
-    pieces = scheme.quantize(linear.weight)
-    dtype = linear.weight.dtype
+    pieces = pieces or _pieces(kind, linear.out_features, linear.in_features, group)
     if kernel == "native":
-        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype,
-                                                     getattr(scheme, "group_size", 0) if kind == "int4" else 0)
+        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group)
     with torch.device("meta"):
         module = scheme.make(linear)
     scheme.install(module, pieces, torch.device("cpu"), dtype)
@@ -329,9 +366,9 @@ def _served(linear: nn.Linear, kind: str, group: int, kernel: str) -> nn.Module:
     return kernels.use(module, kernel)
 
 
-def _stand_in(shape: Shape, n_layers: int, kernel: str):
-    """A Fuyu of `shape` with n_layers layers and a small vocabulary, synthetic weights, every
-    decoder layer's Linears served by `kernel`."""
+def _stand_in(shape: Shape, n_layers: int, kernel: str, shared: dict):
+    """A Fuyu of `shape` with n_layers layers and a small vocabulary, synthetic weights (made once
+    in `shared` and shared by every stand-in), every decoder layer's Linears served by `kernel`."""
     from fuyu.model.config import FuyuConfig
     from fuyu.model.fuyu import Fuyu
 
@@ -340,83 +377,107 @@ def _stand_in(shape: Shape, n_layers: int, kernel: str):
                      image_token_id=1)
     with torch.device("meta"):
         model = Fuyu(cfg)
+    quantized = shape.layer_kind != "float"
     for name, p in list(model.named_parameters()):
         module, _, leaf = name.rpartition(".")
-        t = _synthetic(tuple(p.shape), shape.dtype, one=leaf == "weight" and p.dim() == 1)
-        setattr(model.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
+        linear = name.startswith("layers.") and leaf == "weight" and p.dim() == 2
+        if linear and quantized:
+            continue  # as pieces, below
+        if name not in shared:
+            shared[name] = _synthetic(tuple(p.shape), shape.dtype, one=leaf == "weight" and p.dim() == 1)
+        setattr(model.get_submodule(module), leaf, nn.Parameter(shared[name], requires_grad=False))
     for name, m in list(model.named_modules()):
         if name.startswith("layers.") and type(m) is nn.Linear:
+            pieces = None
+            if quantized:
+                pieces = shared.setdefault(name + ".pieces", _pieces(shape.layer_kind, m.out_features,
+                                                                     m.in_features, shape.group))
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, _served(m, shape.layer_kind, shape.group, kernel))
+            setattr(model.get_submodule(parent), leaf,
+                    _served(m, shape.layer_kind, shape.group, kernel, pieces, shape.dtype))
     return model.eval()
 
 
-def _time_steps(shape: Shape, decode: str, settings: Settings) -> list[float]:
-    """Per-layer ms of a decode step at each of ROWS with decode kernel `decode` for every layer."""
+def _time_steps(shape: Shape, decodes: list[str], settings: Settings, clock: _Clock) -> dict[str, list[float]]:
+    """{decode kernel: per-layer ms of a decode step at each of ROWS}, every layer of a stand-in
+    model served by that kernel. The stand-ins are built first and timed in turn, round after
+    round, so that a drift of the machine's speed (the memory's read rate swings by 2x within
+    minutes on these machines) falls on every candidate alike."""
     from fuyu.model import backend
     from fuyu.model.generate import decode_step, prefill
 
     n = max(1, min(shape.layers, -(-MIN_STACK_BYTES // max(1, shape.layer_bytes()))))
-    model = _stand_in(shape, n, decode)
-    model.backend = backend.CpuBackend(settings)
-    out = []
+    steps = 1 if shape.layer_bytes() >= BIG_LAYER_BYTES else STEPS_PER_ROUND
+    models, shared = {}, {}
+    for d in decodes:
+        models[d] = _stand_in(shape, n, d, shared)
+        models[d].backend = backend.CpuBackend(settings)
+    times: dict = {(d, B): [] for d in decodes for B in ROWS}
     with torch.inference_mode():
         for B in ROWS:
             ids = torch.full((B, 4), 2)
-            cache, logits = prefill(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                    STEPS_PER_ROUND * ROUNDS)
-            nxt, times = logits.argmax(-1), []
+            state = {d: prefill(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, steps * ROUNDS)
+                     for d, m in models.items()}
+            nxt = {d: logits.argmax(-1) for d, (_, logits) in state.items()}
             for r in range(ROUNDS):
-                start = time.perf_counter()
-                for _ in range(STEPS_PER_ROUND):
-                    nxt = decode_step(model, cache, nxt).argmax(-1)
-                if r:
-                    times.append((time.perf_counter() - start) / STEPS_PER_ROUND)
-            out.append(statistics.median(times) * 1e3 / n)
-            del cache
-    return out
+                for d, m in models.items():
+                    with clock:
+                        for _ in range(steps):
+                            nxt[d] = decode_step(m, state[d][0], nxt[d]).argmax(-1)
+                    if r:
+                        times[d, B].append(clock.took / steps)
+            del state
+    return {d: [statistics.median(times[d, B]) * 1e3 / n for B in ROWS] for d in decodes}
 
 
-def _time_prefill(shape: Shape, how: str) -> float:
-    """Per-layer ms of a 512-row prefill's GEMMs, `how` ("linear", "f32", "packed", "int8",
-    "int8+dequant", "dense", "int4"), timed on the layer's D×D GEMM and scaled by its FLOPs."""
+def _time_prefill(shape: Shape, hows: list[str], clock: _Clock) -> dict[str, float]:
+    """{how: per-layer ms of a 512-row prefill's GEMMs}, how in "linear", "f32", "packed", "int8",
+    "int8+dequant", "dense", "int4": timed on the layer's D×D GEMM, in turn, and scaled by the
+    layer's FLOPs."""
     D = shape.hidden
-    kernel = {"f32": "linear+f32", "dense": "native"}.get(how, how)
-    module = _served(_linear(D, D, shape.dtype), shape.layer_kind, shape.group, kernel)
+    linear = _linear(D, D, shape.dtype)
+    pieces = None if shape.layer_kind == "float" else _pieces(shape.layer_kind, D, D, shape.group)
+    modules = {h: _served(linear, shape.layer_kind, shape.group, {"f32": "linear+f32", "dense": "native"}.get(h, h),
+                          pieces, shape.dtype) for h in hows}
     x = torch.randn(PREFILL_ROWS, D).to(shape.dtype)
-    times = []
+    times: dict = {h: [] for h in hows}
     with torch.inference_mode():
         for r in range(ROUNDS):
-            start = time.perf_counter()
-            module(x)
-            if r:
-                times.append(time.perf_counter() - start)
+            for h, module in modules.items():
+                with clock:
+                    module(x)
+                if r:
+                    times[h].append(clock.took)
     layer_flops = 4 * D + 2 * shape.intermediate  # qkv 3D + dense D + up I + down I, over D
-    return statistics.median(times) * 1e3 * layer_flops / D
+    return {h: statistics.median(t) * 1e3 * layer_flops / D for h, t in times.items()}
 
 
-def _time_head(shape: Shape, settings: Settings) -> dict:
+def _time_head(shape: Shape, settings: Settings, clock: _Clock) -> dict:
     """{candidate: {"ms": [one call at each of ROWS, None], "score"}}, on a slice of the head's
-    rows big enough to stream from memory, scaled to the whole head."""
+    rows big enough to stream from memory, scaled to the whole head; candidates in turn, round
+    after round (as _time_steps)."""
     offered = candidates(shape, "head", settings)
     per_row = shape.hidden * {"float": shape.dtype.itemsize, "int8": 1, "int4": 0.5}[shape.head_kind]
     rows = min(shape.vocab, max(64, int(HEAD_SLICE_BYTES // per_row)) // 64 * 64)
-    linear = _linear(rows, shape.hidden, shape.dtype, bias=False)
+    quantized = shape.head_kind != "float"
+    linear = _linear(rows, shape.hidden, shape.dtype, bias=False) if not quantized else \
+        nn.Linear(shape.hidden, rows, bias=False, device="meta")
+    pieces = _pieces(shape.head_kind, rows, shape.hidden, shape.group) if quantized else None
+    modules = {k: _served(linear, shape.head_kind, shape.group, k, pieces, shape.dtype) for k in offered}
+    times: dict = {(k, B): [] for k in offered for B in ROWS}
+    with torch.inference_mode():
+        for B in ROWS:
+            x = torch.randn(B, shape.hidden).to(shape.dtype)
+            for r in range(ROUNDS):
+                for k, module in modules.items():
+                    with clock:
+                        module(x)
+                    if r:
+                        times[k, B].append(clock.took)
     out = {}
     for k in offered:
-        module = _served(linear, shape.head_kind, shape.group, k)
-        ms = []
-        with torch.inference_mode():
-            for B in ROWS:
-                x, times = torch.randn(B, shape.hidden).to(shape.dtype), []
-                for r in range(ROUNDS):
-                    start = time.perf_counter()
-                    module(x)
-                    if r:
-                        times.append(time.perf_counter() - start)
-                ms.append(statistics.median(times) * 1e3 * shape.vocab / rows)
+        ms = [statistics.median(times[k, B]) * 1e3 * shape.vocab / rows for B in ROWS]
         out[k] = {"ms": [round(t, 4) for t in ms] + [None], "score": _score(ms + [None], prefill=False)}
-        del module
     return out
 
 

@@ -264,19 +264,25 @@ def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, g
     blocks, a 16-bit GEMM) against the dequantized weight in float64: within the inputs' own
     bfloat16 rounding; the pieces come back exactly (int4's scales as float16 keeps them)."""
     g = torch.Generator().manual_seed(len(method) + group)
-    linear = torch.nn.Linear(384, 272).bfloat16().requires_grad_(False)
+    linear = torch.nn.Linear(512, 272).bfloat16().requires_grad_(False)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(272, 384, generator=g) / 20)
+        linear.weight.copy_(torch.randn(272, 512, generator=g) / 20)
     module, scheme, pieces = quantized(linear, method, group)
     w = scheme.dequantize(module.pieces()).double()
     for rows in (1, 2, 3, 4, 5, 8, 9, 40):
-        x = torch.randn(rows, 384, generator=g).bfloat16()
+        x = torch.randn(rows, 512, generator=g).bfloat16()
         exact = x.double() @ w.T + linear.bias.double()
         got = module(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, 272)
-        # the output's one bf16 rounding (2^-8) plus the integer path's input quantization (2^-15 of
-        # each row's largest input) or the prefill's weight rounding to bf16 (int4: 2^-8 a weight)
-        bound = exact.abs() * 2 ** -8 + (x.double().abs() @ w.abs().T) * 2 ** -8 + 1e-3
+        # the output's one bf16 rounding (2^-8), plus the integer path's input quantization (int8:
+        # half a step of 2^-15 of the row's largest input; int4: of 2^-7 of the group's largest) or
+        # the prefill's weight rounding to bf16 (int4: 2^-8 a weight)
+        xa = x.double().abs()
+        if method == "int8":
+            step = xa.amax(-1, keepdim=True).expand_as(xa) / 32512
+        else:
+            step = xa.view(rows, -1, group).amax(-1, keepdim=True).expand(rows, 512 // group, group).reshape(rows, 512) / 127
+        bound = exact.abs() * 2 ** -8 + (step / 2 + xa * 2 ** -8) @ w.abs().T + 1e-3
         assert ((got.double() - exact).abs() <= bound).all(), (rows, (got.double() - exact).abs().max())
     back = module.pieces()
     assert torch.equal(back["weight"], pieces["weight"])
@@ -287,7 +293,7 @@ def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, g
         assert (back["scales_and_zeros"] - pieces["scales_and_zeros"]).abs().max() <= pieces["scales_and_zeros"].abs().max() * 2 ** -9  # float16
     plain = module.plain()  # torch's own module again, same values
     assert type(plain).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear"}[method]
-    x = torch.randn(3, 384, generator=g).bfloat16()
+    x = torch.randn(3, 512, generator=g).bfloat16()
     assert (plain(x).float() - module(x).float()).abs().max() <= module(x).float().abs().max() * 2 ** -5
 
 
@@ -296,7 +302,7 @@ def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, metho
     """native.Layers over int8/int4 Linears against model/fuyu.py's Block calling the same kernels
     one Linear at a time: the same products and roundings, in one call."""
     g = torch.Generator().manual_seed(7)
-    cfg = FuyuConfig.tiny(hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=2)
+    cfg = FuyuConfig.tiny(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2)
     blocks = [Block(cfg) for _ in range(2)]
     with torch.no_grad():
         for p in (p for b in blocks for p in b.parameters()):
@@ -307,7 +313,7 @@ def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, metho
             parent, _, leaf = name.rpartition(".")
             setattr(b.get_submodule(parent), leaf, quantized(b.get_submodule(name), method, group)[0])
     B, S, at = 3, 40, 30
-    cache = KVCache(2, B, 2, S, 64, cfg.rotary_dim, cfg.rope_theta, "cpu", torch.bfloat16)
+    cache = KVCache(2, B, 4, S, 64, cfg.rotary_dim, cfg.rope_theta, "cpu", torch.bfloat16)
     for t in (*cache.k, *cache.v):
         t.copy_(torch.randn(t.shape, generator=g))
     cache.valid[:, :at] = True
@@ -317,9 +323,9 @@ def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, metho
     positions = cache.step()
     window = cache.window(1)
     cos, sin = cache.rotary(positions)
-    x = torch.randn(B, 1, 128, generator=g)
+    x = torch.randn(B, 1, 256, generator=g)
     k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
-    layers = native.Layers.build([kernels.layer_spec(b) for b in blocks], k, v, cfg.layer_norm_eps, 256)
+    layers = native.Layers.build([kernels.layer_spec(b) for b in blocks], k, v, cfg.layer_norm_eps, 512)
     assert layers is not None
     ours = layers(x, cos.contiguous(), sin.contiguous(), window.slots, window.mask)
     h = x

@@ -87,18 +87,23 @@ static inline void row_of(dtype dt, const void *w, const float *xi, const float 
    columns (xb: each row's 32 in turn), and R <= 4 weight rows go through at once, each weight
    vector multiplied into BB <= 4 input rows: 16 accumulators, the inputs loaded once per R rows.
    s[r * 8 + b] for b0 <= b < b0 + BB. */
-#define BF16_PREFETCH 512 /* bytes ahead in each weight row (measured: 0-512 best, 4 KB 10% slower) */
-
+/* The weight rows a tile reads are R consecutive rows, one contiguous block; while it works the
+   next block is fetched into L2 (prefetcht1), R lines a step, so that the block is there when its
+   turn comes. Measured in pairs (a streaming sum, then the products, over the same 402 MB layer of
+   Fuyu-8B's shapes, AVX-512 AMD EPYC family 25 model 17, sums at 45-58 GB/s): 93% of the sum's
+   rate, where 512 bytes ahead of each row into L1 gave 79% and 4 KB ahead of each row into L2 84%
+   (the hardware prefetchers follow 4 streams 8 KB apart less well than one). */
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int64_t K,
                                                             const uint16_t *xb, int64_t B,
                                                             int64_t b0, int R, int BB, float *s) {
     vf a[4][4];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < BB; b++) a[r][b] = (vf){0};
+    const char *next = (const char *)(w + R * K);
     for (int64_t k = 0; k < K; k += 32) {
         bv v[4];
         for (int r = 0; r < R; r++) {
-            __builtin_prefetch((const char *)(w + r * K + k) + BF16_PREFETCH);
+            __builtin_prefetch(next + (k / 32 * R + r) * 64, 0, 2);
             v[r] = bv_load(w + r * K + k);
         }
         const uint16_t *x = xb + k * B + b0 * 32;

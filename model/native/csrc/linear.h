@@ -27,7 +27,7 @@ static inline int uses_dot_bf16(const lin *lw, dtype dt, int64_t K) {
 /* Bytes of the largest prepared input of B rows of K (float32 interleaved, or quant.h's layouts
    with their headers), then K int16 of room for quantizing a row. */
 static inline int64_t prepared_core(int64_t B, int64_t K) {
-    return B * K * 4 + q4_planes_offset(B, K);
+    return B * K * 4 + q4_inputs_offset(B, K);
 }
 static inline int64_t prepared_bytes(int64_t B, int64_t K) { return prepared_core(B, K) + K * 2 + 64; }
 
@@ -38,7 +38,7 @@ static void prepare(const float *x, int64_t B, int64_t K, const lin *lw, dtype d
     if (lw->fmt == INT8)
         q8_prepare(x, B, K, xp, tmp);
     else if (lw->fmt == INT4)
-        q4_prepare(x, B, K, lw->group, xp, tmp);
+        q4_prepare(x, B, K, lw->group, xp);
 #if HAVE_DOT_BF16
     else if (uses_dot_bf16(lw, dt, K))
         interleave_bf16(x, B, K, xp);

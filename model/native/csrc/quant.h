@@ -6,35 +6,54 @@
 
      INT8  w: (N/4, K/64, 4, 64) int8: for each 64 inputs, the 4 rows' 64 weights in turn;
            scales: (N) float32, weight = q * scale.
-     INT4  w: (N/4, K/128, 4, 64) bytes: for each 128 inputs, each row's 64 bytes in turn; byte j
-           holds input j's weight in its low nibble and input 64 + j's in its high one, q in 0..15;
-           scales: (N/4, K/group, 4, 2) float16 bits: (scale, min) per row and group of `group`
-           (64 or 128) inputs, weight = q * scale + min.
+     INT4  w: (N/4, K/256, 4, 128) bytes: for each 256 inputs, each row's 128 bytes in turn, two
+           64-byte units; q in 0..15, weight = q * scale + min per row and group of `group` (64
+           or 128) inputs. scales: (N/4, K/256, 2, 4, 256/group) float16: for each 256 inputs,
+           the 4 rows' scales, then their mins, a row's groups in turn.
+           Within a row's 128 bytes the weights are placed so that each 4-byte lane of a vector
+           holds weights of one group only (q4_place): the low nibbles of unit u and then its
+           high nibbles are four "vectors" m = 2u, 2u + 1 of 16 lanes; lane i holds group
+           i / (group / 16) of the 256, weights 4 (i % (group / 16)) + j, j < 4, of that group's
+           quarter m. So one integer dot product covers several groups, lane-wise, and one float
+           multiply-add per 256 inputs scales them all (a vector of each lane's group scale).
 
-   The inputs are quantized per row to int16, x = sx * xq, |xq| <= QMAX (15 bits: 64 times finer
-   than the bfloat16 rounding every input has already been through, relative to the row's largest),
-   so the products are exact integer dot products (vpdpwssd for int8, vpdpbusd over xq's two bytes
-   for int4: isa.h) summed in int32, and scaled in float32:
+   The inputs are quantized as the weights are, so that the products are exact integer dot
+   products summed in int32 and only their sums are scaled in float32:
 
-     INT8  y[n] = scale[n] * sx * sum_k q[n,k] xq[k]
-     INT4  y[n] = sx * sum_g scale[n,g] * sum_{k in g} q[n,k] xq[k]  +  sum_g min[n,g] * X[g]
+     INT8  inputs per row to int16, x = sx * xq, |xq| <= QMAX (15 bits: 64 times finer than the
+           bfloat16 rounding every input has already been through, relative to the row's largest);
+           y[n] = scale[n] * sx * sum_k q[n,k] xq[k]                              (vpdpwssd)
+     INT4  inputs per group of the weights' groups to int8, x = sx_g * xg, |xg| <= 127 (the
+           weights' own error, a 16th of a group's range, is ~20 times an input's 254th of its
+           group's largest, and an outlier input coarsens its own group only);
+           y[n] = sum_g scale[n,g] * sx_g * sum_{k in g} q[n,k] xg[k]  +  sum_g min[n,g] * X[g]
+                                                                                  (vpdpbusd)
+     where X[g] is the sum of the group's inputs (float32, before quantizing).
 
-   where X[g] is the sum of the group's inputs (float32, before quantizing). Without integer
-   vectors (isa.h: HAVE_QV 0) the same sums are taken a value at a time. */
+   Without integer vectors (isa.h: HAVE_QV 0) the same sums are taken a value at a time. */
 #ifndef FUYU_QUANT_H
 #define FUYU_QUANT_H
 
 #include "isa.h"
 
-#define QMAX 32512       /* 127 * 256: xq's high byte fits int8 (the int4 planes) */
+#define QMAX 32512       /* xq's largest magnitude (127 * 256) */
 #define Q8_CHUNK 64      /* inputs per tile step, INT8 */
-#define Q4_CHUNK 128     /* inputs per tile step, INT4 */
+#define Q4_CHUNK 256     /* inputs per tile step, INT4 */
 #define Q8_FLUSH 32      /* INT8 steps summed in int32 before adding to the float total: with
                             |q| <= 127 and |xq| <= QMAX a lane's int32 sum stays under 2^31 */
+#ifndef QPREFETCH
 #define QPREFETCH 1024   /* bytes ahead in a tile's stream */
+#endif
+#ifndef QHINT
+#define QHINT 3          /* __builtin_prefetch locality: 3 = into L1 */
+#endif
 
-/* float16 bits to float32 (normal, subnormal, zero, inf; NaN as inf: scales are finite). */
+/* float16 bits to float32: one instruction with F16C (every AVX2 CPU), else by hand (normal,
+   subnormal, zero, inf; NaN as inf: scales are finite). */
 static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, u;
     if (e == 0) {
         float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24 */
@@ -46,13 +65,23 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+/* 8 float16 values at p to float32. */
+static inline void halves_to_floats(const uint16_t *p, float *out) {
+#ifdef __F16C__
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+#else
+    for (int i = 0; i < 8; i++) out[i] = half_to_float(p[i]);
+#endif
+}
+
 /* --- the inputs, prepared once per call for every output row ---------------------------------
 
-   INT8: sx[8] float32, then xq interleaved: for each 64 inputs, each row's 64 int16 in turn.
-   INT4: sx[8], X[B][K/64] float32, then per 128 inputs and per row: 128 int8 high bytes of xq,
-         then 128 low bytes (the low byte as signed: xq = 256 * high + low). */
+   INT8: sx[B] float32 (in 64 bytes), then xq interleaved: for each 64 inputs, each row's 64 int16
+         in turn.
+   INT4: 64 bytes, X[B][K/64] then sx[B][K/64] float32 (per group; groups of 64 or more), then
+         for each 256 inputs, each row's 256 int8 in turn, placed as the weights are (q4_place). */
 
-static inline int64_t q4_sums(int64_t K) { return K / 64; } /* X's room per row: groups of 64 or more */
+static inline int64_t q4_groups(int64_t K) { return K / 64; } /* room per row for per-group values */
 
 /* Quantize row x (K) to xq (K) int16; returns sx. */
 static float quantize_row(const float *x, int64_t K, int16_t *xq) {
@@ -77,29 +106,38 @@ static void q8_prepare(const float *x, int64_t B, int64_t K, void *xp, int16_t *
     }
 }
 
-static inline int64_t q4_planes_offset(int64_t B, int64_t K) {
-    return 64 + ((B * q4_sums(K) * 4 + 63) & ~(int64_t)63);
+static inline int64_t q4_inputs_offset(int64_t B, int64_t K) {
+    return 64 + ((2 * B * q4_groups(K) * 4 + 63) & ~(int64_t)63);
 }
 
-/* x (B, K) float32 -> xp as the INT4 kernels read it (group: inputs per X sum). tmp: K int16. */
-static void q4_prepare(const float *x, int64_t B, int64_t K, int group, void *xp, int16_t *tmp) {
-    float *sx = xp, *sums = (float *)((char *)xp + 64);
-    int8_t *planes = (int8_t *)xp + q4_planes_offset(B, K);
+/* Where input k of a row (within its 256) sits in INT4's layout: byte (0..255) of the four
+   16-lane vectors m = 0..3 in turn; for the weights, vector m is unit m / 2's low (m even) or high
+   nibbles. */
+static inline int q4_place(int k, int group) {
+    int g = k / group, p = k % group, quarter = group / 4, lanes = group / 16;
+    int m = p / quarter, q = p % quarter;
+    return m * 64 + (g * lanes + q / 4) * 4 + q % 4;
+}
+
+/* x (B, K) float32 -> xp as the INT4 kernels read it, in groups of `group` inputs. */
+static void q4_prepare(const float *x, int64_t B, int64_t K, int group, void *xp) {
+    float *sums = (float *)((char *)xp + 64), *sx = sums + B * q4_groups(K);
+    int8_t *xg = (int8_t *)xp + q4_inputs_offset(B, K);
     for (int64_t b = 0; b < B; b++) {
         const float *row = x + b * K;
-        sx[b] = quantize_row(row, K, tmp);
         for (int64_t g = 0; g < K / group; g++) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k];
-            sums[b * q4_sums(K) + g] = s;
-        }
-        for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
-            int8_t *p = planes + (c * B + b) * 2 * Q4_CHUNK;
-            for (int j = 0; j < Q4_CHUNK; j++) {
-                int v = tmp[c * Q4_CHUNK + j];
-                int8_t low = (int8_t)(v & 255); /* two's complement: -128..127 */
-                p[j] = (int8_t)((v - low) / 256);
-                p[Q4_CHUNK + j] = low;
+            float s = 0.f, top = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                s += row[k];
+                top = fmaxf(top, fabsf(row[k]));
+            }
+            float scale = top > 0.f ? top / 127.f : 1.f, inv = 1.f / scale;
+            sums[b * q4_groups(K) + g] = s;
+            sx[b * q4_groups(K) + g] = scale;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                float q = rintf(row[k] * inv);
+                xg[(k / Q4_CHUNK * B + b) * Q4_CHUNK + q4_place((int)(k % Q4_CHUNK), group)] =
+                    (int8_t)(q > 127.f ? 127 : q < -127.f ? -127 : q);
             }
         }
     }
@@ -119,10 +157,10 @@ static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64
         for (int b = 0; b < BB; b++) acc[r][b] = qv_zero();
     for (int64_t c = 0; c < K / Q8_CHUNK; c++) {
         const int8_t *t = w + c * 4 * Q8_CHUNK;
-        __builtin_prefetch((const char *)t + QPREFETCH);
-        __builtin_prefetch((const char *)t + QPREFETCH + 64);
-        __builtin_prefetch((const char *)t + QPREFETCH + 128);
-        __builtin_prefetch((const char *)t + QPREFETCH + 192);
+        __builtin_prefetch((const char *)t + QPREFETCH, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 64, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 128, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 192, 0, QHINT);
         const int16_t *x = xi + c * B * Q8_CHUNK + b0 * Q8_CHUNK;
         for (int h = 0; h < Q8_CHUNK; h += QV / 2)
             for (int r = 0; r < 4; r++) {
@@ -172,89 +210,113 @@ static inline void q8_tile_all(const int8_t *w, const float *scales, int64_t K, 
 
 /* --- INT4 ---------------------------------------------------------------------------------- */
 
-/* One tile against inputs b0 .. b0 + BB - 1 (BB <= 2): s[r * 8 + b] = sx * sum_g scale * dot
+#if HAVE_QV
+/* A lane permutation of v: lane i of the result is lane idx(i) of v. */
+static inline __attribute__((always_inline)) vf permute(vf v, vi idx) { return __builtin_shuffle(v, idx); }
+
+/* Which lane of kv[r * GC / L] each lane h * L + i of row r's vectors takes its scale from:
+   the lane's group (h * L + i) / (GROUP / 16) of the chunk (q4_place), in the row's GC values. */
+static inline __attribute__((always_inline)) vi group_index(int r, int h, int GROUP) {
+    int GC = Q4_CHUNK / GROUP;
+    vi idx;
+    for (int i = 0; i < L; i++) idx[i] = r * GC % L + (h * L + i) / (GROUP / 16);
+    return idx;
+}
+#endif
+
+/* One tile against inputs b0 .. b0 + BB - 1 (BB <= 4): s[r * 8 + b] = sum_g scale sx_g dot_g
    (the min terms are added by q4_tile_all). GROUP (64 or 128) a constant where inlined. */
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const uint16_t *sc,
-                                                          int64_t K, const int8_t *planes,
+                                                          int64_t K, const int8_t *xg,
                                                           const float *sx, int64_t B, int64_t b0,
                                                           int BB, int GROUP, float *s) {
-    int64_t G = K / GROUP;
+    int64_t G = q4_groups(K);
+    const int GC = Q4_CHUNK / GROUP; /* groups a chunk */
 #if HAVE_QV
-    vf f[4][2];
+    vf f[4][4];
+    vi idx[4][64 / QV]; /* the scales' lane permutations, made once */
+    vi mod;
+    for (int i = 0; i < L; i++) mod[i] = i % GC;
+    for (int r = 0; r < 4; r++)
+        for (int h = 0; h < 64 / QV; h++) idx[r][h] = group_index(r, h, GROUP);
     for (int r = 0; r < 4; r++)
         for (int b = 0; b < BB; b++) f[r][b] = (vf){0};
     for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
-        const uint8_t *t = w + c * 4 * 64;
-        __builtin_prefetch((const char *)t + QPREFETCH);
-        __builtin_prefetch((const char *)t + QPREFETCH + 64);
-        __builtin_prefetch((const char *)t + QPREFETCH + 128);
-        __builtin_prefetch((const char *)t + QPREFETCH + 192);
+        const uint8_t *t = w + c * 4 * 128;
+        for (int i = 0; i < 512; i += 64) __builtin_prefetch((const char *)t + QPREFETCH + i, 0, QHINT);
+        /* every row's group scales times the inputs', rows in turn (4 GC of them, 16 at most:
+           L to a vector), built in registers */
+        const uint16_t *scales = sc + c * 8 * GC;
+        vf kv[4][16 / L];
+        for (int b = 0; b < BB; b++) {
+            vf sxv = permute(load_f32(sx + (b0 + b) * G + c * GC), mod);
+            for (int v = 0; v < (4 * GC + L - 1) / L; v++) kv[b][v] = vf_halves(scales + v * L) * sxv;
+        }
+#pragma GCC unroll 4
         for (int r = 0; r < 4; r++) {
-            /* the scales of the chunk's low half (inputs 0..63) and high half (64..127) */
-            int64_t g = c * Q4_CHUNK / GROUP;
-            float s0 = half_to_float(sc[(g * 4 + r) * 2]);
-            float s1 = GROUP == 64 ? half_to_float(sc[((g + 1) * 4 + r) * 2]) : s0;
-            /* [b][half]: the sums against xq's high and low bytes; groups of 128 sum both
-               halves of the chunk together (half 1 is half 0) */
-            const int H = GROUP == 64;
-            qv hi[2][2], lo[2][2];
+            /* [b][unit half]: the lanes' integer sums over the chunk, low and high nibbles apart
+               (two short chains of dependent dot products, not one long one) */
+            qv lo[4][64 / QV], hi[4][64 / QV];
             for (int b = 0; b < BB; b++)
-                for (int p = 0; p < 2; p++) hi[b][p] = lo[b][p] = qv_zero();
-            for (int o = 0; o < 64; o += QV) {
-                qv v = qv_load(t + r * 64 + o), w0 = qv_low_nibbles(v), w1 = qv_high_nibbles(v);
-                for (int b = 0; b < BB; b++) {
-                    const int8_t *x = planes + (c * B + b0 + b) * 2 * Q4_CHUNK;
-                    hi[b][0] = qv_dot_u8s8(hi[b][0], w0, qv_load(x + o));
-                    lo[b][0] = qv_dot_u8s8(lo[b][0], w0, qv_load(x + Q4_CHUNK + o));
-                    hi[b][H] = qv_dot_u8s8(hi[b][H], w1, qv_load(x + 64 + o));
-                    lo[b][H] = qv_dot_u8s8(lo[b][H], w1, qv_load(x + Q4_CHUNK + 64 + o));
+                for (int h = 0; h < 64 / QV; h++) lo[b][h] = hi[b][h] = qv_zero();
+            for (int u = 0; u < 2; u++)
+                for (int h = 0; h < 64 / QV; h++) {
+                    qv v = qv_load(t + r * 128 + u * 64 + h * QV);
+                    qv w0 = qv_low_nibbles(v), w1 = qv_high_nibbles(v);
+                    for (int b = 0; b < BB; b++) {
+                        const int8_t *x = xg + (c * B + b0 + b) * Q4_CHUNK + u * 128 + h * QV;
+                        lo[b][h] = qv_dot_u8s8(lo[b][h], w0, qv_load(x));
+                        hi[b][h] = qv_dot_u8s8(hi[b][h], w1, qv_load(x + 64));
+                    }
                 }
-            }
-            for (int b = 0; b < BB; b++) {
-                f[r][b] += qv_to_vf(qv_shift_add(hi[b][0], lo[b][0])) * s0;
-                if (H) f[r][b] += qv_to_vf(qv_shift_add(hi[b][1], lo[b][1])) * s1;
-            }
+            for (int b = 0; b < BB; b++)
+                for (int h = 0; h < 64 / QV; h++)
+                    f[r][b] += qv_to_vf(qv_add(lo[b][h], hi[b][h])) * permute(kv[b][r * GC / L], idx[r][h]);
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(f[r][b]) * sx[b0 + b];
+        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(f[r][b]);
 #else
     for (int r = 0; r < 4; r++)
         for (int b = 0; b < BB; b++) {
             float total = 0.f;
-            for (int64_t g = 0; g < G; g++) {
+            for (int64_t g = 0; g < K / GROUP; g++) {
                 int32_t a = 0;
                 for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
-                    int64_t c = k / Q4_CHUNK, j = k % Q4_CHUNK;
-                    uint8_t byte = w[(c * 4 + r) * 64 + j % 64];
-                    int q = j < 64 ? byte & 15 : byte >> 4;
-                    const int8_t *x = planes + (c * B + b0 + b) * 2 * Q4_CHUNK;
-                    a += q * (256 * x[j] + x[Q4_CHUNK + j]);
+                    int64_t c = k / Q4_CHUNK;
+                    int at = q4_place((int)(k % Q4_CHUNK), GROUP), m = at / 64;
+                    uint8_t byte = w[(c * 4 + r) * 128 + m / 2 * 64 + at % 64];
+                    a += (m % 2 ? byte >> 4 : byte & 15) * xg[(c * B + b0 + b) * Q4_CHUNK + at];
                 }
-                total += (float)a * half_to_float(sc[(g * 4 + r) * 2]);
+                float scale = half_to_float(sc[g / GC * 8 * GC + r * GC + g % GC]);
+                total += (float)a * scale * sx[(b0 + b) * G + g];
             }
-            s[r * 8 + b0 + b] = total * sx[b0 + b];
+            s[r * 8 + b0 + b] = total;
         }
 #endif
-    (void)G;
 }
 
 static inline void q4_tile_all(const uint8_t *w, const uint16_t *sc, int64_t K, int group,
                                const void *xp, int64_t B, float *s) {
-    const float *sx = xp, *sums = (const float *)((const char *)xp + 64);
-    const int8_t *planes = (const int8_t *)xp + q4_planes_offset(B, K);
-    for (int64_t b0 = 0; b0 < B; b0 += 2) {
-        int two = B - b0 >= 2;
+    const float *sums = (const float *)((const char *)xp + 64), *sx = sums + B * q4_groups(K);
+    const int8_t *xg = (const int8_t *)xp + q4_inputs_offset(B, K);
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        int64_t n = B - b0;
         if (group == 64)
-            two ? q4_tile(w, sc, K, planes, sx, B, b0, 2, 64, s) : q4_tile(w, sc, K, planes, sx, B, b0, 1, 64, s);
+            n == 1 ? q4_tile(w, sc, K, xg, sx, B, b0, 1, 64, s)
+            : n == 2 ? q4_tile(w, sc, K, xg, sx, B, b0, 2, 64, s)
+            : n == 3 ? q4_tile(w, sc, K, xg, sx, B, b0, 3, 64, s) : q4_tile(w, sc, K, xg, sx, B, b0, 4, 64, s);
         else
-            two ? q4_tile(w, sc, K, planes, sx, B, b0, 2, 128, s) : q4_tile(w, sc, K, planes, sx, B, b0, 1, 128, s);
+            n == 1 ? q4_tile(w, sc, K, xg, sx, B, b0, 1, 128, s)
+            : n == 2 ? q4_tile(w, sc, K, xg, sx, B, b0, 2, 128, s)
+            : n == 3 ? q4_tile(w, sc, K, xg, sx, B, b0, 3, 128, s) : q4_tile(w, sc, K, xg, sx, B, b0, 4, 128, s);
     }
-    int64_t G = K / group;
+    int GC = Q4_CHUNK / group;
     for (int r = 0; r < 4; r++)
         for (int64_t b = 0; b < B; b++) {
             float m = 0.f;
-            for (int64_t g = 0; g < G; g++) m += half_to_float(sc[(g * 4 + r) * 2 + 1]) * sums[b * q4_sums(K) + g];
+            for (int64_t g = 0; g < K / group; g++)
+                m += half_to_float(sc[g / GC * 8 * GC + 4 * GC + r * GC + g % GC]) * sums[b * q4_groups(K) + g];
             s[r * 8 + b] += m;
         }
 }
@@ -274,17 +336,23 @@ static void q_row(int fmt_int4, int group, const void *w, const void *scales, in
                 out[c * Q8_CHUNK + j] = (float)tile[(c * 4 + r) * Q8_CHUNK + j] * s;
         return;
     }
+    /* q4_place puts a group's quarter m in one run of group / 4 slots: vector m, from lane
+       g * group / 16; so a chunk is copied run by run */
     const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
     const uint16_t *sc = (const uint16_t *)scales + t * 4 * (K / group) * 2;
-    for (int64_t c = 0; c < K / Q4_CHUNK; c++)
-        for (int j = 0; j < 64; j++) {
-            uint8_t byte = tile[(c * 4 + r) * 64 + j];
-            for (int half = 0; half < 2; half++) {
-                int64_t k = c * Q4_CHUNK + half * 64 + j, g = k / group;
-                float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
-                out[k] = (float)(half ? byte >> 4 : byte & 15) * scale + min;
+    int GC = Q4_CHUNK / group, quarter = group / 4;
+    for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
+        const uint8_t *bytes = tile + (c * 4 + r) * 128;
+        for (int g = 0; g < GC; g++) {
+            float scale = half_to_float(sc[c * 8 * GC + r * GC + g]);
+            float min = half_to_float(sc[c * 8 * GC + 4 * GC + r * GC + g]);
+            for (int m = 0; m < 4; m++) {
+                const uint8_t *run = bytes + m / 2 * 64 + g * quarter;
+                float *o = out + c * Q4_CHUNK + g * group + m * quarter;
+                for (int q = 0; q < quarter; q++) o[q] = (float)(m % 2 ? run[q] >> 4 : run[q] & 15) * scale + min;
             }
         }
+    }
 }
 
 #endif
