@@ -13,9 +13,11 @@ from fuyu.model import Fuyu, FuyuConfig
 
 
 def stream_read(device: torch.device, nbytes: float):
-    """(fn, bytes): fn sums a 1 GiB buffer as many times as it takes to read about `nbytes`, the
-    machine's streaming read rate over as much data as the measurement it is compared with."""
-    x = torch.ones(256 * 1024 * 1024, device=device)
+    """(fn, bytes): fn sums a float32 buffer (as big as `nbytes`, within 128 MiB, well past the
+    CPU caches, and 1 GiB) as many times as it takes to read about `nbytes`: the machine's
+    streaming read rate over as much data as the measurement it is compared with."""
+    size = int(min(1 << 30, max(128 << 20, nbytes)))
+    x = torch.ones(size // 4, device=device)
     n = max(1, round(nbytes / (x.numel() * 4)))
 
     def read():

@@ -1,14 +1,14 @@
 """What `fuyu benchmark` measures: preprocessing, prefill against F.linear, decode against the
 memory's read rate, a caption run, and optionally the reference on the same inputs.
 
-Decode: a step's time is (N + 1 tokens) − (1 token) on the same batch, round by round, each round
-also reading as many bytes as its N steps read, for the bandwidth to compare with. Prefill: the
+Decode: steps after one prefill, each followed by a streaming read of as many bytes as a step
+reads; the fraction of the read rate is the median over those pairs (decode_against_read). Prefill: the
 forward over the prompt against plain F.linear doing its GEMMs, in alternating rounds.
 
 A model at real size (Fuyu-8B: a decode step reads 16.6 GB, a 640×480 prefill is ~7 TFLOP) gets
 `run_real` instead, which fits one run in minutes on a 2-core CPU: one prefill per timed round
 for a 640×480 image and a 1280×720 screenshot against one layer's GEMMs (times the layer count),
-decode steps timed straight after one prefill, and no caption run.
+decode steps as above, and no caption run.
 """
 
 from __future__ import annotations
@@ -48,25 +48,11 @@ def run(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repe
     first = workloads.timed(lambda: workloads.run_ours(net, proc, [photo], CAPTION, 1, **kw), repeats, device)
     res["first_token_ms"] = ms(first)
 
-    res["decode"], read_rates = {}, []
-    weight_bytes = arithmetic.decode_bytes(net)
-    read, read_bytes = arithmetic.stream_read(device, new_tokens * weight_bytes)
+    res["decode"] = {}
     for B in sizes:
         batch = proc(images=[photo] * B, prompts=[CAPTION] * B)
-        t = workloads.rounds({"read": read, "first": lambda: workloads.generate_on(net, batch, 1, **kw),
-                              "full": lambda: workloads.generate_on(net, batch, new_tokens + 1, **kw)},
-                             repeats, device)
-        steps = [(full - first) / new_tokens for full, first in zip(t["full"], t["first"])]
-        rates = [read_bytes / s / 1e9 for s in t["read"]]
-        read_rates += rates
-        step = workloads.Stat.of(steps)
-        res["decode"][B] = dict(ms_per_step=ms(step), tokens_per_s=round(B / step.median, 1),
-                                weight_gbs=round(weight_bytes / step.median / 1e9, 1),
-                                read_gbs=round(median(rates), 1),  # in the same rounds
-                                fraction_of_bandwidth=round(median(weight_bytes / s / 1e9 / r
-                                                                   for s, r in zip(steps, rates)), 3))
-    del read
-    res["bandwidth_gbs"] = round(median(read_rates), 1)
+        res["decode"][B] = decode_against_read(net, batch, device, new_tokens, repeats, compile)
+    res["bandwidth_gbs"] = median(d["read_gbs"] for d in res["decode"].values())
 
     files = workloads.caption_files(workloads.tmpdir())
     groups = workloads.group_by_size(files)  # as `fuyu caption -b 8` batches: each size prefilled
@@ -81,13 +67,47 @@ def run(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repe
 REAL_SIZE_BYTES = 4 << 30  # decode bytes from which a model gets run_real
 
 
+def decode_against_read(net, batch, device: torch.device, steps: int, repeats: int, compile: bool = False) -> dict:
+    """Decode steps of `batch` after one prefill, each step followed by a streaming read of as many
+    bytes as the step reads: the read rate is taken in the same seconds as the step it is compared
+    with (on these machines it swings 2x within minutes, so rounds of many steps against rounds of
+    reads compare different machines). Medians over steps × repeats pairs: ms a step, the read
+    rate, and the fraction (the step's weight bytes a second over its own read's rate)."""
+    from fuyu.model.generate import prefill, sample, stepper
+
+    weight_bytes = arithmetic.decode_bytes(net)
+    read, read_bytes = arithmetic.stream_read(device, weight_bytes)
+    step_s, read_s, fraction = [], [], []
+    with torch.inference_mode():
+        cache, last = prefill(net, batch, steps * repeats + 2)
+        step, ids = stepper(cache, compile), sample(last)
+        ids = sample(step(net, cache, ids))  # warms up (and compiles)
+        read()
+        for _ in range(steps * repeats):
+            start = _now(device)
+            ids = sample(step(net, cache, ids))
+            took = _now(device) - start
+            start = _now(device)
+            read()
+            reading = _now(device) - start
+            step_s.append(took)
+            read_s.append(reading)
+            fraction.append(weight_bytes / took / (read_bytes / reading))
+        del cache
+    st = workloads.Stat.of(step_s)
+    B = batch.input_ids.shape[0]
+    rate = read_bytes / median(read_s) / 1e9
+    return dict(prompt_tokens=batch.input_ids.shape[1], ms_per_step=ms(st), tokens_per_s=round(B / st.median, 2),
+                weight_gbs=round(weight_bytes / st.median / 1e9, 1), read_gbs=round(rate, 1),
+                fraction_of_bandwidth=round(median(fraction), 3))
+
+
 def run_real(net, proc, device: torch.device, sizes: list[int], new_tokens: int, repeats: int,
              compile: bool = False) -> dict:
     """The real-size measurements: preprocessing, prefill of two images, decode at each batch
     size (batch 1 after the 640×480 prefill; larger ones after a short prompt of a 90×90 image,
     whose cache costs the step little), KV cache bytes per token."""
     from fuyu.model import KVCache
-    from fuyu.model.generate import prefill, sample, stepper
 
     cfg, dtype = net.config, net.embed_tokens.weight.dtype
     res: dict = {"real_size": True, "kv_cache_bytes_per_token": KVCache.bytes_per_token(
@@ -109,35 +129,12 @@ def run_real(net, proc, device: torch.device, sizes: list[int], new_tokens: int,
         res["prefill_images"][name] = dict(
             tokens=T, ms=ms(pre), tflops=round(flops / pre.median / 1e12, 3),
             gemm_tflops=round(gemm_rate / 1e12, 3), fraction_of_gemm=round(flops / pre.median / gemm_rate, 3))
-    weight_bytes = arithmetic.decode_bytes(net)
-    read, read_bytes = arithmetic.stream_read(device, new_tokens * weight_bytes)
-    res["decode"], rates = {}, []
+    res["decode"] = {}
     small = workloads.test_image(90, 90)
-    with torch.inference_mode():
-        for B in sizes:
-            batch = proc(images=[photo] if B == 1 else [small] * B, prompts=[CAPTION] * B)
-            cache, last = prefill(net, batch, new_tokens * (repeats + 1) + 1)
-            step, ids = stepper(cache, compile), sample(last)
-            steps = []
-            for r in range(repeats + 1):  # round 0 warms up (and compiles)
-                start = _now(device)
-                for _ in range(new_tokens):
-                    ids = sample(step(net, cache, ids))
-                took = (_now(device) - start) / new_tokens
-                start = _now(device)
-                read()
-                if r:
-                    steps.append(took)
-                    rates.append(read_bytes / (_now(device) - start) / 1e9)
-            del cache
-            st = workloads.Stat.of(steps)
-            rate = median(rates[-repeats:])
-            res["decode"][B] = dict(prompt_tokens=batch.input_ids.shape[1], ms_per_step=ms(st),
-                                    tokens_per_s=round(B / st.median, 2), weight_gbs=round(weight_bytes / st.median / 1e9, 1),
-                                    read_gbs=round(rate, 1),
-                                    fraction_of_bandwidth=round(weight_bytes / st.median / 1e9 / rate, 3))
-    del read
-    res["bandwidth_gbs"] = round(median(rates), 1)
+    for B in sizes:
+        batch = proc(images=[photo] if B == 1 else [small] * B, prompts=[CAPTION] * B)
+        res["decode"][B] = decode_against_read(net, batch, device, new_tokens, repeats, compile)
+    res["bandwidth_gbs"] = median(d["read_gbs"] for d in res["decode"].values())
     return res
 
 

@@ -90,9 +90,9 @@ class Runner:
                             f"model has {limit} positions in all", "use a smaller --max-new-tokens")
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
-        quantization = None if spec.quantize == "none" else spec.quantize
+        quantization = quantization_of(spec)
         if spec.device_map is None:  # (a map places what fits, accelerate's way)
-            memory.check_fit(ckpt, spec.path or str(ckpt), cfg, dtype, quantization,
+            memory.check_fit(ckpt, spec.path or str(ckpt), cfg, dtype, spec_method(quantization),
                              max_new_tokens or GenOptions.max_new_tokens, device)
         processor = FuyuProcessor.from_pretrained(ckpt)
         try:
@@ -393,6 +393,20 @@ def check_box(box, size) -> None:
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise FuyuError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}×{h} image "
                         "(x0,y0,x1,y1 with x0<x1, y0<y1)")
+
+
+def quantization_of(spec: ModelSpec):
+    """load_pretrained's quantization for a spec: None, the method, or with --quantize-head the
+    method with the LM head off the skip list ({"method": m, "skip": ["vision_embed_tokens"]})."""
+    if spec.quantize == "none":
+        if spec.quantize_head:
+            raise FuyuError("--quantize-head goes with --quantize", "e.g. --quantize int8 --quantize-head")
+        return None
+    return {"method": spec.quantize, "skip": ["vision_embed_tokens"]} if spec.quantize_head else spec.quantize
+
+
+def spec_method(quantization) -> str | None:
+    return quantization["method"] if isinstance(quantization, dict) else quantization
 
 
 def resolve_device(device: str) -> str:

@@ -38,7 +38,7 @@ def test_bf16_is_as_accurate_as_the_reference_bf16_on_tiny_checkpoints(tmp_path,
             samples.append((b.input_ids, b.image_patches if b.image_patches.shape[0] else None))
         model = load_pretrained(ckpt, dtype=torch.bfloat16, kernels="plain")
         if kernel == "native":
-            kernels.apply(model, lambda name, m: "native" if "native" in kernels.candidates(m) else None)
+            kernels.apply(model, lambda name, m: "native" if kernels.kind(m) == "float" else None)
         result = compare(ckpt, samples, steps=24, keep_logits=True, ours=model)
         for k in pooled:
             pooled[k] += result["logits"][k]

@@ -26,6 +26,8 @@ def benchmark(
     threads: ThreadsOpt = None,
     quantize: Annotated[Optional[str], typer.Option(
         metavar="int8|int4|8bit|nf4", help="Quantize the weights as they load, as the other commands do.")] = None,
+    quantize_head: Annotated[bool, typer.Option(
+        "--quantize-head", help="With --quantize: the LM head quantized too, as the other commands do.")] = False,
     batch_sizes: Annotated[Optional[str], typer.Option(
         metavar="N,N,…", help="Decode batch sizes, comma-separated. Default 1,4,16; 1 at real size "
                               "(Fuyu-8B: a decode step reads 16.6 GB).")] = None,
@@ -70,8 +72,13 @@ def benchmark(
     console = stderr_console()
     res: dict = {"device": str(dev), "dtype": str(dt).removeprefix("torch."), "model": str(model or random),
                  "threads": n_threads}
+    quantization = quantize
     if quantize is not None:
-        res["quantize"] = quantize
+        res["quantize"] = quantize + ("+head" if quantize_head else "")
+        if quantize_head:
+            quantization = {"method": quantize, "skip": ["vision_embed_tokens"]}
+    elif quantize_head:
+        raise typer.BadParameter("--quantize-head goes with --quantize")
     config = None  # read once: the memory check and the loader share it
     if model is not None and dev.type in ("cpu", "cuda"):
         from fuyu import memory
@@ -80,7 +87,7 @@ def benchmark(
         config = read_config(model)
         memory.check_fit(model, str(model), config, res["dtype"], quantize, new_tokens, str(dev))
     start = time.perf_counter()
-    net, proc = workloads.load(model, random or "", dev, dt, quantize, config)  # load_pretrained + the kernel step
+    net, proc = workloads.load(model, random or "", dev, dt, quantization, config)  # load_pretrained + the kernel step
     res["load_s"] = round(time.perf_counter() - start, 3)
     res["load_peak_rss_gb"] = workloads.peak_memory(dev)["peak_rss_gb"]
     res["plan"] = suite.kernel_plan(net)
