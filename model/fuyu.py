@@ -66,6 +66,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.to(v.dtype)
 
 
+def normalised(patches: torch.Tensor) -> torch.Tensor:
+    """Patches as the model takes them: float ones as they are; uint8 ones (a processor's for a
+    GPU, uploaded 4× smaller) normalised here, on their device, as the processor normalises on
+    the CPU: v / 127.5 - 1 in float32, which is the reference's (v / 255 - 0.5) / 0.5 bit for bit."""
+    if patches.dtype != torch.uint8:
+        return patches
+    return patches.float().div_(127.5).sub_(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: FuyuConfig):
         super().__init__()
@@ -148,7 +157,7 @@ class Fuyu(nn.Module):
         n_slots = int(slots.sum())
         if n_slots != patches.shape[0]:
             raise ValueError(f"{patches.shape[0]} image patches for {n_slots} image placeholder tokens")
-        patch_emb = self.vision_embed_tokens(patches.to(x.device, x.dtype))  # (P, D)
+        patch_emb = self.vision_embed_tokens(normalised(patches.to(x.device)).to(x.dtype))  # (P, D)
         return x.masked_scatter(slots[..., None], patch_emb.to(x.dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -26,13 +26,17 @@ class FuyuProcessor:
     """Images + prompts -> FuyuBatch, identical to transformers 4.57.6's FuyuProcessor on RGB inputs;
     generated ids -> text, boxes and points. No transformers import."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int = MAX_LENGTH):
+    def __init__(self, tokenizer: Tokenizer, max_length: int = MAX_LENGTH, uint8_patches: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # uint8 patches, normalised by the model on its device (a GPU: 4× less to upload; the same
+        # float32 values, bit for bit); float32 ones otherwise
+        self.uint8_patches = uint8_patches
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str | Path, max_length: int = MAX_LENGTH) -> FuyuProcessor:
-        return cls(Tokenizer.from_dir(ckpt_dir), max_length)
+    def from_pretrained(cls, ckpt_dir: str | Path, max_length: int = MAX_LENGTH,
+                        uint8_patches: bool = False) -> FuyuProcessor:
+        return cls(Tokenizer.from_dir(ckpt_dir), max_length, uint8_patches)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput | None] | None,
                  prompts: str | Sequence[str]) -> FuyuBatch:
@@ -72,7 +76,8 @@ class FuyuProcessor:
     def _image(self, image: ImageInput | Page | None) -> Sample:
         """A sample of the image alone: its |SPEAKER|/|NEWLINE| rows (all of ids) and its patches."""
         if image is None:
-            return Sample([], torch.zeros((0, PATCH_DIM), dtype=torch.float32), None, None, "<text-only>")
+            dtype = torch.uint8 if self.uint8_patches else torch.float32
+            return Sample([], torch.zeros((0, PATCH_DIM), dtype=dtype), None, None, "<text-only>")
         if isinstance(image, Page):  # a PDF page or a frame, from list_pages
             name, im = image.id, load_page(image)
         else:
@@ -83,7 +88,7 @@ class FuyuProcessor:
         scale = float(np.float32(pixels.shape[0] / size[0]))
         tok = self.tokenizer
         ids = image_token_ids(*grid(*pixels.shape[:2]), tok.speaker_id, tok.newline_id)
-        return Sample(ids, patchify(pixels), size, scale, name, prefix_len=len(ids))
+        return Sample(ids, patchify(pixels, normalise=not self.uint8_patches), size, scale, name, prefix_len=len(ids))
 
     def _with_prompt(self, image: Sample, prompt: str) -> Sample:
         """`image` (from _image) followed by its prompt's ids; a PromptError names the image."""

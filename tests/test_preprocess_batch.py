@@ -167,3 +167,31 @@ def test_preprocess_never_imports_transformers_or_model():
                            for n in names), (path, names)
     code = "import sys, fuyu.preprocess; bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m.startswith('fuyu.model')]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_uint8_patches_normalised_by_the_model_are_the_float32_ones_bit_for_bit(tmp_path):
+    """A processor for a GPU hands uint8 patches (4× smaller to upload); the model normalises them
+    on their device: every uint8 value, and a whole batch's logits, the same as the float path."""
+    import torch
+
+    from fuyu.model import load_pretrained, logits
+    from fuyu.model.fuyu import normalised
+    from fuyu.preprocess import FuyuProcessor
+    from fuyu.testing.checkpoint import make_checkpoint
+    from fuyu.testing.tokenizer import vocab_size
+
+    values = (np.arange(60 * 60 * 3) % 256).astype(np.uint8).reshape(60, 60, 3)  # every value, 2 × 2 patches
+    as_uint8 = patchify(values, normalise=False)
+    assert as_uint8.dtype == torch.uint8
+    assert torch.equal(normalised(as_uint8), patchify(values))
+    assert np.array_equal(normalised(torch.arange(256, dtype=torch.uint8)).numpy(),
+                          reference_normalise(np.arange(256, dtype=np.uint8)))
+    ckpt = make_checkpoint(tmp_path / "m", vocab_size=vocab_size())
+    model = load_pretrained(ckpt, dtype=torch.float32, kernels="plain")
+    images = [Image.fromarray(values), Image.fromarray(values[:, :40])]
+    prompts = ["Generate a coco-style caption.\n"] * 2
+    floats = FuyuProcessor.from_pretrained(ckpt)(images=images, prompts=prompts)
+    ints = FuyuProcessor.from_pretrained(ckpt, uint8_patches=True)(images=images, prompts=prompts)
+    assert ints.image_patches.dtype == torch.uint8 and floats.image_patches.dtype == torch.float32
+    with torch.inference_mode():
+        assert torch.equal(logits(model, ints), logits(model, floats))
