@@ -237,17 +237,12 @@ class NativeQuantLinear(nn.Module):
             return cls(method, tiles, pieces["scales"].float().contiguous(), bias, K, N, dtype)
         nibbles, sz = pieces["weight"], pieces["scales_and_zeros"].float()
         N, K = nibbles.shape[0], nibbles.shape[1] * 2
-        place = int4_place(group)  # input k of a chunk -> its slot (native/csrc/quant.h)
-        q = unpack_int4(nibbles).view(N, K // 256, 256)
-        slots = torch.empty_like(q)
-        slots[..., place] = q
-        slots = slots.view(N, K // 256, 2, 2, 64)  # unit, low/high nibbles, byte
-        chunks = (slots[..., 0, :] | (slots[..., 1, :] << 4)).reshape(N, K // 256, 128)
-        tiles = chunks.view(N // native.TILE, native.TILE, K // 256, 128).permute(0, 2, 1, 3).contiguous()
+        q = unpack_int4(nibbles).view(N // native.TILE, native.TILE, K // 128, 2, 64)
+        tiles = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
         scale, zero = sz.unbind(-1)  # (K/g, N) each: w = (q - 8) * scale + zero
-        pairs = torch.stack([scale, zero - 8 * scale]).transpose(1, 2)  # (2, N, G): scales, mins
-        pairs = pairs.to(torch.float16).view(2, N // native.TILE, native.TILE, K // 256, 256 // group)
-        return cls(method, tiles, pairs.permute(1, 3, 0, 2, 4).contiguous(), bias, K, N, dtype, group)
+        pairs = torch.stack([scale, zero - 8 * scale], -1).transpose(0, 1)  # (N, G, 2): scale, min
+        pairs = pairs.to(torch.float16).view(N // native.TILE, native.TILE, -1, 2).transpose(1, 2).contiguous()
+        return cls(method, tiles, pairs, bias, K, N, dtype, group)
 
     def pieces(self) -> dict:
         """The portable pieces back, exactly (Int8's or Int4's with the scales as float16 rounded them)."""
@@ -255,11 +250,10 @@ class NativeQuantLinear(nn.Module):
         if self.method == "int8":
             q = self.weight.view(N // native.TILE, K // 64, native.TILE, 64).permute(0, 2, 1, 3).reshape(N, K)
             return {"weight": q, "scales": self.scales}
-        chunks = self.weight.permute(0, 2, 1, 3).reshape(N, K // 256, 2, 64)
-        slots = torch.stack([chunks & 15, chunks >> 4], dim=-2).reshape(N, K // 256, 256)
-        q = slots[..., int4_place(self.group)].reshape(N, K)
-        pairs = self.scales.permute(2, 0, 3, 1, 4).reshape(2, N, -1).float()  # (2, N, G)
-        scale, low = pairs
+        t = self.weight.permute(0, 2, 1, 3)  # (N/4, 4, K/128, 64)
+        q = torch.stack([t & 15, t >> 4], dim=-2).reshape(N, K)
+        pairs = self.scales.transpose(1, 2).reshape(N, -1, 2).float()  # (N, G, 2)
+        scale, low = pairs.unbind(-1)
         sz = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
         return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales_and_zeros": sz}
 
@@ -310,15 +304,6 @@ class NativeQuantLinear(nn.Module):
         group = f", groups of {self.group}" if self.group else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.method} tiled for the native kernels{group}")
-
-
-def int4_place(group: int) -> torch.Tensor:
-    """(256,) the slot of each input of a 256-input chunk in the int4 layout, as native/csrc/quant.h's
-    q4_place: vector m (the low, then high nibbles of two 64-byte units), lane, byte."""
-    k = torch.arange(256)
-    g, p, quarter, lanes = k // group, k % group, group // 4, group // 16
-    m, q = p // quarter, p % quarter
-    return m * 64 + (g * lanes + q // 4) * 4 + q % 4
 
 
 def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:

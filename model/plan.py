@@ -20,8 +20,8 @@ before the checkpoint's weights are read, on synthetic weights (~1 s at mid size
 
 The choice is remembered in $XDG_CACHE_HOME/fuyu/plans.json under a key made of what really
 differs between machines and models: the CPU's feature flags (two CPUs both named "AMD EPYC"
-differ in AVX-512 and bf16 instructions), torch's version and thread count, and the model's
-shapes, dtype and quantization. A cached plan is checked against what is offered now: a plan
+differ in AVX-512 and bf16 instructions), torch's version and thread count, our C kernels'
+sources, and the model's shapes, dtype and quantization. A cached plan is checked against what is offered now: a plan
 naming the native kernels where they cannot be had (FUYU_NATIVE=0, no compiler) falls back to
 the best of its other timed candidates, or to oneDNN's packed kernel.
 
@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from fuyu.model.quantize import Int4Linear, Int8Linear
 from fuyu.model.settings import Settings
 
 MODES = ("auto", "plain", "native", "packed", "linear")
-FORMAT = 1  # of the cache file's entries: a change of what is timed times again
+FORMAT = 2  # of the cache file's entries: a change of what is timed times again
 ROWS = (1, 2, 8)  # decode batches timed
 PREFILL_ROWS = 512  # a real prompt's size (a 640×480 image is ~400 tokens): at 128 rows torch's
 # int8 kernel beat the dequantized GEMM, at 512 it is 2.5× slower (2-core AMD EPYC family 26)
@@ -62,6 +61,9 @@ MIN_STACK_BYTES = 128 << 20  # the stand-in's layers outweigh the last-level cac
 HEAD_SLICE_BYTES = 192 << 20  # the head is timed on a slice of its rows this big (or whole)
 STEPS_PER_ROUND, ROUNDS = 2, 3  # decode steps timed per round; rounds (the first warms up)
 BIG_LAYER_BYTES = 64 << 20  # a layer this big is timed one step a round (Fuyu-8B's: 402 MB)
+PREFILL_ROUNDS = 4  # the prefill GEMMs' rounds (the first warms up): the score's largest term at 8B
+# Each candidate keeps its fastest round: interference from elsewhere only ever slows a call, and
+# a median of two or three rounds let one slow round pick the wrong plan (seen at 8B).
 CPU_SHARE = 0.7  # our threads got less of the CPU than this: another process ran, not cached
 
 
@@ -132,11 +134,13 @@ class Shape:
                    kernels.kind(model.lm_head), group)
 
     def key(self) -> str:
-        """What a timing is valid for: the CPU's feature flags, torch, threads, this shape."""
+        """What a timing is valid for: the CPU's feature flags, torch, threads, our C kernels'
+        sources (a plan timed on other kernels is not this one), this shape."""
         fields = dataclasses.asdict(self)
         fields["dtype"] = str(self.dtype).removeprefix("torch.")
         what = json.dumps({"cpu": native_build.cpu_flags(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "model": fields}, sort_keys=True)
+                           "threads": torch.get_num_threads(), "kernels": native_build.source_digest(),
+                           "model": fields}, sort_keys=True)
         return hashlib.sha256(what.encode()).hexdigest()[:20]
 
     def layer_bytes(self) -> int:
@@ -427,7 +431,7 @@ def _time_steps(shape: Shape, decodes: list[str], settings: Settings, clock: _Cl
                     if r:
                         times[d, B].append(clock.took / steps)
             del state
-    return {d: [statistics.median(times[d, B]) * 1e3 / n for B in ROWS] for d in decodes}
+    return {d: [min(times[d, B]) * 1e3 / n for B in ROWS] for d in decodes}
 
 
 def _time_prefill(shape: Shape, hows: list[str], clock: _Clock) -> dict[str, float]:
@@ -442,14 +446,14 @@ def _time_prefill(shape: Shape, hows: list[str], clock: _Clock) -> dict[str, flo
     x = torch.randn(PREFILL_ROWS, D).to(shape.dtype)
     times: dict = {h: [] for h in hows}
     with torch.inference_mode():
-        for r in range(ROUNDS):
+        for r in range(PREFILL_ROUNDS):
             for h, module in modules.items():
                 with clock:
                     module(x)
                 if r:
                     times[h].append(clock.took)
     layer_flops = 4 * D + 2 * shape.intermediate  # qkv 3D + dense D + up I + down I, over D
-    return {h: statistics.median(t) * 1e3 * layer_flops / D for h, t in times.items()}
+    return {h: min(t) * 1e3 * layer_flops / D for h, t in times.items()}
 
 
 def _time_head(shape: Shape, settings: Settings, clock: _Clock) -> dict:
@@ -476,7 +480,7 @@ def _time_head(shape: Shape, settings: Settings, clock: _Clock) -> dict:
                         times[k, B].append(clock.took)
     out = {}
     for k in offered:
-        ms = [statistics.median(times[k, B]) * 1e3 * shape.vocab / rows for B in ROWS]
+        ms = [min(times[k, B]) * 1e3 * shape.vocab / rows for B in ROWS]
         out[k] = {"ms": [round(t, 4) for t in ms] + [None], "score": _score(ms + [None], prefill=False)}
     return out
 

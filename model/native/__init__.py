@@ -48,7 +48,7 @@ DTYPE = {torch.float32: _CODES["F32"], torch.bfloat16: _CODES["BF16"]}  # the dt
 FORMAT = native_build.enum_codes("wformat")  # {"PLAIN": 0, "INT8": 1, "INT4": 2}: how a weight is stored
 INT4_GROUPS = (64, 128)  # inputs per scale the int4 kernels take
 TILE = 4  # rows per tile of the quantized layouts (csrc/quant.h)
-CHUNK = {"INT8": 64, "INT4": 256}  # inputs per tile step: in_features must be a multiple
+CHUNK = {"INT8": 64, "INT4": 128}  # inputs per tile step: in_features must be a multiple
 
 
 def _torch_has_libgomp() -> bool:

@@ -46,12 +46,7 @@ static inline qv qv_dot_i16(qv acc, qv a, qv b) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
 }
-static inline qv qv_add(qv a, qv b) { return _mm512_add_epi32(a, b); }
 static inline vf qv_to_vf(qv v) { return (vf)_mm512_cvtepi32_ps(v); }
-/* 16 float16 values at p as a float vector. */
-static inline vf vf_halves(const uint16_t *p) {
-    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-}
 
 #elif defined(__x86_64__) && defined(__AVX2__) && VB == 32
 #define HAVE_QV 1
@@ -80,12 +75,7 @@ static inline qv qv_dot_i16(qv acc, qv a, qv b) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
 }
-static inline qv qv_add(qv a, qv b) { return _mm256_add_epi32(a, b); }
 static inline vf qv_to_vf(qv v) { return (vf)_mm256_cvtepi32_ps(v); }
-/* 8 float16 values at p as a float vector (F16C: every AVX2 CPU has it). */
-static inline vf vf_halves(const uint16_t *p) {
-    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
 
 #else
 #define HAVE_QV 0

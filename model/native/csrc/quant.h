@@ -6,16 +6,10 @@
 
      INT8  w: (N/4, K/64, 4, 64) int8: for each 64 inputs, the 4 rows' 64 weights in turn;
            scales: (N) float32, weight = q * scale.
-     INT4  w: (N/4, K/256, 4, 128) bytes: for each 256 inputs, each row's 128 bytes in turn, two
-           64-byte units; q in 0..15, weight = q * scale + min per row and group of `group` (64
-           or 128) inputs. scales: (N/4, K/256, 2, 4, 256/group) float16: for each 256 inputs,
-           the 4 rows' scales, then their mins, a row's groups in turn.
-           Within a row's 128 bytes the weights are placed so that each 4-byte lane of a vector
-           holds weights of one group only (q4_place): the low nibbles of unit u and then its
-           high nibbles are four "vectors" m = 2u, 2u + 1 of 16 lanes; lane i holds group
-           i / (group / 16) of the 256, weights 4 (i % (group / 16)) + j, j < 4, of that group's
-           quarter m. So one integer dot product covers several groups, lane-wise, and one float
-           multiply-add per 256 inputs scales them all (a vector of each lane's group scale).
+     INT4  w: (N/4, K/128, 4, 64) bytes: for each 128 inputs, each row's 64 bytes in turn; byte j
+           holds input j's weight in its low nibble and input 64 + j's in its high one, q in 0..15;
+           scales: (N/4, K/group, 4, 2) float16 bits: (scale, min) per row and group of `group`
+           (64 or 128) inputs, weight = q * scale + min.
 
    The inputs are quantized as the weights are, so that the products are exact integer dot
    products summed in int32 and only their sums are scaled in float32:
@@ -38,7 +32,7 @@
 
 #define QMAX 32512       /* xq's largest magnitude (127 * 256) */
 #define Q8_CHUNK 64      /* inputs per tile step, INT8 */
-#define Q4_CHUNK 256     /* inputs per tile step, INT4 */
+#define Q4_CHUNK 128     /* inputs per tile step, INT4 */
 #define Q8_FLUSH 32      /* INT8 steps summed in int32 before adding to the float total: with
                             |q| <= 127 and |xq| <= QMAX a lane's int32 sum stays under 2^31 */
 #ifndef QPREFETCH
@@ -79,7 +73,7 @@ static inline void halves_to_floats(const uint16_t *p, float *out) {
    INT8: sx[B] float32 (in 64 bytes), then xq interleaved: for each 64 inputs, each row's 64 int16
          in turn.
    INT4: 64 bytes, X[B][K/64] then sx[B][K/64] float32 (per group; groups of 64 or more), then
-         for each 256 inputs, each row's 256 int8 in turn, placed as the weights are (q4_place). */
+         for each 128 inputs, each row's 128 int8 in turn. */
 
 static inline int64_t q4_groups(int64_t K) { return K / 64; } /* room per row for per-group values */
 
@@ -110,15 +104,6 @@ static inline int64_t q4_inputs_offset(int64_t B, int64_t K) {
     return 64 + ((2 * B * q4_groups(K) * 4 + 63) & ~(int64_t)63);
 }
 
-/* Where input k of a row (within its 256) sits in INT4's layout: byte (0..255) of the four
-   16-lane vectors m = 0..3 in turn; for the weights, vector m is unit m / 2's low (m even) or high
-   nibbles. */
-static inline int q4_place(int k, int group) {
-    int g = k / group, p = k % group, quarter = group / 4, lanes = group / 16;
-    int m = p / quarter, q = p % quarter;
-    return m * 64 + (g * lanes + q / 4) * 4 + q % 4;
-}
-
 /* x (B, K) float32 -> xp as the INT4 kernels read it, in groups of `group` inputs. */
 static void q4_prepare(const float *x, int64_t B, int64_t K, int group, void *xp) {
     float *sums = (float *)((char *)xp + 64), *sx = sums + B * q4_groups(K);
@@ -136,8 +121,7 @@ static void q4_prepare(const float *x, int64_t B, int64_t K, int group, void *xp
             sx[b * q4_groups(K) + g] = scale;
             for (int64_t k = g * group; k < (g + 1) * group; k++) {
                 float q = rintf(row[k] * inv);
-                xg[(k / Q4_CHUNK * B + b) * Q4_CHUNK + q4_place((int)(k % Q4_CHUNK), group)] =
-                    (int8_t)(q > 127.f ? 127 : q < -127.f ? -127 : q);
+                xg[(k / Q4_CHUNK * B + b) * Q4_CHUNK + k % Q4_CHUNK] = (int8_t)(q > 127.f ? 127 : q < -127.f ? -127 : q);
             }
         }
     }
@@ -210,72 +194,57 @@ static inline void q8_tile_all(const int8_t *w, const float *scales, int64_t K, 
 
 /* --- INT4 ---------------------------------------------------------------------------------- */
 
-#if HAVE_QV
-/* A lane permutation of v: lane i of the result is lane idx(i) of v. */
-static inline __attribute__((always_inline)) vf permute(vf v, vi idx) { return __builtin_shuffle(v, idx); }
-
-/* Which lane of kv[r * GC / L] each lane h * L + i of row r's vectors takes its scale from:
-   the lane's group (h * L + i) / (GROUP / 16) of the chunk (q4_place), in the row's GC values. */
-static inline __attribute__((always_inline)) vi group_index(int r, int h, int GROUP) {
-    int GC = Q4_CHUNK / GROUP;
-    vi idx;
-    for (int i = 0; i < L; i++) idx[i] = r * GC % L + (h * L + i) / (GROUP / 16);
-    return idx;
-}
-#endif
-
 /* One tile against inputs b0 .. b0 + BB - 1 (BB <= 4): s[r * 8 + b] = sum_g scale sx_g dot_g
-   (the min terms are added by q4_tile_all). GROUP (64 or 128) a constant where inlined. */
+   (the min terms are added by q4_tile_all). GROUP (64 or 128) a constant where inlined: with 64,
+   a chunk's low nibbles (its inputs 0..63) are one group and its high nibbles the next. */
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const uint16_t *sc,
                                                           int64_t K, const int8_t *xg,
                                                           const float *sx, int64_t B, int64_t b0,
                                                           int BB, int GROUP, float *s) {
     int64_t G = q4_groups(K);
-    const int GC = Q4_CHUNK / GROUP; /* groups a chunk */
 #if HAVE_QV
-    vf f[4][4];
-    vi idx[4][64 / QV]; /* the scales' lane permutations, made once */
-    vi mod;
-    for (int i = 0; i < L; i++) mod[i] = i % GC;
+    vf f[4][4], h[4][4]; /* the sums of low and (GROUP 64) high halves: two chains of adds */
     for (int r = 0; r < 4; r++)
-        for (int h = 0; h < 64 / QV; h++) idx[r][h] = group_index(r, h, GROUP);
-    for (int r = 0; r < 4; r++)
-        for (int b = 0; b < BB; b++) f[r][b] = (vf){0};
+        for (int b = 0; b < BB; b++) f[r][b] = h[r][b] = (vf){0};
     for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
-        const uint8_t *t = w + c * 4 * 128;
-        for (int i = 0; i < 512; i += 64) __builtin_prefetch((const char *)t + QPREFETCH + i, 0, QHINT);
-        /* every row's group scales times the inputs', rows in turn (4 GC of them, 16 at most:
-           L to a vector), built in registers */
-        const uint16_t *scales = sc + c * 8 * GC;
-        vf kv[4][16 / L];
-        for (int b = 0; b < BB; b++) {
-            vf sxv = permute(load_f32(sx + (b0 + b) * G + c * GC), mod);
-            for (int v = 0; v < (4 * GC + L - 1) / L; v++) kv[b][v] = vf_halves(scales + v * L) * sxv;
-        }
-#pragma GCC unroll 4
+        const uint8_t *t = w + c * 4 * 64;
+        __builtin_prefetch((const char *)t + QPREFETCH, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 64, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 128, 0, QHINT);
+        __builtin_prefetch((const char *)t + QPREFETCH + 192, 0, QHINT);
+        /* the chunk's scales times the inputs' (every row's (scale, min) pair at 2r, 2r + 1): of
+           its group, or (GROUP 64) of its two */
+        float raw0[8], raw1[8], k0[4][8], k1[4][8];
+        int64_t g = c * Q4_CHUNK / GROUP;
+        halves_to_floats(sc + g * 8, raw0);
+        if (GROUP == 64) halves_to_floats(sc + (g + 1) * 8, raw1);
+        for (int b = 0; b < BB; b++)
+            for (int i = 0; i < 8; i++) {
+                k0[b][i] = raw0[i] * sx[(b0 + b) * G + g];
+                if (GROUP == 64) k1[b][i] = raw1[i] * sx[(b0 + b) * G + g + 1];
+            }
         for (int r = 0; r < 4; r++) {
-            /* [b][unit half]: the lanes' integer sums over the chunk, low and high nibbles apart
-               (two short chains of dependent dot products, not one long one) */
-            qv lo[4][64 / QV], hi[4][64 / QV];
-            for (int b = 0; b < BB; b++)
-                for (int h = 0; h < 64 / QV; h++) lo[b][h] = hi[b][h] = qv_zero();
-            for (int u = 0; u < 2; u++)
-                for (int h = 0; h < 64 / QV; h++) {
-                    qv v = qv_load(t + r * 128 + u * 64 + h * QV);
-                    qv w0 = qv_low_nibbles(v), w1 = qv_high_nibbles(v);
-                    for (int b = 0; b < BB; b++) {
-                        const int8_t *x = xg + (c * B + b0 + b) * Q4_CHUNK + u * 128 + h * QV;
-                        lo[b][h] = qv_dot_u8s8(lo[b][h], w0, qv_load(x));
-                        hi[b][h] = qv_dot_u8s8(hi[b][h], w1, qv_load(x + 64));
-                    }
+            qv a0[4], a1[4]; /* [b]: the low nibbles' sums, the high ones' (GROUP 128: one sum) */
+            for (int b = 0; b < BB; b++) a0[b] = a1[b] = qv_zero();
+            for (int o = 0; o < 64; o += QV) {
+                qv v = qv_load(t + r * 64 + o), w0 = qv_low_nibbles(v), w1 = qv_high_nibbles(v);
+                for (int b = 0; b < BB; b++) {
+                    const int8_t *x = xg + (c * B + b0 + b) * Q4_CHUNK;
+                    a0[b] = qv_dot_u8s8(a0[b], w0, qv_load(x + o));
+                    if (GROUP == 64)
+                        a1[b] = qv_dot_u8s8(a1[b], w1, qv_load(x + 64 + o));
+                    else
+                        a0[b] = qv_dot_u8s8(a0[b], w1, qv_load(x + 64 + o));
                 }
-            for (int b = 0; b < BB; b++)
-                for (int h = 0; h < 64 / QV; h++)
-                    f[r][b] += qv_to_vf(qv_add(lo[b][h], hi[b][h])) * permute(kv[b][r * GC / L], idx[r][h]);
+            }
+            for (int b = 0; b < BB; b++) {
+                f[r][b] += qv_to_vf(a0[b]) * k0[b][2 * r];
+                if (GROUP == 64) h[r][b] += qv_to_vf(a1[b]) * k1[b][2 * r];
+            }
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(f[r][b]);
+        for (int b = 0; b < BB; b++) s[r * 8 + b0 + b] = hsum(f[r][b] + h[r][b]);
 #else
     for (int r = 0; r < 4; r++)
         for (int b = 0; b < BB; b++) {
@@ -283,13 +252,11 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, cons
             for (int64_t g = 0; g < K / GROUP; g++) {
                 int32_t a = 0;
                 for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
-                    int64_t c = k / Q4_CHUNK;
-                    int at = q4_place((int)(k % Q4_CHUNK), GROUP), m = at / 64;
-                    uint8_t byte = w[(c * 4 + r) * 128 + m / 2 * 64 + at % 64];
-                    a += (m % 2 ? byte >> 4 : byte & 15) * xg[(c * B + b0 + b) * Q4_CHUNK + at];
+                    int64_t c = k / Q4_CHUNK, j = k % Q4_CHUNK;
+                    uint8_t byte = w[(c * 4 + r) * 64 + j % 64];
+                    a += (j < 64 ? byte & 15 : byte >> 4) * xg[(c * B + b0 + b) * Q4_CHUNK + j];
                 }
-                float scale = half_to_float(sc[g / GC * 8 * GC + r * GC + g % GC]);
-                total += (float)a * scale * sx[(b0 + b) * G + g];
+                total += (float)a * half_to_float(sc[(g * 4 + r) * 2]) * sx[(b0 + b) * G + g];
             }
             s[r * 8 + b0 + b] = total;
         }
@@ -311,12 +278,10 @@ static inline void q4_tile_all(const uint8_t *w, const uint16_t *sc, int64_t K, 
             : n == 2 ? q4_tile(w, sc, K, xg, sx, B, b0, 2, 128, s)
             : n == 3 ? q4_tile(w, sc, K, xg, sx, B, b0, 3, 128, s) : q4_tile(w, sc, K, xg, sx, B, b0, 4, 128, s);
     }
-    int GC = Q4_CHUNK / group;
     for (int r = 0; r < 4; r++)
         for (int64_t b = 0; b < B; b++) {
             float m = 0.f;
-            for (int64_t g = 0; g < K / group; g++)
-                m += half_to_float(sc[g / GC * 8 * GC + 4 * GC + r * GC + g % GC]) * sums[b * q4_groups(K) + g];
+            for (int64_t g = 0; g < K / group; g++) m += half_to_float(sc[(g * 4 + r) * 2 + 1]) * sums[b * q4_groups(K) + g];
             s[r * 8 + b] += m;
         }
 }
@@ -336,21 +301,15 @@ static void q_row(int fmt_int4, int group, const void *w, const void *scales, in
                 out[c * Q8_CHUNK + j] = (float)tile[(c * 4 + r) * Q8_CHUNK + j] * s;
         return;
     }
-    /* q4_place puts a group's quarter m in one run of group / 4 slots: vector m, from lane
-       g * group / 16; so a chunk is copied run by run */
     const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
     const uint16_t *sc = (const uint16_t *)scales + t * 4 * (K / group) * 2;
-    int GC = Q4_CHUNK / group, quarter = group / 4;
     for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
-        const uint8_t *bytes = tile + (c * 4 + r) * 128;
-        for (int g = 0; g < GC; g++) {
-            float scale = half_to_float(sc[c * 8 * GC + r * GC + g]);
-            float min = half_to_float(sc[c * 8 * GC + 4 * GC + r * GC + g]);
-            for (int m = 0; m < 4; m++) {
-                const uint8_t *run = bytes + m / 2 * 64 + g * quarter;
-                float *o = out + c * Q4_CHUNK + g * group + m * quarter;
-                for (int q = 0; q < quarter; q++) o[q] = (float)(m % 2 ? run[q] >> 4 : run[q] & 15) * scale + min;
-            }
+        const uint8_t *bytes = tile + (c * 4 + r) * 64;
+        for (int half = 0; half < 2; half++) { /* the low nibbles' 64 inputs, the high ones' */
+            int64_t g = (c * Q4_CHUNK + half * 64) / group;
+            float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
+            float *o = out + c * Q4_CHUNK + half * 64;
+            for (int j = 0; j < 64; j++) o[j] = (float)(half ? bytes[j] >> 4 : bytes[j] & 15) * scale + min;
         }
     }
 }
