@@ -32,18 +32,38 @@ def layer_gemms(cfg: FuyuConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, D, 3 * D), (tokens, D, D), (tokens, D, I), (tokens, I, D)]
 
 
-def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype, layers: int | None = None):
-    """(fn, flops): plain F.linear on random operands doing one prefill's layer GEMMs (of `layers`
-    layers, default all), the matrix-multiply rate a prefill of this shape could reach."""
+def gemm_work(cfg: FuyuConfig, tokens: int, device: torch.device, dtype: torch.dtype, layers: int | None = None,
+              packed: bool = False):
+    """(fn, flops): torch's GEMMs on random operands doing one prefill's layer GEMMs (of `layers`
+    layers, default all): F.linear, or with `packed` oneDNN's pre-packed weights (CPU; None where
+    oneDNN cannot pack them). The faster of the two is the rate a prefill of this shape could reach."""
+    from fuyu.model.kernels import PackedLinear, can_pack
+
     ops = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
            for m, k, n in layer_gemms(cfg, tokens)]
     layers = cfg.num_hidden_layers if layers is None else layers
+    flops = layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    if packed:
+        if device.type != "cpu" or not can_pack(ops[0][1]):
+            return None, flops
+        mods = []
+        for a, b in ops:
+            lin = torch.nn.Linear(b.shape[1], b.shape[0], bias=False, device="meta")
+            lin.weight = torch.nn.Parameter(b, requires_grad=False)
+            mods.append((a, PackedLinear(lin)))
+
+        def packed_gemms():
+            with torch.inference_mode():
+                for _ in range(layers):
+                    for a, m in mods:
+                        m(a)
+        return packed_gemms, flops
 
     def gemms():
         for _ in range(layers):
             for a, b in ops:
                 torch.nn.functional.linear(a, b)
-    return gemms, layers * sum(2 * m * k * n for m, k, n in layer_gemms(cfg, tokens))
+    return gemms, flops
 
 
 def prefill_flops(cfg: FuyuConfig, tokens: int, patches: int) -> float:

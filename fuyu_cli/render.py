@@ -156,7 +156,7 @@ def benchmark_table(console: Console, res: dict) -> None:
     rows = [("load", f"{res['load_s']:.2f} s, peak RSS {res['load_peak_rss_gb']:.2f} GB"),
             ("memory read bandwidth (streaming sum, median)", f"{res['bandwidth_gbs']} GB/s")]
     if "matmul_tflops" in res:
-        rows.append(("matmul throughput (F.linear, prefill GEMMs, median)", f"{res['matmul_tflops']} TFLOP/s"))
+        rows.append(("matmul throughput (fastest of F.linear and oneDNN packed, prefill GEMMs, median)", f"{res['matmul_tflops']} TFLOP/s"))
     rows += [("preprocess 1920×1080", f"{res['preprocess_ms_1920x1080']} ms"),
              ("preprocess 640×480", f"{res['preprocess_ms_640x480']} ms")]
     prefills = res.get("prefill_images") or {"": res["prefill"]}

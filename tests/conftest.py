@@ -20,16 +20,41 @@ def _own_cache_folder(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _plans_timed_once(_own_cache_folder):
+    """The suite runs the path users run: the kernel plan timed on this machine (model/plan.py),
+    the native C kernels where a compiler exists. Each model shape's plan is timed once a session
+    and kept (also when the machine is busy, which a user's load would not keep), so that every
+    later load, in this process or a subprocess, runs the same kernels: many tests compare texts
+    across loads, and another plan can flip a near-tie of the tiny random models."""
+    from fuyu.model import plan
+
+    keep = plan.CPU_SHARE
+    plan.CPU_SHARE = 0.0
+    yield
+    plan.CPU_SHARE = keep
+
+
+@pytest.fixture
+def own_plan_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own (kernel plans timed afresh), sharing the session's compiled
+    C kernels (one build, ~6 s, not one per test)."""
+    from fuyu.model.settings import Settings
+
+    session = Settings.from_environment().cache_dir / "native"
+    session.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "xdg" / "fuyu").mkdir(parents=True)
+    (tmp_path / "xdg" / "fuyu" / "native").symlink_to(session)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
+
+
 @pytest.fixture(autouse=True)
 def _isolate_fuyu_env(monkeypatch):
-    """No FUYU_* variable from the developer's shell leaks into a test. In-process loads use plain
-    kernels: many tests compare texts across loads, and the timed kernel choice (model/tuning.py)
-    may differ from one load to the next on a busy machine, which can flip a near-tie of the tiny
-    random models. The timed path has tests of its own (test_fast_paths.py, test_cli_e2e.py)."""
+    """No FUYU_* variable from the developer's shell leaks into a test; kernels "auto", as a user's."""
     for key in list(os.environ):
         if key.startswith("FUYU_"):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("FUYU_KERNELS", "plain")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +80,25 @@ def tok(proc):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """One tiny random checkpoint (hub layout, tokenizer files) shared by the whole session."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny-fuyu"), vocab_size=vocab_size())
+def tiny_model(tmp_path_factory, _plans_timed_once) -> Path:
+    """One tiny random checkpoint (hub layout, tokenizer files) shared by the whole session, its
+    kernel plans (bfloat16, float32) timed and kept now: the CLI's subprocesses then find them."""
+    path = make_checkpoint(tmp_path_factory.mktemp("tiny-fuyu"), vocab_size=vocab_size())
+    time_plans(path)
+    return path
+
+
+def time_plans(ckpt: Path) -> None:
+    import torch
+
+    from fuyu.model import Fuyu, plan
+    from fuyu.model.settings import Settings
+    from fuyu.model.weights import read_config
+
+    with torch.device("meta"):
+        model = Fuyu(read_config(ckpt))
+    for dtype in (torch.bfloat16, torch.float32):
+        plan.choose(plan.Shape.of(model, dtype), Settings.from_environment(), "auto")
 
 
 @pytest.fixture

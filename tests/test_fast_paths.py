@@ -17,14 +17,8 @@ VOCAB = 320
 
 
 @pytest.fixture(autouse=True)
-def _own_cache_dir(tmp_path, monkeypatch):
-    """Kernel plans go to a per-test folder, never the developer's ~/.cache; the compiled C kernels
-    are the test session's (one build, ~6 s, not one per test)."""
-    session = Settings.from_environment().cache_dir / "native"
-    session.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "xdg" / "fuyu").mkdir(parents=True)
-    (tmp_path / "xdg" / "fuyu" / "native").symlink_to(session)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+def _own_cache_dir(own_plan_cache):
+    """Kernel plans go to a per-test folder (conftest.own_plan_cache)."""
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_swapping_kernels_frees_each_plain_weight_before_the_next_swap():
     assert alive_at_each_swap == [0, 0, 0, 0]  # nothing swapped before is still held
 
 
-def test_the_plan_is_timed_before_the_weights_are_read(tmp_path, monkeypatch):
+def test_the_plan_is_timed_before_the_weights_are_read(tmp_path, monkeypatch, own_plan_cache):
     ckpt = make_checkpoint(tmp_path / "m", hidden=64, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False,
                            dtype=torch.bfloat16)
     events = []
@@ -89,7 +89,7 @@ def test_the_plan_is_timed_before_the_weights_are_read(tmp_path, monkeypatch):
     assert events[0] == "timed" and events.count("timed") == 1 and "read" in events
 
 
-def test_a_big_weight_planned_packed_is_packed_as_it_is_read(tmp_path, monkeypatch):
+def test_a_big_weight_planned_packed_is_packed_as_it_is_read(tmp_path, monkeypatch, own_plan_cache):
     if not kernels.can_pack(torch.empty(1, dtype=torch.bfloat16)):
         pytest.skip("oneDNN cannot pack bf16 on this CPU")
     ckpt = make_checkpoint(tmp_path / "m", hidden=64, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False, seed=3)
