@@ -1,17 +1,19 @@
 """Quantized linear layers, applied from outside the network by swapping modules (style rule 6).
 
 Schemes, by the name `load_pretrained(quantization=...)` takes and config.json records:
-  int8      torch weight-only int8, one scale per output channel (CPU kernel _weight_int8pack_mm)
-  int4      torch weight-only int4, asymmetric, groups of up to 128 inputs (_weight_int4pack_mm_for_cpu)
+  int8      weight-only int8, one scale per output channel (on CPU our C kernels where the plan
+            picks them, kernels.NativeQuantLinear; else torch's _weight_int8pack_mm)
+  int4      weight-only int4, asymmetric, groups of up to 128 inputs (likewise; torch's
+            _weight_int4pack_mm_for_cpu otherwise)
   llm_int8  bitsandbytes LLM.int8 ("8bit"): int8 weights, fp16 for outlier activation columns
   nf4, fp4  bitsandbytes 4-bit ("4bit" = nf4): blocks of 64, double-quantized absmax, bf16 compute
 Each scheme maps a float weight to the tensors a pre-quantized checkpoint stores for its module
 (`quantize`), and those tensors into a swapped module (`install`): quantizing while loading and
 loading a pre-quantized checkpoint are one path. By default `vision_embed_tokens` (2700 inputs,
 which bitsandbytes' CPU kernels cannot pack) and `lm_head` stay 16-bit, as transformers does for
-bitsandbytes: the logits' accuracy rests on the head, and generate() streams a 16-bit head through
-a compiled GEMV about as fast as the int8 kernel reads an int8 one. {"method": ..., "skip": [...]}
-overrides the list.
+bitsandbytes: the logits' accuracy rests on the head. {"method": ..., "skip": ["vision_embed_tokens"]}
+(the CLI's --quantize-head) quantizes the head too: at 8B it is 2.1 GB of the 16.6 GB a decode step
+reads in bf16, and a larger share of a quantized step's.
 """
 
 from __future__ import annotations
