@@ -198,14 +198,14 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-DENSE_BLOCK_BYTES = 16 << 20  # a quantized weight's rows made dense at a time for a prefill GEMM
+DENSE_BLOCK_BYTES = 64 << 20  # a quantized weight's rows made dense at a time for a prefill GEMM
 
 
 class NativeQuantLinear(nn.Module):
     """An int8 or int4 Linear in the C kernels' tiled layout (native/csrc/quant.h): decode-sized
     calls read the packed weight once (int16-quantized inputs, exact integer dot products);
     prefill-sized ones multiply 16-bit blocks of rows made dense a block at a time (DENSE_BLOCK_BYTES:
-    no dense copy of the whole weight), int8 exactly (the integers, scaled after the GEMM as
+    64 MB, 8,192 rows of 4,096 inputs; no dense copy of the whole weight), int8 exactly (the integers, scaled after the GEMM as
     Int8Linear's dequantized path does), int4 as q * scale + min rounded to the activations' dtype.
     Built from a scheme's portable pieces (`from_pieces`); `plain()` and the state dict give them back."""
 

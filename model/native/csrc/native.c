@@ -35,7 +35,12 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
 #pragma omp for schedule(static)
         for (int64_t n = n0; n < n1; n++) {
             dense_row(&lw, dt, n, K, unscaled, row);
-            for (int64_t k = 0; k < K; k++) put(out, (n - n0) * K + k, row[k], dt);
+            if (dt == BF16) { /* finite values: a branch-free rounding the compiler vectorises */
+                uint16_t *o = (uint16_t *)out + (n - n0) * K;
+                for (int64_t k = 0; k < K; k++) o[k] = round_bf16_finite(row[k]);
+            } else {
+                memcpy((float *)out + (n - n0) * K, row, sizeof(float) * K);
+            }
         }
         free(row);
     }

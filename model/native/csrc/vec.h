@@ -45,6 +45,14 @@ static inline uint16_t round_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* round_bf16 for finite f (a dequantized weight): no NaN test, so loops of it vectorise. */
+static inline uint16_t round_bf16_finite(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
 static inline int64_t size_of(dtype dt) { return dt == BF16 ? 2 : 4; }
 
 /* Element i of p, as float32. */
