@@ -121,11 +121,11 @@ def prefill(model: Fuyu, batch) -> torch.Tensor:
     """Hidden states of a prompt written into a fresh KV cache: generate's first step without the
     LM head (a one-row GEMV, not part of the prefill's GEMMs)."""
     from fuyu.model import KVCache
-    from fuyu.model.generate import batch_tensors
+    from fuyu.model.generate import batch_tensors, forward
 
     ids, mask, patches = batch_tensors(batch, model.embed_tokens.weight.device)
     cache = KVCache.for_model(model, *ids.shape)
-    return model(ids, cache.append(mask), cache, patches)
+    return forward(model, ids, cache.append(mask), cache, patches)
 
 
 def peak_memory(device: torch.device) -> dict:

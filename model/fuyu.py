@@ -85,17 +85,25 @@ class Attention(nn.Module):
         self.q_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
         self.k_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, kv: LayerKV, attend=None):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None, qkv_rows=None):
         """attend: one-query decode attention on the CPU in place of decode_attention, called the
-        same way; its None means "not served" (the CPU backend's C attention: model/backend.py)."""
+        same way; its None means "not served" (the CPU backend's C attention: model/backend.py).
+        qkv_rows(qkv, attention, cos, sin, kv): for more than one new token, the q/k LayerNorms,
+        rotary and cache write below in one pass, returning q and the cache's keys and values as
+        kv.update does, or None where not served (the CPU backend's C pass)."""
         B, T, D = x.shape
         dt = x.dtype
-        qkv = self.query_key_value(x).view(B, T, self.n_heads, 3, self.head_dim).transpose(1, 2)
-        # (B, H, T, 3, d): LayerNorm over the head dim, then rotary, in float32; q, k come out
-        # contiguous (B, H, T, d), rounded once to the weights' dtype
-        q = apply_partial_rotary(self.q_layernorm(qkv[..., 0, :]), cos, sin).to(dt)
-        k = apply_partial_rotary(self.k_layernorm(qkv[..., 1, :]), cos, sin).to(dt)
-        k, v = kv.update(k, qkv[..., 2, :])  # the cache holds post-LayerNorm, post-rotary keys
+        qkv = self.query_key_value(x)
+        fast = None if qkv_rows is None or T == 1 else qkv_rows(qkv, self, cos, sin, kv)
+        if fast is not None:
+            q, k, v = fast
+        else:
+            qkv = qkv.view(B, T, self.n_heads, 3, self.head_dim).transpose(1, 2)
+            # (B, H, T, 3, d): LayerNorm over the head dim, then rotary, in float32; q, k come out
+            # contiguous (B, H, T, d), rounded once to the weights' dtype
+            q = apply_partial_rotary(self.q_layernorm(qkv[..., 0, :]), cos, sin).to(dt)
+            k = apply_partial_rotary(self.k_layernorm(qkv[..., 1, :]), cos, sin).to(dt)
+            k, v = kv.update(k, qkv[..., 2, :])  # the cache holds post-LayerNorm, post-rotary keys
         mask = kv.window.mask
         if T == 1 and mask is not None and q.device.type == "cpu":
             y = None if attend is None else attend(q, k, v, mask)
@@ -127,10 +135,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: LayerKV, attend=None):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None, qkv_rows=None):
         """x (B, T, D) float32: the residual stream; each sublayer runs in the weights' dtype."""
         dt = kv.k.dtype
-        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv, attend)
+        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv, attend, qkv_rows)
         return x + self.mlp(self.post_attention_layernorm(x).to(dt))
 
 
@@ -161,13 +169,14 @@ class Fuyu(nn.Module):
         return x.masked_scatter(slots[..., None], patch_emb.to(x.dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                patches: torch.Tensor | None = None, attend=None) -> torch.Tensor:
+                patches: torch.Tensor | None = None, attend=None, qkv_rows=None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, D) of tokens input_ids (B, T) at rotary positions (B, T).
 
         The tokens go into the slots the cache reserved for them (KVCache.append / step) and attend
         to what it holds. Hidden states, not logits: with a 262,144-word vocabulary, generation
         needs the LM head on one position per row (`self.lm_head(h)`; fuyu.model.generate).
-        attend: decode attention for one new token per row on the CPU (see Attention.forward).
+        attend, qkv_rows: the CPU backend's decode attention and prefill q/k pass (see
+        Attention.forward); None: the torch ops.
         """
         x = self.embed(input_ids, patches)
         dt = x.dtype
@@ -175,5 +184,5 @@ class Fuyu(nn.Module):
         window = cache.window(input_ids.shape[1])
         cos, sin = cache.rotary(positions)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache.layer(i, window), attend)
+            x = block(x, cos, sin, cache.layer(i, window), attend, qkv_rows)
         return self.final_layernorm(x).to(dt)

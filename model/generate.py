@@ -83,7 +83,7 @@ def _prefill(model: Fuyu, inputs: Inputs | list[Inputs], max_new_tokens: int, pr
             raise ValueError(f"rows has shape {tuple(rows.shape)}; the batch has {B} rows")
         cache = prefix.extend(rows, T + max_new_tokens)
     positions = cache.append(mask)
-    h = model(ids, positions, cache, patches)
+    h = forward(model, ids, positions, cache, patches)
     cache.advance()
     cache.start_decoding()
     return cache, model.lm_head(h[:, -1])
@@ -99,12 +99,20 @@ def _prefill_parts(model: Fuyu, parts: list[Inputs], max_new_tokens: int) -> tup
     for ids, mask, patches in parts:
         B, T = ids.shape
         part = cache.rows(row, row + B, L - T)
-        h = model(ids, part.append(mask), part, patches)
+        h = forward(model, ids, part.append(mask), part, patches)
         lasts.append(model.lm_head(h[:, -1]))
         row += B
     cache.joined(L)
     cache.start_decoding()
     return cache, torch.cat(lasts)
+
+
+def forward(model: Fuyu, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+            patches: torch.Tensor | None = None) -> torch.Tensor:
+    """model(ids, positions, cache, patches) for prompt tokens, with the backend's prefill pass
+    (on the CPU: the q/k LayerNorms, rotary and cache write in one C pass) where it has one."""
+    backend = None if torch.compiler.is_compiling() else model.backend
+    return model(ids, positions, cache, patches, qkv_rows=None if backend is None else backend.qkv_rows)
 
 
 def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
@@ -133,7 +141,7 @@ def encode_prefix(model: Fuyu, input_ids: torch.Tensor, patches: torch.Tensor | 
     input_ids = input_ids.to(device)
     cache = KVCache.for_model(model, *input_ids.shape)
     positions = cache.append(torch.ones_like(input_ids, dtype=torch.bool))
-    model(input_ids, positions, cache, None if patches is None else patches.to(device))
+    forward(model, input_ids, positions, cache, None if patches is None else patches.to(device))
     cache.advance()
     return cache
 
@@ -143,7 +151,7 @@ def logits(model: Fuyu, batch) -> torch.Tensor:
     ids, mask, patches = batch_tensors(batch, _device(model))
     cache = KVCache.for_model(model, *ids.shape)
     positions = cache.append(mask)
-    h = model(ids, positions, cache, patches)
+    h = forward(model, ids, positions, cache, patches)
     return model.lm_head(h)
 
 

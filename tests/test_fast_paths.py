@@ -345,3 +345,35 @@ def test_native_argmax_is_torch_argmax_with_ties_nan_and_infinities(dtype):
     assert torch.equal(native.argmax(x), x.float().argmax(-1))
     assert native.argmax(x.t()) is None and native.argmax(x.half()) is None  # not served: torch's
     assert torch.equal(sample(x, argmax=native.argmax), x.float().argmax(-1))  # as greedy sampling uses it
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_q_k_pass_equals_its_torch_ops(ckpt, batch, dtype, monkeypatch):
+    """The CPU backend's prefill pass (q/k LayerNorms, rotary and the cache write in one C call)
+    against the torch ops, over left-padded rows, a batch split in parts (rows at an offset) and a
+    continuation after an encoded prefix (slots from the prefix's end): the same logits (float32
+    within 1e-5; bf16 within a rounding of the keys) and the same cache."""
+    from fuyu.model import backend, encode_prefix, prefill
+
+    model = load_pretrained(ckpt, dtype=dtype, kernels="plain")
+    served = []
+    real = backend.CpuBackend.qkv_rows
+    parts = [make_batch([(1, 2, 3)], VOCAB, seed=1), make_batch([(2, 2, 5), (1, 1, 2)], VOCAB, seed=2)]
+    head = torch.randint(10, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def run(fast):
+        monkeypatch.setattr(backend.CpuBackend, "qkv_rows", lambda self, *a: served.append(real(self, *a))
+                            or served[-1] if fast else None)
+        with torch.inference_mode():
+            out = []
+            for cache, last in (prefill(model, batch, 2), prefill(model, parts, 2),
+                                prefill(model, batch, 2, prefix=encode_prefix(model, head))):
+                out += [last.float(), *(t.float() for t in cache.k + cache.v)]
+            return out
+
+    ours, torch_ops = run(True), run(False)
+    assert served and all(got is not None for got in served)
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    for a, b in zip(ours, torch_ops):
+        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())

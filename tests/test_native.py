@@ -75,7 +75,7 @@ def test_the_bindings_are_the_table_of_prototypes(native_lib):
     """Every exported function is bound from csrc/native.h, with the C types' ctypes."""
     table = build.prototypes()
     assert set(table) == {"fuyu_linear", "fuyu_scratch_bytes", "fuyu_dequant", "fuyu_attend", "fuyu_layers",
-                          "fuyu_layers_work_bytes", "fuyu_argmax"}
+                          "fuyu_layers_work_bytes", "fuyu_argmax", "fuyu_qkv_rows"}
     P, I32, I64 = build.ctypes.c_void_p, build.ctypes.c_int, build.ctypes.c_int64
     assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
     assert table["fuyu_layers"][0] is I32 and table["fuyu_scratch_bytes"] == (I64, [I64, I64])

@@ -222,6 +222,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out
 
 
+def qkv_rows(qkv: torch.Tensor, norms: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor, start: int, eps: float,
+             lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """A prefill's attention inputs in one pass over the QKV output qkv (B, T, H·3·d) (each head's
+    [q | k | v]): q and k LayerNormed over the head dim (norms: q-LN weight, bias, k-LN weight,
+    bias) and rotated (cos, sin (B, 1, T, R/2) float32) in float32, rounded once. k and v are
+    written into the caches k, v (B, H, S, d; each slot's d values contiguous, e.g. a view of a
+    longer cache's slots) at slots start .. start + T - 1; returns q (B, H, T, d). None, with
+    nothing written, where not served (the caller has the torch ops)."""
+    lib = lib or library()
+    B, H, S, d = k.shape
+    T = qkv.shape[1]
+    if (lib is None or k.dtype not in DTYPE or qkv.dtype != k.dtype or v.dtype != k.dtype
+            or k.device.type != "cpu" or qkv.shape != (B, T, 3 * H * d) or d > MAX_HEAD_DIM
+            or start < 0 or start + T > S or cos.shape[:3] != (B, 1, T) or 2 * cos.shape[-1] > d
+            or sin.shape != cos.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or len(norms) != 4 or any(t is None or t.shape != (d,) or t.dtype != k.dtype for t in norms)
+            or not qkv.is_contiguous() or k.stride() != v.stride() or k.stride()[2:] != (d, 1)):
+        return None
+    cos, sin, norms = cos.contiguous(), sin.contiguous(), [t.contiguous() for t in norms]
+    ln = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in norms))
+    q = torch.empty(B, H, T, d, dtype=k.dtype)
+    lib.fuyu_qkv_rows(qkv.data_ptr(), ln, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+                      v.data_ptr(), DTYPE[k.dtype], B, T, H, d, cos.shape[-1], k.stride(0), k.stride(1), start, eps,
+                      torch.get_num_threads())
+    return q
+
+
 def argmax(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """x.argmax(-1) (same index on ties and NaN) of CPU float32/bfloat16 rows x (B, V), read once
     as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×

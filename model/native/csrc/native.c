@@ -85,6 +85,51 @@ static void norm_rows(const float *x, int64_t B, int64_t D, const void *w, const
     prepare(h, B, D, lw, dt, xp);
 }
 
+/* A head's q and k (src: [q | k | ...], d each, float32) LayerNormed over d (ln: q's weight and
+   bias, then k's, in dt) and rotated in float32 into t[0], t[1]: the first 2 * R2 dims in pairs
+   (j, j + R2) by the angles c, s (R2 each), the rest passed through. */
+static void norm_rotate(const float *src, int64_t d, const void *const *ln, dtype dt, float eps,
+                        const float *c, const float *s, int64_t R2, float t[2][512]) {
+    layer_norm(src, d, ln[0], ln[1], dt, eps, 0, t[0]);
+    layer_norm(src + d, d, ln[2], ln[3], dt, eps, 0, t[1]);
+    for (int i = 0; i < 2; i++)
+        for (int64_t j = 0; j < R2; j++) {
+            float a = t[i][j], e = t[i][j + R2];
+            t[i][j] = a * c[j] - e * s[j];
+            t[i][j + R2] = e * c[j] + a * s[j];
+        }
+}
+
+/* The attention inputs of a prefill's T new tokens per row, in one pass: qkv (B, T, H, 3, d) in dt
+   (the QKV Linear's output: each head's [q | k | v]); q and k through norm_rotate (ln: q-LN w, b,
+   k-LN w, b; cos, sin (B, T, R2)), rounded once to dt: q into q_out (B, H, T, d), k and v (as it
+   is) into the caches kc, vc (B, H, slots, d) at slots start .. start + T - 1, a row of either
+   sb values after the last and a head sh (a cache's parts are views into a longer one). */
+void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, const float *sin,
+                   void *q_out, void *kc, void *vc, dtype dt, int64_t B, int64_t T, int64_t H,
+                   int64_t d, int64_t R2, int64_t sb, int64_t sh, int64_t start, float eps,
+                   int threads) {
+    int64_t z = size_of(dt);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t b = bt / T, at = bt % T;
+        float src[3 * 512], t[2][512];
+        for (int64_t head = 0; head < H; head++) {
+            for (int64_t j = 0; j < 3 * d; j++) src[j] = get(qkv, (bt * H + head) * 3 * d + j, dt);
+            norm_rotate(src, d, ln, dt, eps, cos + bt * R2, sin + bt * R2, R2, t);
+            int64_t bh = b * H + head;
+            char *qd = (char *)q_out + (bh * T + at) * d * z;
+            int64_t slot = (b * sb + head * sh + (start + at) * d) * z;
+            char *kd = (char *)kc + slot, *vd = (char *)vc + slot;
+            for (int64_t j = 0; j < d; j++) {
+                put(qd, j, t[0][j], dt);
+                put(kd, j, t[1][j], dt);
+                put(vd, j, src[2 * d + j], dt);
+            }
+        }
+    }
+}
+
 /* Per layer in p: LN1 w, b; qkv w, scales, b; q-LN w, b; k-LN w, b; dense w, scales, b; LN2 w,
    b; up w, scales, b; down w, scales, b (20 pointers; biases and plain weights' scales NULL);
    in kinds: (format, group) of qkv, dense, up, down (8 ints). */
@@ -135,16 +180,8 @@ int fuyu_layers(float *x, const void *const *p, const int *kinds, void *const *k
         for (int64_t bh = 0; bh < B * H; bh++) {
             int64_t b = bh / H, head = bh % H;
             const float *src = qkv + b * 3 * D + head * 3 * d; /* [q | k | v] of a head */
-            const float *c = cos + b * R2, *s = sin + b * R2;
             float t[2][512];
-            layer_norm(src, d, w[5], w[6], dt, eps, 0, t[0]);
-            layer_norm(src + d, d, w[7], w[8], dt, eps, 0, t[1]);
-            for (int i = 0; i < 2; i++)
-                for (int64_t j = 0; j < R2; j++) {
-                    float a = t[i][j], e = t[i][j + R2];
-                    t[i][j] = a * c[j] - e * s[j];
-                    t[i][j + R2] = e * c[j] + a * s[j];
-                }
+            norm_rotate(src, d, w + 5, dt, eps, cos + b * R2, sin + b * R2, R2, t);
             char *kd = kc + (bh * S + at) * d * z, *vd = vc + (bh * S + at) * d * z;
             for (int64_t j = 0; j < d; j++) {
                 q[bh * d + j] = rounded(t[0][j], dt);

@@ -33,6 +33,11 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
    float32; mask (B, S) bytes, 0 = not seen; out in dt, rounded once. */
 void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *mask, void *out, dtype dt, int64_t B, int64_t H, int64_t S, int64_t d, float scale, int threads);
 
+/* A prefill's q (into q_out (B, H, T, d)) and its keys and values (into the caches (B, H, slots,
+   d), strides sb, sh, at slots start ..) from the QKV output qkv (B, T, H, 3, d): LayerNorm,
+   rotary. See native.c. */
+void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, const float *sin, void *q_out, void *kc, void *vc, dtype dt, int64_t B, int64_t T, int64_t H, int64_t d, int64_t R2, int64_t sb, int64_t sh, int64_t start, float eps, int threads);
+
 /* Every decoder layer of a decode step on the residual stream x (B, H * d) float32, in place;
    returns -1 (and does nothing) where *slot is outside the cache. See native.c. */
 int fuyu_layers(float *x, const void *const *p, const int *kinds, void *const *kcs, void *const *vcs, const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask, dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S, int64_t I, float eps, int threads, void *work);
