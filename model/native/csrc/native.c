@@ -46,6 +46,15 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
     }
 }
 
+/* int4 quantization of w (N, K) float32 in groups of `group` (<= 256) inputs: q (N, K) levels
+   0..15 and sm (N, K / group, 2) (scale, min) per group, w ~ q * scale + min (quant.h: q4_fit). */
+void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, uint8_t *q, float *sm, int threads) {
+    int64_t G = K / group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N * G; i++)
+        q4_fit(w + i * group, group, q + i * group, sm + 2 * i, sm + 2 * i + 1);
+}
+
 /* One query per (row, head), (row, head) pairs split over the threads; out rounded once. */
 void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *mask, void *out,
                  dtype dt, int64_t B, int64_t H, int64_t S, int64_t d, float scale, int threads) {

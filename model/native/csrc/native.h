@@ -29,6 +29,10 @@ int64_t fuyu_scratch_bytes(int64_t B, int64_t K);
    unscaled (INT8): q itself, exactly, for a product scaled by the scales afterwards. */
 void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wformat fmt, int group, int64_t n0, int64_t n1, int64_t K, int unscaled, int threads);
 
+/* w (N, K) float32 quantized to int4 in groups of `group` <= 256: q (N, K) levels 0..15 and sm
+   (N, K / group, 2) float32 (scale, min), w ~ q * scale + min, each group's pair by search. */
+void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, uint8_t *q, float *sm, int threads);
+
 /* out (B, H, d) = softmax(q.k_s * scale, masked) . v over the cache k, v (B, H, S, d) in dt; q
    float32; mask (B, S) bytes, 0 = not seen; out in dt, rounded once. */
 void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *mask, void *out, dtype dt, int64_t B, int64_t H, int64_t S, int64_t d, float scale, int threads);
