@@ -27,6 +27,8 @@ hands all decoder layers to one call of the C kernels (native.Layers), which the
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,6 +203,18 @@ def _(x, weight, bias):
 DENSE_BLOCK_BYTES = 64 << 20  # a quantized weight's rows made dense at a time for a prefill GEMM
 
 
+_buffers = threading.local()
+
+
+def _dense_buffer(nbytes: int) -> torch.Tensor:
+    """This thread's buffer for dense blocks of quantized weights (at least nbytes), kept from one
+    prefill GEMM to the next: mapped once, not page-faulted in again for every block."""
+    buf = getattr(_buffers, "dense", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _buffers.dense = torch.empty(max(nbytes, DENSE_BLOCK_BYTES), dtype=torch.uint8)
+    return buf
+
+
 class NativeQuantLinear(nn.Module):
     """An int8 or int4 Linear in the C kernels' tiled layout (native/csrc/quant.h): decode-sized
     calls read the packed weight once (int16-quantized inputs, exact integer dot products);
@@ -272,9 +286,10 @@ class NativeQuantLinear(nn.Module):
         spec, int8 = self.spec(), self.method == "int8"
         y = torch.empty(rows.shape[0], self.out_features, dtype=self.dtype)
         step = max(native.TILE, DENSE_BLOCK_BYTES // (self.in_features * 2) // native.TILE * native.TILE)
+        buffer = _dense_buffer(min(step, self.out_features) * self.in_features * self.dtype.itemsize)
         for i in range(0, self.out_features, step):
             j = min(i + step, self.out_features)
-            block = F.linear(rows, native.dense(spec, i, j, self.dtype, unscaled=int8))
+            block = F.linear(rows, native.dense(spec, i, j, self.dtype, unscaled=int8, buffer=buffer))
             if int8:
                 block = block * self.scales[i:j].to(self.dtype)
             y[:, i:j] = block if self.bias is None else block + self.bias[i:j]

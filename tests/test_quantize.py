@@ -106,12 +106,27 @@ def test_int8_quantization_error_is_within_half_a_step():
     assert bool((err <= scales[:, None] / 2 + 1e-6).all())
 
 
-def test_int4_round_trip_is_within_half_a_step_per_group():
-    w = torch.randn(64, 256)
-    nibbles, sz = quantize_int4(w, 128)
-    assert nibbles.shape == (64, 128) and sz.shape == (2, 64, 2)
-    err = (dequantize_int4(nibbles, sz) - w).abs().reshape(64, 2, 128)
-    assert bool((err <= sz[..., 0].T[..., None] / 2 + 1e-5).all())
+@pytest.mark.parametrize("group", [128, 64])
+def test_int4_levels_are_a_search_no_worse_than_min_max_per_group(group, monkeypatch):
+    """Each group's (scale, min) is searched for least squared error: never more than min..max
+    gives in any group, ~15% less over normally distributed weights; the C fit and the torch
+    fallback (no C kernels) agree."""
+    from fuyu.model import native, quantize
+
+    w = torch.randn(64, 512)
+    nibbles, sz = quantize_int4(w, group)
+    assert nibbles.shape == (64, 256) and sz.shape == (512 // group, 64, 2)
+    err = (dequantize_int4(nibbles, sz) - w).square().reshape(64, -1, group).sum(-1)
+    g = w.reshape(64, -1, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    minmax = (((g - lo) / step).round() * step + lo - g).square().sum(-1)
+    assert bool((err <= minmax * (1 + 1e-5)).all())
+    assert err.sum() < 0.9 * minmax.sum()
+    monkeypatch.setattr(native, "library", lambda *a: None)
+    q, sm = quantize._int4_fit(w, group)
+    torch_err = (q.float().reshape(64, -1, group) * sm[..., :1] + sm[..., 1:] - g).square().sum(-1)
+    assert torch.allclose(torch_err.sum(), err.sum(), rtol=1e-3)
 
 
 @pytest.mark.parametrize("scheme", [Int8(), Int4(group_size=64)])

@@ -190,13 +190,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Weight, bias: torch.Tensor | 
     return y.view(*x.shape[:-1], N)
 
 
-def dense(weight: Weight, start: int, stop: int, dtype: torch.dtype, unscaled: bool = False) -> torch.Tensor:
+def dense(weight: Weight, start: int, stop: int, dtype: torch.dtype, unscaled: bool = False,
+          buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Rows start:stop of a quantized weight as a dense (stop - start, K) tensor of `dtype`;
-    unscaled (int8): the integers themselves, exactly, for a product scaled afterwards."""
+    unscaled (int8): the integers themselves, exactly, for a product scaled afterwards. buffer:
+    contiguous memory to write them into (a view of it is returned), reused from call to call:
+    a fresh 64 MB tensor's first touch (page faults) cost as long as making its rows."""
     lib = library()
     if lib is None:
         raise ValueError("native.dense: the C kernels are not built")
-    out = torch.empty(stop - start, weight.in_features, dtype=dtype)
+    shape = (stop - start, weight.in_features)
+    if buffer is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif buffer.is_contiguous() and buffer.nbytes >= shape[0] * shape[1] * dtype.itemsize:
+        out = buffer.view(torch.uint8).view(-1)[:shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
+    else:
+        raise ValueError("native.dense: the buffer is too small or not contiguous")
     lib.fuyu_dequant(weight.w.data_ptr(), None if weight.scales is None else weight.scales.data_ptr(),
                      out.data_ptr(), DTYPE[dtype], FORMAT[weight.fmt], weight.group, start, stop,
                      weight.in_features, int(unscaled), torch.get_num_threads())

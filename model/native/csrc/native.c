@@ -29,6 +29,12 @@ void fuyu_linear(const void *x, const void *w, const void *scales, const void *b
 void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wformat fmt, int group,
                   int64_t n0, int64_t n1, int64_t K, int unscaled, int threads) {
     lin lw = {fmt, group, w, scales, NULL};
+    if (dt == BF16 && fmt != PLAIN) { /* the prefill's case: one vectorised pass a row */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = n0; n < n1; n++)
+            q_row_bf16(fmt == INT4, group, w, scales, n, K, unscaled, (uint16_t *)out + (n - n0) * K);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     {
         float *row = malloc(sizeof(float) * K);

@@ -372,4 +372,33 @@ static void q_row(int fmt_int4, int group, const void *w, const void *scales, in
     }
 }
 
+/* q_row straight to bfloat16 bits (out: K), rounded as torch rounds: one pass, no float32 row,
+   so the loops vectorise whole (the int8 integers themselves, unscaled, are exact in bfloat16). */
+static void q_row_bf16(int fmt_int4, int group, const void *w, const void *scales, int64_t n, int64_t K,
+                       int unscaled, uint16_t *out) {
+    int64_t t = n / 4, r = n % 4;
+    if (!fmt_int4) {
+        const int8_t *tile = (const int8_t *)w + t * 4 * K;
+        float s = unscaled ? 1.f : ((const float *)scales)[n];
+        for (int64_t c = 0; c < K / Q8_CHUNK; c++) {
+            const int8_t *src = tile + (c * 4 + r) * Q8_CHUNK;
+            uint16_t *o = out + c * Q8_CHUNK;
+            for (int j = 0; j < Q8_CHUNK; j++) o[j] = round_bf16_finite((float)src[j] * s);
+        }
+        return;
+    }
+    const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
+    const uint16_t *sc = (const uint16_t *)scales + t * 4 * (K / group) * 2;
+    for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
+        const uint8_t *bytes = tile + (c * 4 + r) * 64;
+        for (int half = 0; half < 2; half++) {
+            int64_t g = (c * Q4_CHUNK + half * 64) / group;
+            float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
+            uint16_t *o = out + c * Q4_CHUNK + half * 64;
+            int shift = 4 * half;
+            for (int j = 0; j < 64; j++) o[j] = round_bf16_finite((float)((bytes[j] >> shift) & 15) * scale + min);
+        }
+    }
+}
+
 #endif
