@@ -85,16 +85,19 @@ class Attention(nn.Module):
         self.q_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
         self.k_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, kv: LayerKV, attend=None, qkv_rows=None):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None, prefill=None):
         """attend: one-query decode attention on the CPU in place of decode_attention, called the
         same way; its None means "not served" (the CPU backend's C attention: model/backend.py).
-        qkv_rows(qkv, attention, cos, sin, kv): for more than one new token, the q/k LayerNorms,
-        rotary and cache write below in one pass, returning q and the cache's keys and values as
-        kv.update does, or None where not served (the CPU backend's C pass)."""
+        prefill: for more than one new token, passes in place of the torch ops below, each
+        returning None where it does not serve (the CPU backend's, in C):
+        prefill.qkv_rows(qkv, attention, cos, sin, kv), the q/k LayerNorms, rotary and cache write
+        in one pass, returning q and the cache's keys and values as kv.update does;
+        prefill.attend_rows(q, k, v, window), the attention, returning (B, T, D)."""
         B, T, D = x.shape
         dt = x.dtype
         qkv = self.query_key_value(x)
-        fast = None if qkv_rows is None or T == 1 else qkv_rows(qkv, self, cos, sin, kv)
+        multi = prefill is not None and T > 1
+        fast = prefill.qkv_rows(qkv, self, cos, sin, kv) if multi else None
         if fast is not None:
             q, k, v = fast
         else:
@@ -110,6 +113,9 @@ class Attention(nn.Module):
             if y is None:
                 y = decode_attention(q, k, v, mask)
         else:
+            y = prefill.attend_rows(q, k, v, kv.window) if multi else None
+            if y is not None:
+                return self.dense(y)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))  # (B, H, T, d) → (B, T, D)
 
@@ -135,10 +141,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: LayerKV, attend=None, qkv_rows=None):
+    def forward(self, x, cos, sin, kv: LayerKV, attend=None, prefill=None):
         """x (B, T, D) float32: the residual stream; each sublayer runs in the weights' dtype."""
         dt = kv.k.dtype
-        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv, attend, qkv_rows)
+        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, kv, attend, prefill)
         y = self.mlp(self.post_attention_layernorm(x).to(dt))
         # x is this call's own: added to in place outside autograd, one fresh (T, D) float32 buffer
         # a layer fewer (its pages faulted in: ~2 ms at 1,074 tokens, 8B widths)
@@ -172,13 +178,13 @@ class Fuyu(nn.Module):
         return x.masked_scatter(slots[..., None], patch_emb.to(x.dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                patches: torch.Tensor | None = None, attend=None, qkv_rows=None) -> torch.Tensor:
+                patches: torch.Tensor | None = None, attend=None, prefill=None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, D) of tokens input_ids (B, T) at rotary positions (B, T).
 
         The tokens go into the slots the cache reserved for them (KVCache.append / step) and attend
         to what it holds. Hidden states, not logits: with a 262,144-word vocabulary, generation
         needs the LM head on one position per row (`self.lm_head(h)`; fuyu.model.generate).
-        attend, qkv_rows: the CPU backend's decode attention and prefill q/k pass (see
+        attend, prefill: the CPU backend's decode attention and prefill passes (see
         Attention.forward); None: the torch ops.
         """
         x = self.embed(input_ids, patches)
@@ -187,5 +193,5 @@ class Fuyu(nn.Module):
         window = cache.window(input_ids.shape[1])
         cos, sin = cache.rotary(positions)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache.layer(i, window), attend, qkv_rows)
+            x = block(x, cos, sin, cache.layer(i, window), attend, prefill)
         return self.final_layernorm(x).to(dt)

@@ -109,10 +109,10 @@ def _prefill_parts(model: Fuyu, parts: list[Inputs], max_new_tokens: int) -> tup
 
 def forward(model: Fuyu, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
             patches: torch.Tensor | None = None) -> torch.Tensor:
-    """model(ids, positions, cache, patches) for prompt tokens, with the backend's prefill pass
-    (on the CPU: the q/k LayerNorms, rotary and cache write in one C pass) where it has one."""
+    """model(ids, positions, cache, patches) for prompt tokens, with the backend's prefill passes
+    (on the CPU: the q/k LayerNorms, rotary and cache write in one C pass; bf16 attention in C)."""
     backend = None if torch.compiler.is_compiling() else model.backend
-    return model(ids, positions, cache, patches, qkv_rows=None if backend is None else backend.qkv_rows)
+    return model(ids, positions, cache, patches, prefill=backend)
 
 
 def decode_step(model: Fuyu, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:

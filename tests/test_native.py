@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fuyu.model import kernels, native
 from fuyu.model.cache import KVCache
@@ -75,7 +76,7 @@ def test_the_bindings_are_the_table_of_prototypes(native_lib):
     """Every exported function is bound from csrc/native.h, with the C types' ctypes."""
     table = build.prototypes()
     assert set(table) == {"fuyu_linear", "fuyu_scratch_bytes", "fuyu_dequant", "fuyu_attend", "fuyu_layers",
-                          "fuyu_layers_work_bytes", "fuyu_argmax", "fuyu_qkv_rows",
+                          "fuyu_layers_work_bytes", "fuyu_argmax", "fuyu_qkv_rows", "fuyu_flash", "fuyu_flash_work_bytes",
                           "fuyu_int4_fit"}
     P, I32, I64 = build.ctypes.c_void_p, build.ctypes.c_int, build.ctypes.c_int64
     assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
@@ -227,7 +228,7 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
         from fuyu.model.weights import for_inference
         assert "site-packages" in fuyu.model.__file__, fuyu.model.__file__
         assert sorted(p.name for p in build.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h")) == [
-            "attend.h", "gemv.h", "isa.h", "linear.h", "native.c", "native.h", "quant.h", "vec.h"], build.SOURCE_DIR
+            "attend.h", "flash.h", "gemv.h", "isa.h", "linear.h", "native.c", "native.h", "quant.h", "vec.h"], build.SOURCE_DIR
         got = native.outcome()
         assert got.lib is not None and got.build is not None, got.reason  # built now, from those files
         assert str(build.SOURCE_DIR / "native.c") in got.build.command
@@ -377,3 +378,31 @@ def test_every_instruction_set_computes_the_same_products(native_lib, tmp_path):
             for B, y in want[name].items():
                 got = native.linear(x[:B], w, lib=lib)
                 assert ((got.float() - y.float()).abs() <= y.float().abs() * 2 ** -7 + 1e-3).all(), (march, name, B)
+
+
+@pytest.mark.parametrize("B, H, T, d, start, padded", [(1, 4, 37, 64, 0, False), (2, 3, 40, 32, 0, True),
+                                                       (2, 2, 33, 128, 9, False), (1, 2, 20, 64, 5, True)])
+def test_flash_prefill_attention_is_as_close_to_float32_as_sdpa(native_lib, B, H, T, d, start, padded):
+    """native.flash (bf16 prefill attention in C) over a cache view: causal (no mask), a causal
+    mask after a prefix, and left-padded rows; no further from float32 attention than SDPA's own
+    bf16 kernel, and within bf16's rounding of it. Without AVX512_BF16 it is not served (None)."""
+    g = torch.Generator().manual_seed(T)
+    n = start + T
+    kc, vc = (torch.randn(B, H, n + 7, d, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(B, H, T, d, generator=g).bfloat16()
+    k, v = kc[:, :, :n], vc[:, :, :n]
+    mask = None
+    if padded or start:
+        slots, mine = torch.arange(n), torch.arange(start, n)[:, None]
+        valid = torch.rand(B, n, generator=g) < (0.8 if padded else 2)
+        mask = (((slots <= mine) & valid[:, None, None, :]) | (slots == mine)).contiguous()
+    ours = native.flash(q, k, v, mask, start)
+    if ours is None:
+        assert "avx512_bf16" not in build.cpu_flags().split()
+        return
+    ours = ours.view(B, T, H, d).transpose(1, 2).float()
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).float()
+    truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None)
+    assert (ours - truth).abs().max() <= 1.5 * (sdpa - truth).abs().max()
+    assert (ours - truth).abs().mean() <= 1.1 * (sdpa - truth).abs().mean()
+    assert (ours - truth).abs().max() <= truth.abs().max() * 2 ** -7

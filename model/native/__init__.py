@@ -259,6 +259,32 @@ def qkv_rows(qkv: torch.Tensor, norms: list[torch.Tensor], cos: torch.Tensor, si
     return q
 
 
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, start: int,
+          lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """Prefill attention in bfloat16: softmax(q·kᵀ/√d, masked)·v for T new queries q (B, H, T, d)
+    at slots start .. start + T - 1 over keys and values k, v (B, H, n, d; each slot's d values
+    contiguous), causal where mask is None, else mask (B, 1, T, n) bool; with SDPA's roundings in
+    bfloat16 (csrc/flash.h). Returns (B, T, H·d), the layout the output projection takes, or None
+    where not served (not bf16, no AVX512_BF16, d not a multiple of 32 up to 256)."""
+    lib = lib or library()
+    B, H, T, d = q.shape
+    n = k.shape[2]
+    if (lib is None or q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype
+            or q.device.type != "cpu" or k.shape != (B, H, n, d) or v.shape != k.shape
+            or k.stride() != v.stride() or k.stride()[2:] != (d, 1) or not q.is_contiguous()
+            or start < 0 or start + T > n
+            or (mask is not None and (mask.shape != (B, 1, T, n) or mask.dtype != torch.bool
+                                      or not mask.is_contiguous()))):
+        return None
+    out = torch.empty(B, T, H * d, dtype=q.dtype)
+    work = torch.empty(lib.fuyu_flash_work_bytes(B, H, d, n), dtype=torch.uint8)
+    if lib.fuyu_flash(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                      out.data_ptr(), B, H, T, d, n, start, k.stride(0), k.stride(1), d ** -0.5,
+                      torch.get_num_threads(), work.data_ptr()):
+        return None
+    return out
+
+
 def argmax(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """x.argmax(-1) (same index on ties and NaN) of CPU float32/bfloat16 rows x (B, V), read once
     as they are: torch widens bf16 logits to float32 first (a 1 MB copy) or reduces them ~4×

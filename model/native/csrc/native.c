@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "attend.h"
+#include "flash.h"
 #include "linear.h"
 #include "native.h"
 #include "vec.h"
@@ -144,6 +145,44 @@ void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, con
         }
     }
 }
+
+/* Prefill attention in bfloat16 (flash.h): q (B, H, T, d) against the first n slots of the caches
+   k, v (B, H, slots, d; strides sb, sh); query t at slot start + t sees slot s where mask (B, T, n)
+   bytes says so, or with no mask where s <= start + t. out (B, T, H, d). work: fuyu_flash_work_bytes.
+   Returns -1, with nothing done, where the CPU has no AVX512_BF16 or d is not served. */
+int fuyu_flash(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t B,
+               int64_t H, int64_t T, int64_t d, int64_t n, int64_t start, int64_t sb, int64_t sh,
+               float scale, int threads, void *work) {
+#if HAVE_DOT_BF16
+    if (d % 32 || d > FLASH_MAX_D) return -1;
+    int64_t np = flash_keys(n), nqb = (T + FQ - 1) / FQ;
+    uint16_t *kt = work, *vp = kt + B * H * np * d;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t at = (bh / H) * sb + (bh % H) * sh;
+            flash_pack((const uint16_t *)k + at, (const uint16_t *)v + at, n, d, d, kt + bh * np * d, vp + bh * np * d);
+        }
+        /* the last query blocks (the most keys) first, handed out as threads come free */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < B * H * nqb; u++) {
+            int64_t qb = nqb - 1 - u / (B * H), bh = u % (B * H), b = bh / H, h = bh % H;
+            int nq = T - qb * FQ < FQ ? (int)(T - qb * FQ) : FQ;
+            flash_block((const uint16_t *)q + bh * T * d, kt + bh * np * d, vp + bh * np * d,
+                        mask ? mask + b * T * n : NULL, n, n, d, start, qb * FQ, nq, scale,
+                        (uint16_t *)out + (b * T * H + h) * d, H * d);
+        }
+    }
+    return 0;
+#else
+    (void)q, (void)k, (void)v, (void)mask, (void)out, (void)B, (void)H, (void)T, (void)d, (void)n;
+    (void)start, (void)sb, (void)sh, (void)scale, (void)threads, (void)work;
+    return -1;
+#endif
+}
+
+int64_t fuyu_flash_work_bytes(int64_t B, int64_t H, int64_t d, int64_t n) { return 4 * B * H * flash_keys(n) * d; }
 
 /* Per layer in p: LN1 w, b; qkv w, scales, b; q-LN w, b; k-LN w, b; dense w, scales, b; LN2 w,
    b; up w, scales, b; down w, scales, b (20 pointers; biases and plain weights' scales NULL);

@@ -42,6 +42,13 @@ void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *ma
    rotary. See native.c. */
 void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, const float *sin, void *q_out, void *kc, void *vc, dtype dt, int64_t B, int64_t T, int64_t H, int64_t d, int64_t R2, int64_t sb, int64_t sh, int64_t start, float eps, int threads);
 
+/* Prefill attention of T new queries q (B, H, T, d) over the caches' first n slots, in bfloat16,
+   into out (B, T, H, d); -1 where not served (no AVX512_BF16). See native.c. */
+int fuyu_flash(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t B, int64_t H, int64_t T, int64_t d, int64_t n, int64_t start, int64_t sb, int64_t sh, float scale, int threads, void *work);
+
+/* Bytes of work fuyu_flash needs. */
+int64_t fuyu_flash_work_bytes(int64_t B, int64_t H, int64_t d, int64_t n);
+
 /* Every decoder layer of a decode step on the residual stream x (B, H * d) float32, in place;
    returns -1 (and does nothing) where *slot is outside the cache. See native.c. */
 int fuyu_layers(float *x, const void *const *p, const int *kinds, void *const *kcs, void *const *vcs, const float *cos, const float *sin, const int64_t *slot, const uint8_t *mask, dtype dt, int64_t n_layers, int64_t B, int64_t H, int64_t d, int64_t R2, int64_t S, int64_t I, float eps, int threads, void *work);
