@@ -59,7 +59,9 @@ PREFILL_WEIGHT = 2  # 512-row prefills weighed (a 1,024-token prefill)
 SKIP = ("vision_embed_tokens",)  # once per prefill: not worth a kernel of its own
 MIN_STACK_BYTES = 128 << 20  # the stand-in's layers outweigh the last-level cache
 HEAD_SLICE_BYTES = 192 << 20  # the head is timed on a slice of its rows this big (or whole)
-STEPS_PER_ROUND, ROUNDS = 2, 3  # decode steps timed per round; rounds (the first warms up)
+STEPS_PER_ROUND, ROUNDS = 2, 5  # decode steps timed per round; rounds (the first warms up): with
+# two timed rounds a slow spell over both once put int8's batch-8 step at 2.6x its time at 8B
+# and chose torch's int8 kernel, 1.6x slower at batch 1
 BIG_LAYER_BYTES = 64 << 20  # a layer this big is timed one step a round (Fuyu-8B's: 402 MB)
 PREFILL_ROUNDS = 4  # the prefill GEMMs' rounds (the first warms up): the score's largest term at 8B
 # Each candidate keeps its fastest round: interference from elsewhere only ever slows a call, and
