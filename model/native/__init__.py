@@ -247,7 +247,9 @@ def qkv_rows(qkv: torch.Tensor, norms: list[torch.Tensor], cos: torch.Tensor, si
             or k.device.type != "cpu" or qkv.shape != (B, T, 3 * H * d) or d > MAX_HEAD_DIM
             or start < 0 or start + T > S or cos.shape[:3] != (B, 1, T) or 2 * cos.shape[-1] > d
             or sin.shape != cos.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or len(norms) != 4 or any(t is None or t.shape != (d,) or t.dtype != k.dtype for t in norms)
+            or len(norms) != 4 or any(t is None or t.shape != (d,) or t.dtype != k.dtype
+                                      or t.device.type != "cpu" for t in norms)
+            or qkv.device.type != "cpu" or v.device.type != "cpu" or cos.device.type != "cpu"
             or not qkv.is_contiguous() or k.stride() != v.stride() or k.stride()[2:] != (d, 1)):
         return None
     cos, sin, norms = cos.contiguous(), sin.contiguous(), [t.contiguous() for t in norms]
@@ -270,7 +272,8 @@ def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     B, H, T, d = q.shape
     n = k.shape[2]
     if (lib is None or q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype
-            or q.device.type != "cpu" or k.shape != (B, H, n, d) or v.shape != k.shape
+            or q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu"
+            or k.shape != (B, H, n, d) or v.shape != k.shape
             or k.stride() != v.stride() or k.stride()[2:] != (d, 1) or not q.is_contiguous()
             or start < 0 or start + T > n
             or (mask is not None and (mask.shape != (B, 1, T, n) or mask.dtype != torch.bool
