@@ -346,17 +346,27 @@ static void q4_fit(const float *w, int n, uint8_t *q, float *scale, float *min) 
 
 /* --- back to dense rows, for prefill-sized inputs ------------------------------------------- */
 
-/* Row n (of N) of a quantized weight as float32 values into out (K): q * scale (+ min); with
-   `unscaled` (INT8 only) q itself, for a product scaled afterwards. */
-static void q_row(int fmt_int4, int group, const void *w, const void *scales, int64_t n, int64_t K,
-                  int unscaled, float *out) {
+/* One value of a dense row, stored as float32 or as bfloat16 bits rounded as torch rounds. */
+static inline __attribute__((always_inline)) void put_dense(void *out, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)out)[i] = round_bf16_finite(v);
+    else
+        ((float *)out)[i] = v;
+}
+
+/* Row n (of N) of a quantized weight into out (K), float32 or (bf16) bfloat16: q * scale (+ min);
+   with `unscaled` (INT8 only) q itself, for a product scaled afterwards (exact in bfloat16). One
+   pass a row, compiled for each output (q_row, q_row_bf16), so the loops vectorise whole. */
+static inline __attribute__((always_inline)) void q_row_to(int fmt_int4, int group, const void *w,
+                                                           const void *scales, int64_t n, int64_t K,
+                                                           int unscaled, int bf16, void *out) {
     int64_t t = n / 4, r = n % 4;
     if (!fmt_int4) {
         const int8_t *tile = (const int8_t *)w + t * 4 * K;
         float s = unscaled ? 1.f : ((const float *)scales)[n];
         for (int64_t c = 0; c < K / Q8_CHUNK; c++)
             for (int j = 0; j < Q8_CHUNK; j++)
-                out[c * Q8_CHUNK + j] = (float)tile[(c * 4 + r) * Q8_CHUNK + j] * s;
+                put_dense(out, c * Q8_CHUNK + j, (float)tile[(c * 4 + r) * Q8_CHUNK + j] * s, bf16);
         return;
     }
     const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
@@ -366,39 +376,21 @@ static void q_row(int fmt_int4, int group, const void *w, const void *scales, in
         for (int half = 0; half < 2; half++) { /* the low nibbles' 64 inputs, the high ones' */
             int64_t g = (c * Q4_CHUNK + half * 64) / group;
             float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
-            float *o = out + c * Q4_CHUNK + half * 64;
-            for (int j = 0; j < 64; j++) o[j] = (float)(half ? bytes[j] >> 4 : bytes[j] & 15) * scale + min;
+            int shift = 4 * half;
+            for (int j = 0; j < 64; j++)
+                put_dense(out, c * Q4_CHUNK + half * 64 + j, (float)((bytes[j] >> shift) & 15) * scale + min, bf16);
         }
     }
 }
 
-/* q_row straight to bfloat16 bits (out: K), rounded as torch rounds: one pass, no float32 row,
-   so the loops vectorise whole (the int8 integers themselves, unscaled, are exact in bfloat16). */
+static void q_row(int fmt_int4, int group, const void *w, const void *scales, int64_t n, int64_t K,
+                  int unscaled, float *out) {
+    q_row_to(fmt_int4, group, w, scales, n, K, unscaled, 0, out);
+}
+
 static void q_row_bf16(int fmt_int4, int group, const void *w, const void *scales, int64_t n, int64_t K,
                        int unscaled, uint16_t *out) {
-    int64_t t = n / 4, r = n % 4;
-    if (!fmt_int4) {
-        const int8_t *tile = (const int8_t *)w + t * 4 * K;
-        float s = unscaled ? 1.f : ((const float *)scales)[n];
-        for (int64_t c = 0; c < K / Q8_CHUNK; c++) {
-            const int8_t *src = tile + (c * 4 + r) * Q8_CHUNK;
-            uint16_t *o = out + c * Q8_CHUNK;
-            for (int j = 0; j < Q8_CHUNK; j++) o[j] = round_bf16_finite((float)src[j] * s);
-        }
-        return;
-    }
-    const uint8_t *tile = (const uint8_t *)w + t * 4 * (K / 2);
-    const uint16_t *sc = (const uint16_t *)scales + t * 4 * (K / group) * 2;
-    for (int64_t c = 0; c < K / Q4_CHUNK; c++) {
-        const uint8_t *bytes = tile + (c * 4 + r) * 64;
-        for (int half = 0; half < 2; half++) {
-            int64_t g = (c * Q4_CHUNK + half * 64) / group;
-            float scale = half_to_float(sc[(g * 4 + r) * 2]), min = half_to_float(sc[(g * 4 + r) * 2 + 1]);
-            uint16_t *o = out + c * Q4_CHUNK + half * 64;
-            int shift = 4 * half;
-            for (int j = 0; j < 64; j++) o[j] = round_bf16_finite((float)((bytes[j] >> shift) & 15) * scale + min);
-        }
-    }
+    q_row_to(fmt_int4, group, w, scales, n, K, unscaled, 1, out);
 }
 
 #endif
