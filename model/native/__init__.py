@@ -13,6 +13,9 @@ float32, reading the 16-bit cache once, without the float32 copies the torch ops
 decoder layers of a decode step in one call (`Layers`: LayerNorms, these GEMVs, q/k LayerNorm,
 rotary, the cache write and this attention, with the roundings of model/fuyu.py's torch ops), so
 that nothing but weight reads fills a step: no torch op, no Python, no sleeping thread in between.
+For prefills it holds two passes around the GEMMs (`qkv_rows`: the q/k LayerNorms, rotary and the
+cache write in one pass; `flash`: bf16 attention with AVX512_BF16) and int4 quantization's search
+(`fuyu_int4_fit`).
 
 The library is compiled the first time it is asked for (build.py: the command, the
 flags, the cache under $XDG_CACHE_HOME/fuyu/native/ with a build log beside it; ~4 s on a 2-core
