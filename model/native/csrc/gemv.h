@@ -84,8 +84,9 @@ static inline void row_of(dtype dt, const void *w, const float *xi, const float 
 #if HAVE_DOT_BF16
 /* 16-bit weights with the bfloat16 dot product instruction (isa.h): the inputs are bfloat16
    already (every GEMV input is rounded to the weights' dtype first), interleaved for each 32
-   columns (xb: each row's 32 in turn), and R <= 4 weight rows go through at once, each weight
-   vector multiplied into BB <= 4 input rows: 16 accumulators, the inputs loaded once per R rows.
+   columns (xb: each row's 32 in turn), and R <= 8 weight rows go through at once, each weight
+   vector multiplied into BB <= 4 input rows (R * BB <= 16 accumulators), the inputs loaded once
+   per R rows.
    s[r * 8 + b] for b0 <= b < b0 + BB. */
 /* The weight rows a tile reads are R consecutive rows, one contiguous block; while it works the
    next block is fetched into L2 (prefetcht1), R lines a step, so that the block is there when its
@@ -96,12 +97,12 @@ static inline void row_of(dtype dt, const void *w, const float *xi, const float 
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int64_t K,
                                                             const uint16_t *xb, int64_t B,
                                                             int64_t b0, int R, int BB, float *s) {
-    vf a[4][4];
+    vf a[8][4];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < BB; b++) a[r][b] = (vf){0};
     const char *next = (const char *)(w + R * K);
     for (int64_t k = 0; k < K; k += 32) {
-        bv v[4];
+        bv v[8];
         for (int r = 0; r < R; r++) {
             __builtin_prefetch(next + (k / 32 * R + r) * 64, 0, 2);
             v[r] = bv_load(w + r * K + k);

@@ -80,6 +80,18 @@ static void linear_rows(const float *x, const void *xp, const lin *lw, dtype dt,
     }
 #if HAVE_DOT_BF16
     if (uses_dot_bf16(lw, dt, K)) {
+        /* one input row over short weight rows (K = 1,024: 2 KB): 8 rows a tile, half the tiles'
+           ends (a 537 MB head, paired with reads: 74-103% of the read rate against 67-97%) */
+        if (B == 1 && K <= 2048 && N % 8 == 0) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < N / 8; t++) {
+                const uint16_t *w = (const uint16_t *)lw->w + 8 * t * K;
+                float s[64];
+                bf16_tile(w, K, xp, 1, 0, 8, 1, s);
+                for (int r = 0; r < 8; r++) finish(s[r * 8], lw, dt, 8 * t + r, 0, N, mode, yt, yf);
+            }
+            return;
+        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (N + 3) / 4; t++) {
             int64_t n = 4 * t, R = N - n < 4 ? N - n : 4;
