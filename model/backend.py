@@ -57,13 +57,20 @@ class CpuBackend:
         lib = self.lib
         return None if lib is None else native.attend(q, k, v, mask, lib)
 
+    def _prefill_lib(self):
+        """The library for a prefill pass, or None: not built, or autograd or torch.compile at
+        work (the passes are opaque C calls that write the cache in place)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        return self.lib
+
     def qkv_rows(self, qkv: torch.Tensor, attention, cos: torch.Tensor, sin: torch.Tensor, kv):
         """Attention.forward's q/k LayerNorms, rotary and cache write for a prefill's T tokens in
         one C pass over the QKV output (q, keys, values as kv.update returns them), or None. The
         torch ops make ~20 passes over (T, 3·D) values: 33 of a layer's ~1,250 ms at 1,074
         tokens, 8B shapes (2-core AMD EPYC, Zen 4); this pass 12 ms."""
-        lib = self.lib
-        if lib is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        lib = self._prefill_lib()
+        if lib is None:
             return None
         window = kv.window
         T = qkv.shape[1]
@@ -80,10 +87,8 @@ class CpuBackend:
         instruction, csrc/flash.h), output (B, T, D) as the output projection takes it, or None
         (SDPA serves: float32, no AVX512_BF16). SDPA's CPU flash kernel took ~8% of a layer at
         1,074 tokens, 8B shapes (2-core AMD EPYC, Zen 4): 90 ms a layer against this one's 50 ms."""
-        lib = self.lib
-        if lib is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        return native.flash(q, k, v, window.mask, window.span - q.shape[2], lib)
+        lib = self._prefill_lib()
+        return None if lib is None else native.flash(q, k, v, window.mask, window.span - q.shape[2], lib)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor | None:
         lib = self.lib

@@ -83,7 +83,7 @@ def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     N, K = w.shape
     lib = native.library()
-    if lib is not None and group <= 256:
+    if lib is not None and group <= 256 and group % 16 == 0:  # q4_fit: whole vectors of a group
         q = torch.empty(N, K, dtype=torch.uint8)
         sm = torch.empty(N, K // group, 2)
         lib.fuyu_int4_fit(w.data_ptr(), N, K, group, q.data_ptr(), sm.data_ptr(), torch.get_num_threads())
@@ -96,9 +96,9 @@ def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(FIT_SHRINKS):
         a = 1 - 0.05 * i
         s, m = torch.where(flat, 1e-8, r * a / 15), torch.where(flat, lo, c - r * a / 2)
-        for _ in range(FIT_ROUNDS + 1):
+        for fit in range(FIT_ROUNDS + 1):
             q = ((wg - m) / s).clamp(0, 15).add(0.5).floor()
-            if _ == FIT_ROUNDS:
+            if fit == FIT_ROUNDS:
                 break
             sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
             sw, sqw = wg.sum(-1, keepdim=True), (q * wg).sum(-1, keepdim=True)

@@ -63,16 +63,19 @@ def flags(debug: bool = False, march: str = "native") -> tuple[str, ...]:
     return (*(DEBUG_FLAGS if debug else (*FLAGS, f"-march={march}")), *SHARED)
 
 
+def _source_parts(source_dir: Path) -> list[str]:
+    return [f"{name}\0{text}" for name, text in sources(source_dir).items()]
+
+
 def source_digest(source_dir: Path = SOURCE_DIR) -> str:
     """A digest of the C sources: what a timing of the kernels built from them is valid for."""
-    parts = [f"{name}\0{text}" for name, text in sources(source_dir).items()]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256("\0".join(_source_parts(source_dir)).encode()).hexdigest()[:16]
 
 
 def library_path(cache_dir: Path, compiler: str, debug: bool = False,
                  source_dir: Path = SOURCE_DIR, march: str = "native") -> Path:
     """Where the library built from these sources, with this compiler and flags, on this CPU, lives."""
-    parts = [f"{name}\0{text}" for name, text in sources(source_dir).items()]
+    parts = _source_parts(source_dir)
     digest = hashlib.sha256("\0".join([*parts, compiler, *flags(debug, march), cpu_flags()]).encode()).hexdigest()[:16]
     return cache_dir / "native" / f"native-{digest}.so"
 

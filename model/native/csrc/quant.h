@@ -35,12 +35,8 @@
 #define Q4_CHUNK 128     /* inputs per tile step, INT4 */
 #define Q8_FLUSH 32      /* INT8 steps summed in int32 before adding to the float total: with
                             |q| <= 127 and |xq| <= QMAX a lane's int32 sum stays under 2^31 */
-#ifndef QPREFETCH
 #define QPREFETCH 1024   /* bytes ahead in a tile's stream */
-#endif
-#ifndef QHINT
 #define QHINT 3          /* __builtin_prefetch locality: 3 = into L1 */
-#endif
 
 /* float16 bits to float32: one instruction with F16C (every AVX2 CPU), else by hand (normal,
    subnormal, zero, inf; NaN as inf: scales are finite). */
@@ -291,7 +287,8 @@ static inline void q4_tile_all(const uint8_t *w, const uint16_t *sc, int64_t K, 
 #define Q4_FIT_SHRINKS 6 /* ranges tried: the group's min..max shrunk about its centre by 0, 5, .. 25% */
 #define Q4_FIT_ROUNDS 2  /* least-squares refits of (scale, min) to each range's levels */
 
-/* lv[j] = the nearest level 0..15 of w[j] under (s, m), w ~ lv * s + m (n a multiple of L); the
+/* lv[j] = the nearest level 0..15 of w[j] under (s, m), w ~ lv * s + m (n a multiple of L: the
+   caller's groups are multiples of 16); the
    sums the least-squares fit and the error take: t[0] = sum lv, t[1] = sum lv^2, t[2] = sum lv w.
    In vectors by hand: GCC leaves the clamped rounding scalar. */
 static inline void q4_levels(const float *w, int n, float s, float m, float *lv, float t[3]) {
