@@ -10,7 +10,8 @@ scheme is loaded from the same checkpoint in bfloat16 and forced along the same 
 max |Δlogit|, mean |Δlogit| and the share of positions whose top-1 token is float32's, over all
 positions (benchmarks/accuracy.py's measures). The contract of issue 23: int8 at least as close as
 bitsandbytes' 8bit, int4 as close as nf4 (mean |Δ| and top-1; the max is reported). A scheme
-name may end in "+head" (the LM head quantized too) or, for int4, "/64" (groups of 64).
+name may end in "+head" (the LM head quantized too) or, for int4, "/64" (groups of 64) and
+"@uniform" (16 even levels instead of the normal ones).
 The last line is JSON.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from fuyu.benchmarks.accuracy import errors, ours_forced
 
-DEFAULT = "bf16,int8,int8+head,8bit,int4,int4/64,int4+head,nf4"
+DEFAULT = "bf16,int8,int8+head,8bit,int4,int4@uniform,int4/64,int4+head,nf4"
 
 
 def scheme(name: str):
@@ -32,10 +33,13 @@ def scheme(name: str):
     if name == "bf16":
         return None
     method, head = name.removesuffix("+head"), name.endswith("+head")
+    method, _, levels = method.partition("@")
     method, _, group = method.partition("/")
     spec = {"method": method}
     if group:
         spec["group_size"] = int(group)
+    if levels:
+        spec["levels"] = levels
     if head:
         spec["skip"] = ["vision_embed_tokens"]
     return spec if len(spec) > 1 else method

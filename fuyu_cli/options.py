@@ -195,7 +195,7 @@ SHARED = [
     Shared("dtype", DtypeOpt, Dtype.auto),
     Shared("quantize", Annotated[Quantize, typer.Option(
         help="Quantize while loading: 8bit, 4bit (= nf4) or fp4 with bitsandbytes; int8 or int4 "
-             "with torch's weight-only kernels (faster on CPU).",
+             "weight-only, with our CPU kernels (faster on CPU, closer to float32 than 8bit/nf4).",
         metavar="none|8bit|4bit|nf4|fp4|int8|int4", rich_help_panel=MODEL)], Quantize.none),
     Shared("quantize_head", Annotated[bool, typer.Option(
         "--quantize-head", metavar=FLAG, rich_help_panel=MODEL,

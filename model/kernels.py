@@ -18,7 +18,8 @@ move or save the model.
            AMD EPYC) a prefill is 4-5x faster, no less accurate. "linear+f32" is F.linear otherwise
   int8 / int8+dequant   Int8Linear: torch's int8 kernel, or for prefill-sized inputs the weight
            dequantized per call into one 16-bit GEMM (the int8 kernel is ~5x slower there)
-  int4     Int4Linear: torch's int4 kernel
+  int4     Int4Linear: torch's int4 kernel (even levels only: int4 on normal levels is `native`'s,
+           or without our kernels upcast per call)
 
 Where every decoder layer's Linears are native, an eager decode step goes further: `fused_layers`
 hands all decoder layers to one call of the C kernels (native.Layers), which the CPU backend
@@ -226,9 +227,10 @@ class NativeQuantLinear(nn.Module):
     kernel = "native"
 
     def __init__(self, method: str, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, out_features: int, dtype: torch.dtype, group: int = 0):
+                 in_features: int, out_features: int, dtype: torch.dtype, group: int = 0, levels: str = ""):
         super().__init__()
         self.method, self.in_features, self.out_features, self.group = method, in_features, out_features, group
+        self.levels = levels  # int4's: "normal" or "uniform" (model/quantize.py)
         self.dtype = dtype
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -241,9 +243,10 @@ class NativeQuantLinear(nn.Module):
 
     @classmethod
     def from_pieces(cls, method: str, pieces: dict, bias: torch.Tensor | None, dtype: torch.dtype,
-                    group: int = 0) -> NativeQuantLinear:
+                    group: int = 0, levels: str = "") -> NativeQuantLinear:
         """From Int8's pieces (weight (N, K) int8, scales (N)) or Int4's (weight (N, K/2) nibbles,
-        scales_and_zeros (K/g, N, 2): w = (q - 8) * scale + zero) (model/quantize.py)."""
+        scales_and_zeros (K/g, N, 2): w = (level(q) - 8) * scale + zero, levels "normal" or
+        "uniform") (model/quantize.py)."""
         if method == "int8":
             q = pieces["weight"]
             N, K = q.shape
@@ -256,7 +259,7 @@ class NativeQuantLinear(nn.Module):
         scale, zero = sz.unbind(-1)  # (K/g, N) each: w = (q - 8) * scale + zero
         pairs = torch.stack([scale, zero - 8 * scale], -1).transpose(0, 1)  # (N, G, 2): scale, min
         pairs = pairs.to(torch.float16).view(N // native.TILE, native.TILE, -1, 2).transpose(1, 2).contiguous()
-        return cls(method, tiles, pairs, bias, K, N, dtype, group)
+        return cls(method, tiles, pairs, bias, K, N, dtype, group, levels)
 
     def pieces(self) -> dict:
         """The portable pieces back, exactly (Int8's or Int4's with the scales as float16 rounded them)."""
@@ -272,7 +275,8 @@ class NativeQuantLinear(nn.Module):
         return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales_and_zeros": sz}
 
     def spec(self) -> native.Weight:
-        return native.Weight(self.method.upper(), self.weight, self.scales, self.bias, self.out_features,
+        fmt = "INT4N" if self.levels == "normal" else self.method.upper()
+        return native.Weight(fmt, self.weight, self.scales, self.bias, self.out_features,
                              self.in_features, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +302,8 @@ class NativeQuantLinear(nn.Module):
     def plain(self) -> nn.Module:
         from fuyu.model.quantize import resolve_scheme
 
-        scheme = resolve_scheme({"method": self.method, **({"group_size": self.group} if self.group else {})})
+        scheme = resolve_scheme({"method": self.method, **({"group_size": self.group} if self.group else {}),
+                                 **({"levels": self.levels} if self.levels else {})})
         with torch.device("meta"):
             module = scheme.make(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
         scheme.install(module, self.pieces(), self.weight.device, self.dtype)

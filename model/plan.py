@@ -113,7 +113,7 @@ def mode(settings: Settings | None = None, kernels_arg: str | None = None) -> st
 @dataclass(frozen=True)
 class Shape:
     """A model as the plan sees it: the layers' and head's weight kind ("float", "int8", "int4"),
-    dtype, int4 group, and the dimensions the kernels run at."""
+    dtype, int4 group and levels, and the dimensions the kernels run at."""
 
     hidden: int
     intermediate: int
@@ -124,16 +124,18 @@ class Shape:
     layer_kind: str
     head_kind: str
     group: int = 0
+    levels: str = ""
 
     @classmethod
     def of(cls, model: nn.Module, dtype: torch.dtype) -> Shape:
         """Of a Fuyu (on the meta device or loaded) whose float weights are, or will be, `dtype`."""
         cfg = model.config
         layer = model.layers[0].self_attn.query_key_value if len(model.layers) else None
-        group = getattr(layer, "group", 0) if layer is not None and kernels.kind(layer) == "int4" else 0
+        int4 = layer is not None and kernels.kind(layer) == "int4"
+        group, levels = (getattr(layer, "group", 0), getattr(layer, "levels", "")) if int4 else (0, "")
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
                    cfg.vocab_size, dtype, "float" if layer is None else kernels.kind(layer),
-                   kernels.kind(model.lm_head), group)
+                   kernels.kind(model.lm_head), group, levels)
 
     def key(self) -> str:
         """What a timing is valid for: the CPU's feature flags, torch, threads, our C kernels'
@@ -160,6 +162,8 @@ def candidates(shape: Shape, part: str, settings: Settings) -> list[str]:
     if kind != "float":
         ok = has_native and all(kernels.NativeQuantLinear.serves(kind, n, k, shape.group) for n, k in N_K)
         torch_kernels = ["int8+dequant", "int8"] if kind == "int8" else ["int4"]
+        if ok and kind == "int4" and shape.levels == "normal":
+            return ["native"]  # torch's int4 kernel takes even levels only: it would upcast per call
         if part == "head":
             torch_kernels = torch_kernels[-1:]  # one position per row: never prefill-sized
         return (["native"] if ok else []) + torch_kernels
@@ -353,7 +357,7 @@ def _pieces(kind: str, out_features: int, in_features: int, group: int) -> dict:
 
 
 def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict | None = None,
-            dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+            dtype: torch.dtype = torch.bfloat16, levels: str = "") -> nn.Module:
     """A synthetic `linear` (its weight may be on the meta device for quantized kinds) as the
     module kernel `kernel` makes of it for weights of `kind`: installed as loading would
     (model/quantize.py), then swapped (model/kernels.py). pieces: synthetic ones to share."""
@@ -361,10 +365,11 @@ def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict 
         return kernels.use(linear, kernel)
     from fuyu.model.quantize import resolve_scheme
 
-    scheme = resolve_scheme({"method": kind, **({"group_size": group} if group else {})})
+    scheme = resolve_scheme({"method": kind, **({"group_size": group} if group else {}),
+                             **({"levels": levels} if levels else {})})
     pieces = pieces or _pieces(kind, linear.out_features, linear.in_features, group)
     if kernel == "native":
-        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group)
+        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group, levels)
     with torch.device("meta"):
         module = scheme.make(linear)
     scheme.install(module, pieces, torch.device("cpu"), dtype)
@@ -400,7 +405,7 @@ def _stand_in(shape: Shape, n_layers: int, kernel: str, shared: dict):
                                                                      m.in_features, shape.group))
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf,
-                    _served(m, shape.layer_kind, shape.group, kernel, pieces, shape.dtype))
+                    _served(m, shape.layer_kind, shape.group, kernel, pieces, shape.dtype, shape.levels))
     return model.eval()
 
 
@@ -444,7 +449,7 @@ def _time_prefill(shape: Shape, hows: list[str], clock: _Clock) -> dict[str, flo
     linear = _linear(D, D, shape.dtype)
     pieces = None if shape.layer_kind == "float" else _pieces(shape.layer_kind, D, D, shape.group)
     modules = {h: _served(linear, shape.layer_kind, shape.group, {"f32": "linear+f32", "dense": "native"}.get(h, h),
-                          pieces, shape.dtype) for h in hows}
+                          pieces, shape.dtype, shape.levels) for h in hows}
     x = torch.randn(PREFILL_ROWS, D).to(shape.dtype)
     times: dict = {h: [] for h in hows}
     with torch.inference_mode():
@@ -469,7 +474,7 @@ def _time_head(shape: Shape, settings: Settings, clock: _Clock) -> dict:
     linear = _linear(rows, shape.hidden, shape.dtype, bias=False) if not quantized else \
         nn.Linear(shape.hidden, rows, bias=False, device="meta")
     pieces = _pieces(shape.head_kind, rows, shape.hidden, shape.group) if quantized else None
-    modules = {k: _served(linear, shape.head_kind, shape.group, k, pieces, shape.dtype) for k in offered}
+    modules = {k: _served(linear, shape.head_kind, shape.group, k, pieces, shape.dtype, shape.levels) for k in offered}
     times: dict = {(k, B): [] for k in offered for B in ROWS}
     with torch.inference_mode():
         for B in ROWS:

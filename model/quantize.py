@@ -4,8 +4,10 @@ Schemes, by the name `load_pretrained(quantization=...)` takes and config.json r
   int8      weight-only int8, one scale per output channel (on CPU our C kernels where the plan
             picks them, kernels.NativeQuantLinear; else torch's _weight_int8pack_mm)
   int4      weight-only int4, asymmetric, groups of up to 128 inputs, each group's (scale, min)
-            searched for least squared error (likewise; torch's _weight_int4pack_mm_for_cpu
-            otherwise)
+            searched for least squared error; 16 levels set where normally distributed weights
+            fall most ("levels": "normal", the default: our C kernels only, upcast per call
+            elsewhere) or evenly ("uniform": torch's _weight_int4pack_mm_for_cpu where our
+            kernels are not used)
   llm_int8  bitsandbytes LLM.int8 ("8bit"): int8 weights, fp16 for outlier activation columns
   nf4, fp4  bitsandbytes 4-bit ("4bit" = nf4): blocks of 64, double-quantized absmax, bf16 compute
 Each scheme maps a float weight to the tensors a pre-quantized checkpoint stores for its module
@@ -54,15 +56,31 @@ def _int8_rows(w: torch.Tensor):
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+# int4's "normal" levels, in the units of (scale, min): 16 integers 0..127 (what the C kernels'
+# byte products use; csrc/quant.h: Q4_NORMAL, the same numbers) times 15/127. Found by Lloyd's
+# algorithm over normally distributed weights in groups of 128, fitted as _int4_fit does; against
+# 16 even levels (0..15) they leave ~16% less squared error.
+NORMAL_LEVELS_127 = (0, 14, 25, 33, 41, 48, 54, 60, 67, 73, 79, 86, 94, 102, 113, 127)
+LEVELS = ("normal", "uniform")
+
+
+def level_values(levels: str) -> torch.Tensor:
+    """The 16 levels' values (float32) in the units of (scale, min): 0..15, or the normal ones."""
+    if levels == "uniform":
+        return torch.arange(16, dtype=torch.float32)
+    return torch.tensor(NORMAL_LEVELS_127, dtype=torch.float32) * (15 / 127)
+
+
+def quantize_int4(w: torch.Tensor, group: int, levels: str = "normal") -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) → nibbles (N, K/2) uint8 (even column in the low nibble) and scales_and_zeros
-    (K/group, N, 2) float32, with w ≈ (q - 8) * scale + zero per group (torch's int4 convention)."""
-    return _by_rows(_int4_rows, (0, 1), w, group)
+    (K/group, N, 2) float32, with w ≈ (level(q) - 8) * scale + zero per group (torch's int4
+    convention when the levels are uniform: level(q) = q)."""
+    return _by_rows(_int4_rows, (0, 1), w, group, levels)
 
 
-def _int4_rows(w: torch.Tensor, group: int):
+def _int4_rows(w: torch.Tensor, group: int, levels: str):
     N, K = w.shape
-    q, sm = _int4_fit(w.float().contiguous(), group)  # (N, K) levels, (N, K/g, 2) (scale, min)
+    q, sm = _int4_fit(w.float().contiguous(), group, levels)  # (N, K) indices, (N, K/g, 2) (scale, min)
     scale, lo = sm.unbind(-1)
     sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
     return q[:, 0::2] | (q[:, 1::2] << 4), sz
@@ -71,14 +89,14 @@ def _int4_rows(w: torch.Tensor, group: int):
 FIT_SHRINKS, FIT_ROUNDS = 6, 2  # as csrc/quant.h's Q4_FIT_SHRINKS, Q4_FIT_ROUNDS
 
 
-def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levels q (N, K) uint8 in 0..15 and (scale, min) pairs (N, K/group, 2) float32 for w (N, K)
-    float32, w ≈ q·scale + min per group: of the group's min..max range shrunk about its centre
-    by 0, 5, .., 25%, each refitted twice by least squares to its levels, the pair of least
-    squared error. Normally distributed weights in groups of 128 keep ~15% less squared error
-    than with min..max alone (as little as bitsandbytes' nf4 in groups of 64). The C kernels'
-    fit (csrc/quant.h: q4_fit, ~0.1 s per 16.7 M weights on 2 cores) where they are built, else
-    these torch ops (the same search, ~35× slower)."""
+def _int4_fit(w: torch.Tensor, group: int, levels: str = "normal") -> tuple[torch.Tensor, torch.Tensor]:
+    """Level indices q (N, K) uint8 in 0..15 and (scale, min) pairs (N, K/group, 2) float32 for w
+    (N, K) float32, w ≈ level(q)·scale + min per group (level_values): of the group's min..max
+    range shrunk about its centre by 0, 5, .., 25%, each refitted twice by least squares to its
+    nearest levels, the pair of least squared error. Normally distributed weights in groups of
+    128 keep ~15% less squared error than with min..max alone on uniform levels (as little as
+    bitsandbytes' nf4 in groups of 64), ~16% less again on the normal ones. The C kernels' fit
+    (csrc/quant.h: q4_fit) where they are built, else these torch ops (the same search, slower)."""
     from fuyu.model import native
 
     N, K = w.shape
@@ -86,8 +104,11 @@ def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     if lib is not None and group <= 256 and group % 16 == 0:  # q4_fit: whole vectors of a group
         q = torch.empty(N, K, dtype=torch.uint8)
         sm = torch.empty(N, K // group, 2)
-        lib.fuyu_int4_fit(w.data_ptr(), N, K, group, q.data_ptr(), sm.data_ptr(), torch.get_num_threads())
+        lib.fuyu_int4_fit(w.data_ptr(), N, K, group, int(levels == "normal"), q.data_ptr(), sm.data_ptr(),
+                          torch.get_num_threads())
         return q, sm
+    value = level_values(levels)
+    mids = (value[1:] + value[:-1]) / 2
     wg = w.reshape(N, K // group, group)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     c, r = (lo + hi) / 2, hi - lo
@@ -97,7 +118,12 @@ def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = 1 - 0.05 * i
         s, m = torch.where(flat, 1e-8, r * a / 15), torch.where(flat, lo, c - r * a / 2)
         for fit in range(FIT_ROUNDS + 1):
-            q = ((wg - m) / s).clamp(0, 15).add(0.5).floor()
+            u = (wg - m) / s
+            if levels == "uniform":
+                q = k = u.clamp(0, 15).add(0.5).floor()
+            else:  # the nearest level: how many midpoints lie below (ties go down, as in C)
+                k = torch.bucketize(u, mids).float()
+                q = value[k.long()]
             if fit == FIT_ROUNDS:
                 break
             sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
@@ -108,12 +134,12 @@ def _int4_fit(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
             s, m = torch.where(ok, s2, s), torch.where(ok, (sw - s2 * sq) / group, m)
         err = (q * s + m - wg).square().sum(-1, keepdim=True)
         if best is None:
-            best = [err, q, s, m]
+            best = [err, k, s, m]
         else:
             take = err < best[0]
-            best = [torch.where(take, new, old) for new, old in zip((err, q, s, m), best)]
-    _, q, s, m = best
-    return q.to(torch.uint8).reshape(N, K), torch.cat([s, m], -1)
+            best = [torch.where(take, new, old) for new, old in zip((err, k, s, m), best)]
+    _, k, s, m = best
+    return k.to(torch.uint8).reshape(N, K), torch.cat([s, m], -1)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -127,8 +153,8 @@ def unpack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([nibbles & 15, nibbles >> 4], dim=-1).flatten(-2)
 
 
-def dequantize_int4(nibbles: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(nibbles).float()
+def dequantize_int4(nibbles: torch.Tensor, sz: torch.Tensor, levels: str = "normal") -> torch.Tensor:
+    q = level_values(levels).to(nibbles.device)[unpack_int4(nibbles).long()]
     N, K = q.shape
     scale, zero = sz.float().transpose(0, 1).unbind(-1)  # (N, K/g) each
     return ((q.reshape(N, scale.shape[1], -1) - 8) * scale[..., None] + zero[..., None]).reshape(N, K)
@@ -164,12 +190,15 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Grouped int4 weights. On CPU `weight` holds torch's packed kernel layout (made at install
-    time from the portable nibbles); on other devices the portable nibbles, upcast per call."""
+    """Grouped int4 weights. Uniform levels on CPU: `weight` holds torch's packed kernel layout
+    (made at install time from the portable nibbles); otherwise (other devices, or normal levels,
+    which no torch kernel takes) the portable nibbles, upcast per call. On CPU the kernel plan
+    swaps in our C kernels (kernels.NativeQuantLinear) where they are built."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: int = 128):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: int = 128,
+                 levels: str = "normal"):
         super().__init__()
-        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.in_features, self.out_features, self.group, self.levels = in_features, out_features, group, levels
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
@@ -177,12 +206,17 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros
         x2 = x.reshape(-1, self.in_features).to(sz.dtype)
-        if self.weight.device.type == "cpu":
+        if self.packed:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, sz)
         else:
-            y = F.linear(x2, dequantize_int4(self.weight, sz).to(x2.dtype))
+            y = F.linear(x2, dequantize_int4(self.weight, sz, self.levels).to(x2.dtype))
         y = y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def packed(self) -> bool:
+        """Whether `weight` is torch's CPU int4 layout rather than the portable nibbles."""
+        return self.levels == "uniform" and self.weight.device.type == "cpu"
 
 
 # --- schemes ------------------------------------------------------------------------------------
@@ -219,7 +253,12 @@ class Int4:
     method: ClassVar[str] = "int4"
     bits: ClassVar[int] = 4
     group_size: int = 128
+    levels: str = "normal"
     skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self):
+        if self.levels not in LEVELS:
+            raise ValueError(f"int4 levels {self.levels!r}: use one of {', '.join(LEVELS)}")
 
     def _group(self, in_features: int) -> int:
         return min(self.group_size, in_features)
@@ -233,21 +272,21 @@ class Int4:
 
     def make(self, lin: nn.Linear) -> nn.Module:
         return Int4Linear(lin.in_features, lin.out_features, lin.bias is not None,
-                          self._group(lin.in_features))
+                          self._group(lin.in_features), self.levels)
 
     def quantize(self, w: torch.Tensor) -> Pieces:
-        nibbles, sz = quantize_int4(w, self._group(w.shape[1]))
+        nibbles, sz = quantize_int4(w, self._group(w.shape[1]), self.levels)
         return {"weight": nibbles, "scales_and_zeros": sz}
 
     def install(self, module: nn.Module, p: Pieces, device: torch.device, dtype: torch.dtype) -> None:
         w = p["weight"]
-        if device.type == "cpu":  # packing is a pure re-layout; the kernel wants int32 values 0..15
+        if device.type == "cpu" and self.levels == "uniform":  # a pure re-layout; int32 values 0..15
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(w).to(torch.int32), 1)
         module.weight = aligned(w.to(device))
         module.scales_and_zeros = aligned(p["scales_and_zeros"].to(device, dtype))
 
     def dequantize(self, p: Pieces) -> torch.Tensor:
-        return dequantize_int4(p["weight"], p["scales_and_zeros"])
+        return dequantize_int4(p["weight"], p["scales_and_zeros"], self.levels)
 
 
 @dataclass(frozen=True)
@@ -372,6 +411,10 @@ def resolve_scheme(spec: str | Mapping | None) -> Scheme | None:
         raise ValueError(f"unknown quantization {method!r}; use one of "
                          f"{', '.join([*SCHEMES, *ALIASES])}")
     params.pop("quant_type", None)  # implied by the method name
+    if method == "int4" and "modules" in params:
+        # a pre-quantized checkpoint's record (our tools write none for int4); one without
+        # "levels" predates the choice and holds even ones
+        params.setdefault("levels", "uniform")
     params.pop("modules", None)  # which modules a pre-quantized checkpoint holds: the loader reads it
     if "skip" in params:
         params["skip"] = tuple(params["skip"])

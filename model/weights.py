@@ -8,6 +8,7 @@ the loaded model and one staging block, never a second copy of a weight.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -171,6 +172,9 @@ def build(cfg: FuyuConfig, tensors: Iterable, device: str | torch.device = "cpu"
     # and quantized weights the native kernels serve are laid out for them as they are read.
     plan = kernel_plan.choose(kernel_plan.Shape.of(model, dtype), settings, kernels) if on_cpu else None
     planned = {name: plan.kernel(name) for name, _ in model.named_modules()} if plan else {}
+    if on_cpu and getattr(scheme, "levels", "") == "normal" and (plan is None or plan.layers != "native"):
+        print("fuyu: warning: int4 on normal levels without our C kernels is upcast per call (slow); "
+              'load {"method": "int4", "levels": "uniform"} for torch\'s int4 kernel', file=sys.stderr)
     pack_as_read = {name for name, m in model.named_modules()
                     if type(m) is torch.nn.Linear and m.weight.numel() * dtype.itemsize > PACK_BLOCK_BYTES
                     and planned.get(name) == "packed"}
@@ -273,7 +277,7 @@ def _install(scheme, model, module: str, pieces, device, dtype, file: Path, kern
         group = getattr(old, "group", 0)
         if kernel == "native" and NativeQuantLinear.serves(scheme.method, old.out_features, old.in_features, group):
             parent, _, leaf = module.rpartition(".")
-            new = NativeQuantLinear.from_pieces(scheme.method, pieces, None, dtype, group)
+            new = NativeQuantLinear.from_pieces(scheme.method, pieces, None, dtype, group, getattr(old, "levels", ""))
             new.bias = old.bias  # meta until the checkpoint's bias is read (_set_tensor)
             setattr(model.get_submodule(parent), leaf, new)
             return

@@ -82,7 +82,7 @@ def test_the_bindings_are_the_table_of_prototypes(native_lib):
     assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
     assert table["fuyu_layers"][0] is I32 and table["fuyu_scratch_bytes"] == (I64, [I64, I64])
     assert build.enum_codes("dtype") == {"F32": 0, "BF16": 1} and native.DTYPE[torch.bfloat16] == 1
-    assert build.enum_codes("wformat") == native.FORMAT == {"PLAIN": 0, "INT8": 1, "INT4": 2}
+    assert build.enum_codes("wformat") == native.FORMAT == {"PLAIN": 0, "INT8": 1, "INT4": 2, "INT4N": 3}
     for name, (restype, argtypes) in table.items():
         fn = getattr(native_lib, name)
         assert fn.argtypes == argtypes and fn.restype == restype
@@ -252,24 +252,33 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
 
 # --- the quantized kernels ---------------------------------------------------------------------
 
-def quantized(linear, method, group):
+def quantized(linear, method, group, levels=""):
+    """linear quantized by `method` ("int8", "int4"; int4 on `levels`, "normal" or "uniform")."""
     from fuyu.model.quantize import resolve_scheme
 
-    scheme = resolve_scheme({"method": method, **({"group_size": group} if group else {})})
+    scheme = resolve_scheme({"method": method, **({"group_size": group} if group else {}),
+                             **({"levels": levels} if levels else {})})
     pieces = scheme.quantize(linear.weight.float())
-    return kernels.NativeQuantLinear.from_pieces(method, pieces, linear.bias, linear.weight.dtype, group), scheme, pieces
+    levels = getattr(scheme, "levels", "")
+    return (kernels.NativeQuantLinear.from_pieces(method, pieces, linear.bias, linear.weight.dtype, group, levels),
+            scheme, pieces)
 
 
-@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 128), ("int4", 64)])
-def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, group):
+QUANTIZED = [("int8", 0, ""), ("int4", 128, "normal"), ("int4", 64, "normal"), ("int4", 128, "uniform"),
+             ("int4", 64, "uniform")]
+
+
+@pytest.mark.parametrize("method, group, levels", QUANTIZED)
+def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, group, levels):
     """Decode-sized calls (int16-quantized inputs, exact integer sums) and prefill-sized ones (dense
     blocks, a 16-bit GEMM) against the dequantized weight in float64: within the inputs' own
     bfloat16 rounding; the pieces come back exactly (int4's scales as float16 keeps them)."""
-    g = torch.Generator().manual_seed(len(method) + group)
+    g = torch.Generator().manual_seed(len(method) + group + len(levels))
     linear = torch.nn.Linear(512, 272).bfloat16().requires_grad_(False)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(272, 512, generator=g) / 20)
-    module, scheme, pieces = quantized(linear, method, group)
+    module, scheme, pieces = quantized(linear, method, group, levels)
+    assert module.spec().fmt == {"": "INT8", "normal": "INT4N", "uniform": "INT4"}[levels]
     w = scheme.dequantize(module.pieces()).double()
     for rows in (1, 2, 3, 4, 5, 8, 9, 40):
         x = torch.randn(rows, 512, generator=g).bfloat16()
@@ -299,12 +308,13 @@ def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, g
         assert (err[..., 0] <= scale.abs() * 2 ** -11 + 1e-9).all() and (err[..., 1] <= ulp * 1.01 + 1e-9).all()
     plain = module.plain()  # torch's own module again, same values
     assert type(plain).__name__ == {"int8": "Int8Linear", "int4": "Int4Linear"}[method]
+    assert getattr(plain, "levels", "") == levels
     x = torch.randn(3, 512, generator=g).bfloat16()
     assert (plain(x).float() - module(x).float()).abs().max() <= module(x).float().abs().max() * 2 ** -5
 
 
-@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 128), ("int4", 64)])
-def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, method, group):
+@pytest.mark.parametrize("method, group, levels", QUANTIZED)
+def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, method, group, levels):
     """native.Layers over int8/int4 Linears against model/fuyu.py's Block calling the same kernels
     one Linear at a time: the same products and roundings, in one call."""
     g = torch.Generator().manual_seed(7)
@@ -317,7 +327,7 @@ def test_fused_quantized_layers_compute_the_per_linear_kernels(native_lib, metho
     for b in blocks:
         for name in ("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
             parent, _, leaf = name.rpartition(".")
-            setattr(b.get_submodule(parent), leaf, quantized(b.get_submodule(name), method, group)[0])
+            setattr(b.get_submodule(parent), leaf, quantized(b.get_submodule(name), method, group, levels)[0])
     B, S, at = 3, 40, 30
     cache = KVCache(2, B, 4, S, 64, cfg.rotary_dim, cfg.rope_theta, "cpu", torch.bfloat16)
     for t in (*cache.k, *cache.v):
@@ -362,11 +372,11 @@ def test_every_instruction_set_computes_the_same_products(native_lib, tmp_path):
     dense = torch.randn(N, K, generator=g) / 20
     bias = torch.randn(N, generator=g).bfloat16()
     weights = {"PLAIN": native.Weight("PLAIN", dense.bfloat16(), None, bias, N, K)}
-    for method, group in (("int8", 0), ("int4", 128), ("int4", 64)):
+    for method, group, levels in QUANTIZED:
         lin = torch.nn.Linear(K, N).bfloat16().requires_grad_(False)
         lin.weight.copy_(dense.bfloat16())
         lin.bias.copy_(bias)
-        weights[f"{method}/{group}"] = quantized(lin, method, group)[0].spec()
+        weights[f"{method}/{group}/{levels}"] = quantized(lin, method, group, levels)[0].spec()
     x = torch.randn(8, K, generator=g).bfloat16()
     want = {name: {B: native.linear(x[:B], w) for B in (1, 3, 8)} for name, w in weights.items()}
     for march in MARCHES:

@@ -79,8 +79,31 @@ def test_skip_list_is_a_parameter_and_recorded(ckpt, batch):
     with torch.no_grad():
         assert logits(model, batch).shape[-1] == VOCAB
     cfg = scheme_config(resolve_scheme({"method": "int4", "group_size": 64}))
-    assert cfg == {"method": "int4", "group_size": 64, "skip": ["vision_embed_tokens", "lm_head"]}
+    assert cfg == {"method": "int4", "group_size": 64, "levels": "normal", "skip": ["vision_embed_tokens", "lm_head"]}
     assert resolve_scheme(cfg) == Int4(group_size=64)
+
+
+def test_int4_records_its_levels_and_older_records_read_as_uniform():
+    """A pre-quantized checkpoint's record names the modules; one written before int4 had a
+    choice of levels has no "levels" and holds even ones. A request without it gets normal ones."""
+    old = {"method": "int4", "group_size": 128, "skip": ["lm_head"], "modules": ["layers.0.mlp.dense_h_to_4h"]}
+    assert resolve_scheme(old).levels == "uniform"
+    assert resolve_scheme({**old, "levels": "normal"}).levels == "normal"
+    assert resolve_scheme("int4").levels == resolve_scheme({"method": "int4"}).levels == "normal"
+    with pytest.raises(ValueError, match="levels 'nf'"):
+        resolve_scheme({"method": "int4", "levels": "nf"})
+
+
+@pytest.mark.parametrize("levels", ["normal", "uniform"])
+def test_int4_loads_on_either_levels_and_warns_where_no_kernel_takes_them(ckpt, bf16, batch, levels, capfd):
+    """On torch's ops alone (no kernel plan) even levels use torch's int4 kernel; normal ones are
+    upcast per call, correct but slow, which the load says in one line."""
+    model = load_pretrained(ckpt, quantization={"method": "int4", "levels": levels}, kernels="plain")
+    assert model.layers[0].mlp.dense_h_to_4h.levels == levels
+    with torch.no_grad():
+        assert (logits(model, batch).float() - logits(bf16, batch).float()).abs().mean() < SCHEMES["int4"][1]
+    warned = [line for line in capfd.readouterr().err.splitlines() if "upcast per call" in line]
+    assert len(warned) == (levels == "normal")
 
 
 def test_unknown_scheme_is_refused_with_the_choices(ckpt):
@@ -106,27 +129,48 @@ def test_int8_quantization_error_is_within_half_a_step():
     assert bool((err <= scales[:, None] / 2 + 1e-6).all())
 
 
+@pytest.mark.parametrize("levels", ["uniform", "normal"])
 @pytest.mark.parametrize("group", [128, 64])
-def test_int4_levels_are_a_search_no_worse_than_min_max_per_group(group, monkeypatch):
+def test_int4_levels_are_a_search_no_worse_than_min_max_per_group(group, levels, monkeypatch):
     """Each group's (scale, min) is searched for least squared error: never more than min..max
-    gives in any group, ~15% less over normally distributed weights; the C fit and the torch
-    fallback (no C kernels) agree."""
+    on the same levels gives in any group, ~15% less over normally distributed weights; the
+    normal levels ~15% less again than the even ones; the C fit and the torch fallback (no C
+    kernels) agree."""
     from fuyu.model import native, quantize
 
     w = torch.randn(64, 512)
-    nibbles, sz = quantize_int4(w, group)
+    nibbles, sz = quantize_int4(w, group, levels)
     assert nibbles.shape == (64, 256) and sz.shape == (512 // group, 64, 2)
-    err = (dequantize_int4(nibbles, sz) - w).square().reshape(64, -1, group).sum(-1)
+    err = (dequantize_int4(nibbles, sz, levels) - w).square().reshape(64, -1, group).sum(-1)
     g = w.reshape(64, -1, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     step = (hi - lo) / 15
-    minmax = (((g - lo) / step).round() * step + lo - g).square().sum(-1)
+    value = quantize.level_values(levels)
+    nearest = value[((g - lo) / step)[..., None].sub(value).abs().argmin(-1)]
+    minmax = (nearest * step + lo - g).square().sum(-1)
     assert bool((err <= minmax * (1 + 1e-5)).all())
     assert err.sum() < 0.9 * minmax.sum()
+    if levels == "normal":
+        even = (dequantize_int4(*quantize_int4(w, group, "uniform"), "uniform") - w).square().sum()
+        assert err.sum() < 0.9 * even
     monkeypatch.setattr(native, "library", lambda *a: None)
-    q, sm = quantize._int4_fit(w, group)
-    torch_err = (q.float().reshape(64, -1, group) * sm[..., :1] + sm[..., 1:] - g).square().sum(-1)
+    q, sm = quantize._int4_fit(w, group, levels)
+    torch_err = (value[q.long()].reshape(64, -1, group) * sm[..., :1] + sm[..., 1:] - g).square().sum(-1)
     assert torch.allclose(torch_err.sum(), err.sum(), rtol=1e-3)
+
+
+def test_int4_normal_levels_are_the_c_kernels_levels(native_lib):
+    """model/quantize.py's NORMAL_LEVELS_127 and csrc/quant.h's Q4_NORMAL are one table: a weight
+    made dense by the C kernels equals torch's dequantization of the same pieces."""
+    from fuyu.model import native
+    from fuyu.model.kernels import NativeQuantLinear
+
+    w = torch.randn(16, 256) / 10
+    nibbles, sz = quantize_int4(w, 128, "normal")
+    module = NativeQuantLinear.from_pieces("int4", {"weight": nibbles, "scales_and_zeros": sz}, None,
+                                           torch.float32, 128, "normal")
+    want = dequantize_int4(*module.pieces().values(), "normal")
+    assert torch.allclose(native.dense(module.spec(), 0, 16, torch.float32), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", [Int8(), Int4(group_size=64)])

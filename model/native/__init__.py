@@ -48,10 +48,10 @@ MAX_ROWS = 8  # input rows the GEMV serves (a decode batch); above this it is co
 MAX_HEAD_DIM = 512  # the layers keep a head's q, k and output on the stack
 _CODES = native_build.enum_codes("dtype")
 DTYPE = {torch.float32: _CODES["F32"], torch.bfloat16: _CODES["BF16"]}  # the dtypes served, as the C's codes
-FORMAT = native_build.enum_codes("wformat")  # {"PLAIN": 0, "INT8": 1, "INT4": 2}: how a weight is stored
+FORMAT = native_build.enum_codes("wformat")  # {"PLAIN": 0, "INT8": 1, "INT4": 2, "INT4N": 3}: how a weight is stored
 INT4_GROUPS = (64, 128)  # inputs per scale the int4 kernels take
 TILE = 4  # rows per tile of the quantized layouts (csrc/quant.h)
-CHUNK = {"INT8": 64, "INT4": 128}  # inputs per tile step: in_features must be a multiple
+CHUNK = {"INT8": 64, "INT4": 128, "INT4N": 128}  # inputs per tile step: in_features must be a multiple
 
 
 def _torch_has_libgomp() -> bool:
@@ -147,9 +147,10 @@ def serves_quantized(fmt: str, out_features: int, in_features: int, group: int =
 
 @dataclass(frozen=True)
 class Weight:
-    """A weight as the kernels take it: fmt ("PLAIN", "INT8", "INT4"), w (PLAIN: (N, K) in the
-    activations' dtype; else the tiled layout of csrc/quant.h), scales (INT8: (N,) float32; INT4:
-    float16 (scale, min) pairs; PLAIN: None), group (INT4), out/in features, bias or None."""
+    """A weight as the kernels take it: fmt ("PLAIN", "INT8", "INT4", "INT4N": int4 on normal levels),
+    w (PLAIN: (N, K) in the activations' dtype; else the tiled layout of csrc/quant.h), scales
+    (INT8: (N,) float32; INT4/INT4N: float16 (scale, min) pairs; PLAIN: None), group (INT4/INT4N),
+    out/in features, bias or None."""
 
     fmt: str
     w: torch.Tensor

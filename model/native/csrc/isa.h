@@ -26,6 +26,9 @@ static inline qv qv_low_nibbles(qv v) { return _mm512_and_si512(v, _mm512_set1_e
 static inline qv qv_high_nibbles(qv v) {
     return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
 }
+/* 16 bytes at p in every 128-bit lane; qv_lookup16: table[v] for each byte v in 0..15. */
+static inline qv qv_table16(const uint8_t *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
+static inline qv qv_lookup16(qv table, qv v) { return _mm512_shuffle_epi8(table, v); }
 /* QV/2 bytes of int8 at p, widened to QV/2 int16. */
 static inline qv qv_widen_i8(const int8_t *p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
@@ -34,7 +37,7 @@ static inline qv qv_widen_i8(const int8_t *p) {
 static inline qv qv_dot_u8s8(qv acc, qv u, qv s) {
 #ifdef __AVX512VNNI__
     return _mm512_dpbusd_epi32(acc, u, s);
-#else /* u <= 15 here: the 16-bit pair sums cannot saturate */
+#else /* u <= 127 here: the 16-bit pair sums cannot saturate */
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 #endif
 }
@@ -58,6 +61,8 @@ static inline qv qv_low_nibbles(qv v) { return _mm256_and_si256(v, _mm256_set1_e
 static inline qv qv_high_nibbles(qv v) {
     return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
 }
+static inline qv qv_table16(const uint8_t *p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)); }
+static inline qv qv_lookup16(qv table, qv v) { return _mm256_shuffle_epi8(table, v); }
 static inline qv qv_widen_i8(const int8_t *p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
 }

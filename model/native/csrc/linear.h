@@ -14,6 +14,9 @@ typedef struct {
     const void *w, *scales, *bias;
 } lin;
 
+/* A quantized format as quant.h's q_row takes it: 0 INT8, 1 INT4, 2 INT4N. */
+static inline int quant_code(wformat fmt) { return fmt == INT4N ? 2 : fmt == INT4; }
+
 /* What a Linear does with each output value y = sum + bias, first rounded to dt as torch's Linear
    would: store it in dt (OUT), keep it in float32 (KEEP), add it to a float32 residual (ADD), or
    keep its squared ReLU rounded again (RELU2: torch's relu_ then square_). */
@@ -37,7 +40,7 @@ static void prepare(const float *x, int64_t B, int64_t K, const lin *lw, dtype d
     int16_t *tmp = (int16_t *)((char *)xp + prepared_core(B, K));
     if (lw->fmt == INT8)
         q8_prepare(x, B, K, xp, tmp);
-    else if (lw->fmt == INT4)
+    else if (lw->fmt == INT4 || lw->fmt == INT4N)
         q4_prepare(x, B, K, lw->group, xp);
 #if HAVE_DOT_BF16
     else if (uses_dot_bf16(lw, dt, K))
@@ -64,7 +67,7 @@ static inline __attribute__((always_inline)) void finish(float v, const lin *lw,
    x: the float32 rows, xp: as `prepare` made them. yt: the output in dt (OUT), else yf: float32. */
 static void linear_rows(const float *x, const void *xp, const lin *lw, dtype dt, int64_t B,
                         int64_t N, int64_t K, int mode, void *yt, float *yf) {
-    if (lw->fmt == INT8 || lw->fmt == INT4) {
+    if (lw->fmt != PLAIN) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < N / 4; t++) {
             float s[32];
@@ -72,7 +75,8 @@ static void linear_rows(const float *x, const void *xp, const lin *lw, dtype dt,
                 q8_tile_all((const int8_t *)lw->w + t * 4 * K, (const float *)lw->scales + 4 * t, K, xp, B, s);
             else
                 q4_tile_all((const uint8_t *)lw->w + t * 4 * (K / 2),
-                            (const uint16_t *)lw->scales + t * 4 * (K / lw->group) * 2, K, lw->group, xp, B, s);
+                            (const uint16_t *)lw->scales + t * 4 * (K / lw->group) * 2, K, lw->group,
+                            lw->fmt == INT4N, xp, B, s);
             for (int r = 0; r < 4; r++)
                 for (int64_t c = 0; c < B; c++) finish(s[r * 8 + c], lw, dt, 4 * t + r, c, N, mode, yt, yf);
         }
@@ -122,7 +126,7 @@ static void dense_row(const lin *lw, dtype dt, int64_t n, int64_t K, int unscale
     if (lw->fmt == PLAIN)
         for (int64_t k = 0; k < K; k++) out[k] = get(lw->w, n * K + k, dt);
     else
-        q_row(lw->fmt == INT4, lw->group, lw->w, lw->scales, n, K, unscaled, out);
+        q_row(quant_code(lw->fmt), lw->group, lw->w, lw->scales, n, K, unscaled, out);
 }
 
 #endif

@@ -33,7 +33,7 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
     if (dt == BF16 && fmt != PLAIN) { /* the prefill's case: one vectorised pass a row */
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = n0; n < n1; n++)
-            q_row_bf16(fmt == INT4, group, w, scales, n, K, unscaled, (uint16_t *)out + (n - n0) * K);
+            q_row_bf16(quant_code(fmt), group, w, scales, n, K, unscaled, (uint16_t *)out + (n - n0) * K);
         return;
     }
 #pragma omp parallel num_threads(threads)
@@ -55,11 +55,11 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
 
 /* int4 quantization of w (N, K) float32 in groups of `group` (<= 256) inputs: q (N, K) levels
    0..15 and sm (N, K / group, 2) (scale, min) per group, w ~ q * scale + min (quant.h: q4_fit). */
-void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, uint8_t *q, float *sm, int threads) {
+void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, int normal, uint8_t *q, float *sm, int threads) {
     int64_t G = K / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < N * G; i++)
-        q4_fit(w + i * group, group, q + i * group, sm + 2 * i, sm + 2 * i + 1);
+        q4_fit(w + i * group, group, normal, q + i * group, sm + 2 * i, sm + 2 * i + 1);
 }
 
 /* One query per (row, head), (row, head) pairs split over the threads; out rounded once. */

@@ -16,7 +16,7 @@ typedef enum { F32, BF16 } dtype;
 
 /* How a weight is stored: in the dtype (PLAIN), or quantized in quant.h's tiled layouts with
    their scales (INT8: one per output row; INT4: a scale and a min per row and group of inputs). */
-typedef enum { PLAIN, INT8, INT4 } wformat;
+typedef enum { PLAIN, INT8, INT4, INT4N } wformat;
 
 /* y (B, N) = x (B, K) @ W^T + bias (N; may be NULL), 1 <= B <= 8; x, bias, y in dt; W: w and
    scales in format fmt (group: INT4's inputs per scale, 64 or 128); scratch: fuyu_scratch_bytes. */
@@ -29,9 +29,10 @@ int64_t fuyu_scratch_bytes(int64_t B, int64_t K);
    unscaled (INT8): q itself, exactly, for a product scaled by the scales afterwards. */
 void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wformat fmt, int group, int64_t n0, int64_t n1, int64_t K, int unscaled, int threads);
 
-/* w (N, K) float32 quantized to int4 in groups of `group` <= 256: q (N, K) levels 0..15 and sm
-   (N, K / group, 2) float32 (scale, min), w ~ q * scale + min, each group's pair by search. */
-void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, uint8_t *q, float *sm, int threads);
+/* w (N, K) float32 quantized to int4 in groups of `group` <= 256: q (N, K) level indices 0..15 and
+   sm (N, K / group, 2) float32 (scale, min), w ~ level(q) * scale + min, each group's pair by
+   search; level(q) = q, or with `normal` INT4N's levels (quant.h: Q4_NORMAL). */
+void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, int normal, uint8_t *q, float *sm, int threads);
 
 /* out (B, H, d) = softmax(q.k_s * scale, masked) . v over the cache k, v (B, H, S, d) in dt; q
    float32; mask (B, S) bytes, 0 = not seen; out in dt, rounded once. */
