@@ -81,18 +81,16 @@ def read_paths(stdin: BinaryIO, null: bool, idle_after: float = 0.2) -> Iterator
     lines: queue.Queue = queue.Queue(maxsize=10000)
     done = object()
 
+    sep = b"\0" if null else b"\n"
+
     def reader() -> None:
         try:
-            if null:
-                pending = b""
-                while chunk := (stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536)):
-                    *parts, pending = (pending + chunk).split(b"\0")
-                    for part in parts:
-                        lines.put(part)
-                lines.put(pending)
-            else:
-                for line in iter(stdin.readline, b""):
-                    lines.put(line.rstrip(b"\r\n"))
+            pending = b""
+            for chunk in _raw_chunks(stdin):
+                *parts, pending = (pending + chunk).split(sep)
+                for part in parts:
+                    lines.put(part if null else part.rstrip(b"\r"))
+            lines.put(pending if null else pending.rstrip(b"\r"))
         finally:
             lines.put(done)
 
@@ -107,6 +105,19 @@ def read_paths(stdin: BinaryIO, null: bool, idle_after: float = 0.2) -> Iterator
             return
         if line.strip():
             yield os.fsdecode(line)
+
+
+def _raw_chunks(stdin: BinaryIO) -> Iterator[bytes]:
+    """What stdin holds, as it arrives: read from its file descriptor where it has one, not
+    through its buffer, whose lock a reader blocked at Ctrl-C would hold while Python shuts down
+    (a "Fatal Python error" and SIGABRT instead of exit 130)."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        fd = None
+    while chunk := (os.read(fd, 65536) if fd is not None
+                    else stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536)):
+        yield chunk
 
 
 def _walk(root: str, recursive: bool, found: Found, is_own_sidecar) -> Iterator[str]:

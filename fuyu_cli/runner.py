@@ -147,6 +147,11 @@ class Runner:
                 if isinstance(chunk, Record):
                     yield chunk
                     continue
+                if chunk is IDLE:  # the input is quiet: finish what is prepared, not wait for more
+                    if pending is not None:
+                        yield from self._finish(pending.result(), gen)
+                        pending = None
+                    continue
                 future = pool.submit(self._prepare, chunk)
                 if pending is not None:
                     yield from self._finish(pending.result(), gen)
@@ -160,17 +165,21 @@ class Runner:
                 budget: memory.BatchBudget) -> Iterator[list[Unit] | Record]:
         """Batches of same-size units (and pass-through records), one window at a time, each at
         most batch_size rows and no more than `budget` holds (a unit that fits in no batch is a
-        failed record)."""
+        failed record); IDLE after the batches of a window the quiet input cut short, or when it
+        falls quiet with nothing collected, so that `run` finishes the batch it holds."""
         it = iter(work)
         while True:
             units: list[Unit] = []
+            quiet = False
             for w in it:
                 if isinstance(w, Record):
                     yield w
                     continue
                 if w is IDLE:  # the input is quiet for now: run what there is
                     if units:
+                        quiet = True
                         break
+                    yield IDLE
                     continue
                 units.append(w)
                 if len(units) == window:
@@ -209,6 +218,8 @@ class Runner:
                     yield group[i:i + per_batch]
             if mixed:
                 yield mixed
+            if quiet:
+                yield IDLE
 
     def _prepare(self, units: list[Unit]) -> tuple[list[Prepared], list[Record]]:
         """Preprocess each unit alone, so one unreadable image fails only itself."""

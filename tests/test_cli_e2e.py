@@ -268,16 +268,25 @@ def test_sigkill_mid_run_then_rerun_gives_every_image_exactly_once(tiny_model, m
 
 
 def test_ctrl_c_flushes_finished_records_and_exits_130(tiny_model, many, tmp_path):
+    """Ctrl-C in a run with work still to come (paths on stdin, the rest not yet sent: a folder of
+    30 images finished before the signal arrived on a fast machine) keeps the finished records
+    and exits 130 in one line."""
     out = tmp_path / "captions.jsonl"
-    proc = subprocess.Popen(fuyu_cmd("caption", many, "-m", tiny_model, "--dtype", "float32",
+    proc = subprocess.Popen(fuyu_cmd("caption", "-", "-m", tiny_model, "--dtype", "float32",
                                      "--max-new-tokens", "16", "-b", "1", "-o", out),
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    images = sorted(many.iterdir())
+    proc.stdin.write("".join(f"{p}\n" for p in images[:2]))
+    proc.stdin.flush()
     _wait_for_lines(out, 2, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted after" in err and "Traceback" not in err
-    assert all(json.loads(line)["text"] is not None for line in out.read_text().splitlines())
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["text"] is not None for line in lines)
 
 
 def test_progress_shows_on_a_terminal_while_stdout_stays_json(tiny_model, shots):
