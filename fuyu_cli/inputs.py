@@ -100,11 +100,24 @@ def read_paths(stdin: BinaryIO, null: bool, idle_after: float = 0.2) -> Iterator
             line = lines.get(timeout=idle_after)
         except queue.Empty:
             yield IDLE
-            line = lines.get()
+            line = _wait(lines)
         if line is done:
             return
         if line.strip():
             yield os.fsdecode(line)
+
+
+def _wait(lines) -> bytes | object:
+    """lines.get(), in waits of 0.1 s: a Ctrl-C the kernel hands to another thread (the reader,
+    blocked in read()) reaches the main thread only when it next runs Python code, never during
+    one untimed wait (seen: a run that ignored Ctrl-C while waiting for paths)."""
+    import queue
+
+    while True:
+        try:
+            return lines.get(timeout=0.1)
+        except queue.Empty:
+            pass
 
 
 def _raw_chunks(stdin: BinaryIO) -> Iterator[bytes]:

@@ -267,10 +267,29 @@ def test_sigkill_mid_run_then_rerun_gives_every_image_exactly_once(tiny_model, m
     assert sorted(paths) == sorted(str(p) for p in many.iterdir()) and len(paths) == 30
 
 
-def test_ctrl_c_flushes_finished_records_and_exits_130(tiny_model, many, tmp_path):
+def _stdin_reader_thread(pid: int) -> int | None:
+    """The thread of process `pid` blocked reading its stdin (Linux x86-64: syscall 0, fd 0)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "syscall").read_text().split()[:2] == ["0", "0x0"]:
+            return int(task.name)
+    return None
+
+
+def _sigint_to_thread(pid: int, tid: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(234, pid, tid, signal.SIGINT) == 0, ctypes.get_errno()  # tgkill (x86-64)
+
+
+@pytest.mark.parametrize("to", ["process", "reader thread"])
+def test_ctrl_c_flushes_finished_records_and_exits_130(tiny_model, many, tmp_path, to):
     """Ctrl-C in a run with work still to come (paths on stdin, the rest not yet sent: a folder of
     30 images finished before the signal arrived on a fast machine) keeps the finished records
-    and exits 130 in one line."""
+    and exits 130 in one line; also when the kernel hands the signal to the thread reading stdin
+    rather than the main thread (seen: such a run waited for paths forever)."""
+    if to == "reader thread" and not (sys.platform == "linux" and os.uname().machine == "x86_64"):
+        pytest.skip("tgkill and /proc/<pid>/task/<tid>/syscall as on Linux x86-64")
     out = tmp_path / "captions.jsonl"
     proc = subprocess.Popen(fuyu_cmd("caption", "-", "-m", tiny_model, "--dtype", "float32",
                                      "--max-new-tokens", "16", "-b", "1", "-o", out),
@@ -280,9 +299,20 @@ def test_ctrl_c_flushes_finished_records_and_exits_130(tiny_model, many, tmp_pat
     proc.stdin.write("".join(f"{p}\n" for p in images[:2]))
     proc.stdin.flush()
     _wait_for_lines(out, 2, proc)
-    proc.send_signal(signal.SIGINT)
+    if to == "process":
+        proc.send_signal(signal.SIGINT)
+    else:
+        deadline = time.monotonic() + 30
+        while (tid := _stdin_reader_thread(proc.pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tid is not None, "no thread of the run is reading stdin"
+        time.sleep(0.5)  # the main thread waiting for the next path by now
+        _sigint_to_thread(proc.pid, tid)
+    try:
+        proc.wait(timeout=60)  # stdin stays open: the run ends by the signal or not at all
+    finally:
+        proc.kill()
     err = proc.stderr.read()
-    proc.wait(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted after" in err and "Traceback" not in err
     lines = out.read_text().splitlines()
