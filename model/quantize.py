@@ -58,8 +58,8 @@ def _int8_rows(w: torch.Tensor):
 
 # int4's "normal" levels, in the units of (scale, min): 16 integers 0..127 (what the C kernels'
 # byte products use; csrc/quant.h: Q4_NORMAL, the same numbers) times 15/127. Found by Lloyd's
-# algorithm over normally distributed weights in groups of 128, fitted as _int4_fit does; against
-# 16 even levels (0..15) they leave ~16% less squared error.
+# algorithm over normally distributed weights in groups of 128, fitted by _int4_fit's search (then
+# 6 ranges, 2 refits); against 16 even levels (0..15) they leave ~16% less squared error.
 NORMAL_LEVELS_127 = (0, 14, 25, 33, 41, 48, 54, 60, 67, 73, 79, 86, 94, 102, 113, 127)
 LEVELS = ("normal", "uniform")
 
@@ -86,17 +86,19 @@ def _int4_rows(w: torch.Tensor, group: int, levels: str):
     return q[:, 0::2] | (q[:, 1::2] << 4), sz
 
 
-FIT_SHRINKS, FIT_ROUNDS = 6, 2  # as csrc/quant.h's Q4_FIT_SHRINKS, Q4_FIT_ROUNDS
+# ranges tried and least-squares refits, per levels: as csrc/quant.h's Q4_FIT_* and Q4N_FIT_*
+FIT = {"uniform": (6, 2), "normal": (3, 3)}
 
 
 def _int4_fit(w: torch.Tensor, group: int, levels: str = "normal") -> tuple[torch.Tensor, torch.Tensor]:
     """Level indices q (N, K) uint8 in 0..15 and (scale, min) pairs (N, K/group, 2) float32 for w
     (N, K) float32, w ≈ level(q)·scale + min per group (level_values): of the group's min..max
-    range shrunk about its centre by 0, 5, .., 25%, each refitted twice by least squares to its
-    nearest levels, the pair of least squared error. Normally distributed weights in groups of
-    128 keep ~15% less squared error than with min..max alone on uniform levels (as little as
-    bitsandbytes' nf4 in groups of 64), ~16% less again on the normal ones. The C kernels' fit
-    (csrc/quant.h: q4_fit) where they are built, else these torch ops (the same search, slower)."""
+    range shrunk about its centre by 0, 5, .., 25% (normal levels: .., 10%), each refitted twice
+    (normal: three times) by least squares to its nearest levels, the pair of least squared error
+    (FIT). Normally distributed weights in groups of 128 keep ~15% less squared error than with
+    min..max alone on uniform levels (as little as bitsandbytes' nf4 in groups of 64), ~16% less
+    again on the normal ones. The C kernels' fit (csrc/quant.h: q4_fit) where they are built,
+    else these torch ops (the same search, slower)."""
     from fuyu.model import native
 
     N, K = w.shape
@@ -114,17 +116,18 @@ def _int4_fit(w: torch.Tensor, group: int, levels: str = "normal") -> tuple[torc
     c, r = (lo + hi) / 2, hi - lo
     flat = r <= 0
     best = None
-    for i in range(FIT_SHRINKS):
+    shrinks, rounds = FIT[levels]
+    for i in range(shrinks):
         a = 1 - 0.05 * i
         s, m = torch.where(flat, 1e-8, r * a / 15), torch.where(flat, lo, c - r * a / 2)
-        for fit in range(FIT_ROUNDS + 1):
+        for fit in range(rounds + 1):
             u = (wg - m) / s
             if levels == "uniform":
                 q = k = u.clamp(0, 15).add(0.5).floor()
             else:  # the nearest level: how many midpoints lie below (ties go down, as in C)
                 k = torch.bucketize(u, mids).float()
                 q = value[k.long()]
-            if fit == FIT_ROUNDS:
+            if fit == rounds:
                 break
             sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
             sw, sqw = wg.sum(-1, keepdim=True), (q * wg).sum(-1, keepdim=True)
