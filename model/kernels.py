@@ -300,10 +300,9 @@ class NativeQuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def plain(self) -> nn.Module:
-        from fuyu.model.quantize import resolve_scheme
+        from fuyu.model.quantize import scheme_of
 
-        scheme = resolve_scheme({"method": self.method, **({"group_size": self.group} if self.group else {}),
-                                 **({"levels": self.levels} if self.levels else {})})
+        scheme = scheme_of(self.method, self.group, self.levels)
         with torch.device("meta"):
             module = scheme.make(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
         scheme.install(module, self.pieces(), self.weight.device, self.dtype)

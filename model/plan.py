@@ -363,10 +363,9 @@ def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict 
     (model/quantize.py), then swapped (model/kernels.py). pieces: synthetic ones to share."""
     if kind == "float":
         return kernels.use(linear, kernel)
-    from fuyu.model.quantize import resolve_scheme
+    from fuyu.model.quantize import scheme_of
 
-    scheme = resolve_scheme({"method": kind, **({"group_size": group} if group else {}),
-                             **({"levels": levels} if levels else {})})
+    scheme = scheme_of(kind, group, levels)
     pieces = pieces or _pieces(kind, linear.out_features, linear.in_features, group)
     if kernel == "native":
         return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group, levels)

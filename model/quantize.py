@@ -427,6 +427,13 @@ def resolve_scheme(spec: str | Mapping | None) -> Scheme | None:
         raise ValueError(f"quantization {method!r}: bad parameters {sorted(params)} ({e})") from None
 
 
+def scheme_of(method: str, group: int = 0, levels: str = "") -> Scheme:
+    """The scheme of a quantized module from what it records: its method, int4 group size and
+    levels (0 and "": the scheme's defaults)."""
+    return resolve_scheme({"method": method, **({"group_size": group} if group else {}),
+                           **({"levels": levels} if levels else {})})
+
+
 def scheme_config(scheme: Scheme, modules: list[str] | None = None) -> dict:
     """What config.json records: method, parameters and (pre-quantized) the modules quantized."""
     d = {"method": scheme.method, **dataclasses.asdict(scheme)}

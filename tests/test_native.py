@@ -254,10 +254,9 @@ def test_the_wheel_ships_the_c_and_a_decode_step_runs_on_kernels_built_from_it(t
 
 def quantized(linear, method, group, levels=""):
     """linear quantized by `method` ("int8", "int4"; int4 on `levels`, "normal" or "uniform")."""
-    from fuyu.model.quantize import resolve_scheme
+    from fuyu.model.quantize import scheme_of
 
-    scheme = resolve_scheme({"method": method, **({"group_size": group} if group else {}),
-                             **({"levels": levels} if levels else {})})
+    scheme = scheme_of(method, group, levels)
     pieces = scheme.quantize(linear.weight.float())
     levels = getattr(scheme, "levels", "")
     return (kernels.NativeQuantLinear.from_pieces(method, pieces, linear.bias, linear.weight.dtype, group, levels),

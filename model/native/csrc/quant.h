@@ -343,14 +343,12 @@ static inline void q4_tile_all(const uint8_t *w, const uint16_t *sc, int64_t K, 
 /* Of each w[j], the nearest level under (s, m), w ~ level * s + m: its index into ix[j] (0..15) and
    its value (q4_level) into lv[j]; n a multiple of L (the caller's groups are multiples of 16).
    The sums the least-squares fit and the error take: t[0] = sum lv, t[1] = sum lv^2,
-   t[2] = sum lv w. In vectors by hand: GCC leaves the clamped rounding scalar. Even levels by
-   rounding; normal ones by a binary search over the midpoints between levels. */
-static inline void q4_levels(const float *w, int n, float s, float m, int normal, float *lv,
-                             float *ix, float t[3]) {
-    float level[16], mid[16];
-    for (int i = 0; i < 16; i++) level[i] = q4_level(normal, i);
-    for (int i = 0; i < 15; i++) mid[i] = 0.5f * (level[i] + level[i + 1]);
-    mid[15] = INFINITY;
+   t[2] = sum lv w. In vectors by hand: GCC leaves the clamped rounding scalar. Even levels
+   (level NULL) by rounding; normal ones, level[16], by a binary search over mid[16] (the
+   midpoints between them, then infinity). */
+static inline void q4_levels(const float *w, int n, float s, float m, const float *level,
+                             const float *mid, float *lv, float *ix, float t[3]) {
+    int normal = level != NULL;
     vf inv = (vf){0} + 1.f / s, mv = (vf){0} + m, a = {0}, b = {0}, c = {0};
     for (int j = 0; j < n; j += L) {
         vf x, l, u;
@@ -391,18 +389,23 @@ static void q4_fit(const float *w, int n, int normal, uint8_t *q, float *scale, 
         sw += w[j], sww += w[j] * w[j];
     }
     float c = 0.5f * (lo + hi), r = hi - lo, best = INFINITY, lv[256], ix[256], t[3];
+    float level[16], mid[16]; /* normal levels' values and the midpoints between them */
+    for (int i = 0; i < 16; i++) level[i] = q4_level(1, i);
+    for (int i = 0; i < 15; i++) mid[i] = 0.5f * (level[i] + level[i + 1]);
+    mid[15] = INFINITY;
+    const float *lev = normal ? level : NULL, *mids = normal ? mid : NULL;
     *scale = 1e-8f, *min = lo;
     for (int j = 0; j < n; j++) q[j] = 0;
     if (!(r > 0.f)) return; /* all equal (or not finite): one level */
     int shrinks = normal ? Q4N_FIT_SHRINKS : Q4_FIT_SHRINKS, rounds = normal ? Q4N_FIT_ROUNDS : Q4_FIT_ROUNDS;
     for (int i = 0; i < shrinks; i++) {
         float a = 1.f - 0.05f * i, s = r * a / 15.f, m = c - 0.5f * r * a;
-        q4_levels(w, n, s, m, normal, lv, ix, t);
+        q4_levels(w, n, s, m, lev, mids, lv, ix, t);
         for (int round = 0; round < rounds; round++) {
             float det = n * t[1] - t[0] * t[0], s2 = (n * t[2] - t[0] * sw) / det;
             if (!(det > 0.f) || !(s2 > 0.f)) break;
             s = s2, m = (sw - s2 * t[0]) / n;
-            q4_levels(w, n, s, m, normal, lv, ix, t);
+            q4_levels(w, n, s, m, lev, mids, lv, ix, t);
         }
         /* sum (lv s + m - w)^2 from the sums */
         float err = s * s * t[1] + 2.f * s * m * t[0] - 2.f * s * t[2] + n * m * m - 2.f * m * sw + sww;
