@@ -50,7 +50,7 @@ from fuyu.model.quantize import Int4Linear, Int8Linear
 from fuyu.model.settings import Settings
 
 MODES = ("auto", "plain", "native", "packed", "linear")
-FORMAT = 2  # of the cache file's entries: a change of what is timed times again
+FORMAT = 3  # of the cache file's entries: a change of what is timed times again
 ROWS = (1, 2, 8)  # decode batches timed
 PREFILL_ROWS = 512  # a real prompt's size (a 640×480 image is ~400 tokens): at 128 rows torch's
 # int8 kernel beat the dequantized GEMM, at 512 it is 2.5× slower (2-core AMD EPYC family 26)
@@ -166,7 +166,8 @@ def candidates(shape: Shape, part: str, settings: Settings) -> list[str]:
             return ["native"]  # torch's int4 kernel takes even levels only: it would upcast per call
         if part == "head":
             torch_kernels = torch_kernels[-1:]  # one position per row: never prefill-sized
-        return (["native"] if ok else []) + torch_kernels
+        native_kernels = ["native", "native+w8a8"] if kind == "int8" and part == "layers" else ["native"]
+        return (native_kernels if ok else []) + torch_kernels
     wide = shape.dtype in (torch.bfloat16, torch.float16)
     out = []
     if has_native:
@@ -317,7 +318,7 @@ def _decode_half(kernel: str) -> str:
 
 def _prefill_half(shape: Shape, kernel: str) -> str:
     if shape.layer_kind != "float":
-        return {"native": "dense"}.get(kernel, kernel)
+        return {"native": "dense", "native+w8a8": "w8a8"}.get(kernel, kernel)
     return "f32" if kernel.endswith("+f32") else {"native": "linear"}.get(kernel, kernel)
 
 
@@ -367,8 +368,9 @@ def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict 
 
     scheme = scheme_of(kind, group, levels)
     pieces = pieces or _pieces(kind, linear.out_features, linear.in_features, group)
-    if kernel == "native":
-        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group, levels)
+    if kernel in ("native", "native+w8a8"):
+        return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group, levels,
+                                                     kernels.prefill_of(kernel))
     with torch.device("meta"):
         module = scheme.make(linear)
     scheme.install(module, pieces, torch.device("cpu"), dtype)
@@ -442,12 +444,13 @@ def _time_steps(shape: Shape, decodes: list[str], settings: Settings, clock: _Cl
 
 def _time_prefill(shape: Shape, hows: list[str], clock: _Clock) -> dict[str, float]:
     """{how: per-layer ms of a 512-row prefill's GEMMs}, how in "linear", "f32", "packed", "int8",
-    "int8+dequant", "dense", "int4": timed on the layer's D×D GEMM, in turn, and scaled by the
+    "int8+dequant", "dense", "w8a8", "int4": timed on the layer's D×D GEMM, in turn, and scaled by the
     layer's FLOPs."""
     D = shape.hidden
     linear = _linear(D, D, shape.dtype)
     pieces = None if shape.layer_kind == "float" else _pieces(shape.layer_kind, D, D, shape.group)
-    modules = {h: _served(linear, shape.layer_kind, shape.group, {"f32": "linear+f32", "dense": "native"}.get(h, h),
+    modules = {h: _served(linear, shape.layer_kind, shape.group,
+                          {"f32": "linear+f32", "dense": "native", "w8a8": "native+w8a8"}.get(h, h),
                           pieces, shape.dtype, shape.levels) for h in hows}
     x = torch.randn(PREFILL_ROWS, D).to(shape.dtype)
     times: dict = {h: [] for h in hows}

@@ -166,6 +166,38 @@ def test_a_cached_plan_naming_kernels_not_offered_falls_back_without_error(ckpt,
     assert "native" not in set(kernels.in_use(load_pretrained(ckpt, dtype=torch.bfloat16)).values())
 
 
+@pytest.mark.usefixtures("native_lib")
+def test_a_plan_with_8_bit_prefill_loads_int8_layers_for_it(tmp_path, batch, monkeypatch):
+    """int8 layers offer "native+w8a8" (decode: native; prefill: 8-bit inputs, torch's int8 GEMM),
+    the head does not; a plan naming it lays every layer Linear out for it as the checkpoint is
+    read; its prefill logits stay within the inputs' 8-bit rounding of the 16-bit prefill's, and
+    without the C kernels it falls back to the best other candidate it timed."""
+    ckpt = make_checkpoint(tmp_path / "ck", hidden=128, heads=4, layers=2, vocab_size=VOCAB, tokenizer=False, seed=5)
+    monkeypatch.setenv("FUYU_KERNELS", "auto")
+    settings = Settings.from_environment()
+    shape = plan.Shape.of(load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8", kernels="plain"),
+                          torch.bfloat16)
+    assert "native+w8a8" in plan.candidates(shape, "layers", settings)
+    assert "native+w8a8" not in plan.candidates(shape, "head", settings)
+    timings = {"layers": {"native+w8a8": {"ms": [1, 1, 1, 1], "score": 1.0}, "native": {"ms": [1, 1, 1, 2], "score": 3.0},
+                          "int8+dequant": {"ms": [2, 2, 2, 2], "score": 4.0}},
+               "head": {"native": {"ms": [1, 1, 1, None], "score": 1.0}}}
+    plan.save(plan.cache_file(settings), shape.key(), plan.Plan("native+w8a8", "native", timings=timings))
+    model = load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8")
+    in_use = kernels.in_use(model)
+    assert {k for n, k in in_use.items() if n.startswith("layers.")} == {"native+w8a8"}
+    assert all(m.prefill == "w8a8" for m in model.modules() if type(m) is kernels.NativeQuantLinear
+               and m.method == "int8" and m is not model.lm_head)
+    dense = load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8", kernels="native")
+    with torch.inference_mode():
+        got, want = logits(model, batch).float(), logits(dense, batch).float()
+        assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
+        assert generate(model, batch, 4, eos_id=-1).shape == (2, 4)
+    monkeypatch.setenv("FUYU_NATIVE", "0")
+    chosen = load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8").backend.plan
+    assert chosen.how == "fallback" and chosen.layers == "int8+dequant"
+
+
 def test_fuyu_kernels_plain_turns_the_kernel_plan_off(ckpt, monkeypatch):
     monkeypatch.setenv("FUYU_KERNELS", "plain")
     model = load_pretrained(ckpt, dtype=torch.bfloat16)

@@ -77,7 +77,8 @@ def test_the_bindings_are_the_table_of_prototypes(native_lib):
     table = build.prototypes()
     assert set(table) == {"fuyu_linear", "fuyu_scratch_bytes", "fuyu_dequant", "fuyu_attend", "fuyu_layers",
                           "fuyu_layers_work_bytes", "fuyu_argmax", "fuyu_qkv_rows", "fuyu_flash", "fuyu_flash_work_bytes",
-                          "fuyu_int4_fit"}
+                          "fuyu_int4_fit", "fuyu_q8_quantize", "fuyu_q8_scratch_bytes", "fuyu_q8_rows",
+                          "fuyu_q8_finish"}
     P, I32, I64 = build.ctypes.c_void_p, build.ctypes.c_int, build.ctypes.c_int64
     assert table["fuyu_argmax"] == (None, [P, I32, I64, I64, P])  # x, dtype, B, V, out
     assert table["fuyu_layers"][0] is I32 and table["fuyu_scratch_bytes"] == (I64, [I64, I64])
@@ -310,6 +311,60 @@ def test_quantized_kernels_compute_the_dequantized_product(native_lib, method, g
     assert getattr(plain, "levels", "") == levels
     x = torch.randn(3, 512, generator=g).bfloat16()
     assert (plain(x).float() - module(x).float()).abs().max() <= module(x).float().abs().max() * 2 ** -5
+
+
+def test_prefill_rows_become_8_bit_integers_with_outlier_columns_left_out(native_lib):
+    """q8_quantize: each row's own scale (its largest |x| outside the outlier columns -> 127), each
+    value within half a step; a column where some |x| reaches the limit is an outlier (0 in xq)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 256, generator=g)
+    x[5, 17], x[30, 200], x[2, 9] = 9.0, -6.0, 5.9  # two outlier columns; 5.9 is not one
+    for rows in (x, x.bfloat16()):
+        xq, sx, cols = native.q8_quantize(rows.contiguous(), 6.0)
+        assert cols.tolist() == [17, 200]
+        xf = rows.double().clone()
+        xf[:, cols] = 0
+        assert (xq[:, cols] == 0).all()
+        assert torch.allclose(sx.double(), xf.abs().amax(1) / 127, rtol=1e-6)
+        assert ((xq.double() * sx.double()[:, None] - xf).abs() <= sx.double()[:, None] / 2 * (1 + 1e-5)).all()
+        assert xq.abs().amax(1).eq(127).all()
+    assert native.q8_quantize(x.contiguous(), float("inf"))[2].numel() == 0
+
+
+def test_int8_prefill_with_8_bit_inputs_is_the_integer_product_plus_the_outlier_columns(native_lib):
+    """The "native+w8a8" prefill: the int8 inputs' exact integer product with the int8 weight,
+    scaled, plus the outlier columns in float32, rounded once (against float64, from the same
+    integers); decode-sized calls are the plain native ones; with more than MAX_OUTLIER_SHARE of
+    the columns outliers, the call is the 16-bit path's, exactly."""
+    g = torch.Generator().manual_seed(11)
+    linear = torch.nn.Linear(512, 2052).bfloat16().requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(2052, 512, generator=g) / 20)
+    dense, scheme, pieces = quantized(linear, "int8", 0)
+    fast = kernels.use(dense, "native+w8a8")
+    assert fast.kernel == "native+w8a8" and fast.prefill == "w8a8" and fast.weight is dense.weight
+    w = pieces["weight"].double()
+    sw = pieces["scales"].double()
+    for rows in (9, 40):
+        x = torch.randn(rows, 512, generator=g).bfloat16()
+        x[rows // 2, 100] = 12.0  # one outlier column
+        xq, sx, cols = native.q8_quantize(x, kernels.OUTLIER_LIMIT)
+        assert cols.tolist() == [100]
+        exact = sw * (xq.double() @ w.T * sx.double()[:, None] + x.double()[:, cols] @ w[:, cols].T) + linear.bias.double()
+        got = fast(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 2052)
+        assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+        # and it is a product of x: within the inputs' 8-bit rounding of the 16-bit path's result
+        ref = x.double() @ (w * sw[:, None]).T + linear.bias.double()
+        assert ((got.double() - ref).abs() <= (sx.double()[:, None] / 2).expand(rows, 512) @ (w * sw[:, None]).abs().T
+                + ref.abs() * 2 ** -7 + 1e-3).all()
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    assert torch.equal(fast(x), dense(x))  # decode-sized: the same kernel
+    x = torch.randn(20, 512, generator=g).bfloat16()
+    x[0, :40] = 7.0  # 40 of 512 columns: more than 1/16
+    assert torch.equal(fast(x), dense(x))
+    assert fast.state_dict().keys() == dense.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), dense.state_dict().values()))
 
 
 @pytest.mark.parametrize("method, group, levels", QUANTIZED)

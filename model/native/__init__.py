@@ -216,6 +216,54 @@ def dense(weight: Weight, start: int, stop: int, dtype: torch.dtype, unscaled: b
     return out
 
 
+def q8_quantize(rows: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill rows (M, K) (float32/bfloat16, contiguous) as 8-bit integers for an INT8 weight's
+    int8 GEMM: (xq (M, K) int8, sx (M) float32, outlier columns (a LongTensor)); rows ~ xq * sx[:, None]
+    except in the outlier columns (where some |x| >= limit), which are 0 in xq."""
+    lib = library()
+    if lib is None or rows.dtype not in DTYPE or rows.dim() != 2 or not rows.is_contiguous():
+        raise ValueError("native.q8_quantize: contiguous float32/bfloat16 rows and a built kernel are required")
+    M, K = rows.shape
+    threads = torch.get_num_threads()
+    xq, sx = torch.empty(M, K, dtype=torch.int8), torch.empty(M, dtype=torch.float32)
+    outlier = torch.empty(K, dtype=torch.uint8)
+    scratch = torch.empty(lib.fuyu_q8_scratch_bytes(K, threads), dtype=torch.uint8)
+    count = lib.fuyu_q8_quantize(rows.data_ptr(), DTYPE[rows.dtype], M, K, limit, xq.data_ptr(), sx.data_ptr(),
+                                 outlier.data_ptr(), threads, scratch.data_ptr())
+    cols = outlier.nonzero().view(-1) if count else torch.empty(0, dtype=torch.long)
+    return xq, sx, cols
+
+
+def q8_rows(weight: Weight, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Rows start:stop of an INT8 weight as plain int8 rows (stop - start, K), in a view of buffer
+    (contiguous, at least that many bytes)."""
+    lib = library()
+    K = weight.in_features
+    if lib is None or weight.fmt != "INT8" or not buffer.is_contiguous() or buffer.nbytes < (stop - start) * K:
+        raise ValueError("native.q8_rows: an INT8 weight, a big enough contiguous buffer and a built kernel are required")
+    out = buffer.view(torch.uint8).view(-1)[:(stop - start) * K].view(torch.int8).view(stop - start, K)
+    lib.fuyu_q8_rows(weight.w.data_ptr(), start, stop, K, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q8_finish(acc: torch.Tensor, sx: torch.Tensor, extra: torch.Tensor | None, sw: torch.Tensor,
+              bias: torch.Tensor | None, y: torch.Tensor, start: int) -> None:
+    """y[:, start:start + n] = sw * (acc * sx[:, None] + extra) + bias, rounded once to y's dtype:
+    acc (M, n) int32 (an int8 GEMM's sums), sx (M), extra (M, n) float32 or None, sw (n) float32
+    (the weight rows' scales), bias (n) in y's dtype or None; y (M, N) contiguous."""
+    lib = library()
+    M, n = acc.shape
+    if (lib is None or acc.dtype != torch.int32 or not acc.is_contiguous() or y.dtype not in DTYPE
+            or not y.is_contiguous() or y.shape[0] != M or start + n > y.shape[1]
+            or sx.dtype != torch.float32 or sw.dtype != torch.float32 or sw.shape != (n,) or not sw.is_contiguous()
+            or (extra is not None and (extra.dtype != torch.float32 or extra.shape != (M, n) or not extra.is_contiguous()))
+            or (bias is not None and (bias.dtype != y.dtype or bias.shape != (n,) or not bias.is_contiguous()))):
+        raise ValueError("native.q8_finish: int32 sums, float32 scales, a bias in the output's dtype and a built kernel are required")
+    lib.fuyu_q8_finish(acc.data_ptr(), sx.data_ptr(), None if extra is None else extra.data_ptr(), sw.data_ptr(),
+                       None if bias is None else bias.data_ptr(), y[:, start:].data_ptr(), DTYPE[y.dtype], M, n,
+                       y.shape[1], torch.get_num_threads())
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """softmax(q·kᵀ/√d, masked)·v for one query per row and head, q (B, H, 1, d), over a cache

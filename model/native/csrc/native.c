@@ -53,6 +53,22 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
     }
 }
 
+int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq, float *sx,
+                         uint8_t *outlier, int threads, void *scratch) {
+    return q8_quantize_rows(x, dt, M, K, limit, xq, sx, outlier, scratch, threads);
+}
+
+int64_t fuyu_q8_scratch_bytes(int64_t K, int threads) { return (int64_t)sizeof(float) * K * (threads > 0 ? threads : 1); }
+
+void fuyu_q8_rows(const void *w, int64_t n0, int64_t n1, int64_t K, int8_t *out, int threads) {
+    q8_plain_rows(w, n0, n1, K, out, threads);
+}
+
+void fuyu_q8_finish(const int32_t *acc, const float *sx, const float *extra, const float *sw, const void *bias,
+                    void *y, dtype dt, int64_t M, int64_t n, int64_t ldy, int threads) {
+    q8_finish_rows(acc, sx, extra, sw, bias, y, dt, M, n, ldy, threads);
+}
+
 /* int4 quantization of w (N, K) float32 in groups of `group` (<= 256) inputs: q (N, K) levels
    0..15 and sm (N, K / group, 2) (scale, min) per group, w ~ q * scale + min (quant.h: q4_fit). */
 void fuyu_int4_fit(const float *w, int64_t N, int64_t K, int group, int normal, uint8_t *q, float *sm, int threads) {

@@ -29,6 +29,21 @@ int64_t fuyu_scratch_bytes(int64_t B, int64_t K);
    unscaled (INT8): q itself, exactly, for a product scaled by the scales afterwards. */
 void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wformat fmt, int group, int64_t n0, int64_t n1, int64_t K, int unscaled, int threads);
 
+/* Prefill rows x (M, K) in dt as 8-bit integers for an INT8 weight's int8 GEMM: xq (M, K) int8 and
+   sx (M) float32, x ~ xq * sx, except in the columns where some |x| >= limit (outlier (K) bytes set
+   to 1, xq 0 there); returns their count. scratch: fuyu_q8_scratch_bytes. */
+int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq, float *sx, uint8_t *outlier, int threads, void *scratch);
+
+/* Bytes of scratch fuyu_q8_quantize needs. */
+int64_t fuyu_q8_scratch_bytes(int64_t K, int threads);
+
+/* Rows n0 .. n1 - 1 of an INT8 weight w (N, K, tiled) as plain int8 rows out (n1 - n0, K). */
+void fuyu_q8_rows(const void *w, int64_t n0, int64_t n1, int64_t K, int8_t *out, int threads);
+
+/* y[m, j] (row stride ldy) = sw[j] * (acc[m, j] * sx[m] + extra[m, j]) + bias[j] in dt, rounded once;
+   acc (M, n) int32, extra (M, n) float32 or NULL, sw (n) float32, bias (n) in dt or NULL. */
+void fuyu_q8_finish(const int32_t *acc, const float *sx, const float *extra, const float *sw, const void *bias, void *y, dtype dt, int64_t M, int64_t n, int64_t ldy, int threads);
+
 /* w (N, K) float32 quantized to int4 in groups of `group` <= 256: q (N, K) level indices 0..15 and
    sm (N, K / group, 2) float32 (scale, min), w ~ level(q) * scale + min, each group's pair by
    search; level(q) = q, or with `normal` INT4N's levels (quant.h: Q4_NORMAL). */

@@ -31,6 +31,8 @@
 #ifndef FUYU_QUANT_H
 #define FUYU_QUANT_H
 
+#include <omp.h>
+
 #include "isa.h"
 
 #define QMAX 32512       /* xq's largest magnitude (127 * 256) */
@@ -474,6 +476,79 @@ static void q_row(int fmt, int group, const void *w, const void *scales, int64_t
 static void q_row_bf16(int fmt, int group, const void *w, const void *scales, int64_t n, int64_t K,
                        int unscaled, uint16_t *out) {
     q_row_to(fmt, group, w, scales, n, K, unscaled, 1, out);
+}
+
+
+/* --- INT8 prefill with 8-bit inputs: the rows around torch's int8 GEMM (torch._int_mm) ----------
+
+   A prefill-sized product y = x W^T with W int8 (one scale per row) multiplies 8-bit integers on
+   both sides: each input row quantized to int8 with its own scale (largest |x| -> 127), except
+   the columns where some row's |x| reaches `limit` (LLM.int8's outlier columns), which are left
+   out of the integers and multiplied in float32 by the caller. */
+
+/* Rows of x (M, K) in dt -> xq (M, K) int8, sx (M) float32 with x ~ xq * sx outside the outlier
+   columns (xq 0 there); outlier[k] = 1 where |x[m, k]| >= limit for some m. Returns how many
+   columns are outliers. colmax: K floats of scratch per thread. */
+static int64_t q8_quantize_rows(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq,
+                                float *sx, uint8_t *outlier, float *colmax, int threads) {
+    int64_t count = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float *mine = colmax + (int64_t)t * K;
+        for (int64_t k = 0; k < K; k++) mine[k] = 0.f;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) mine[k] = fmaxf(mine[k], fabsf(get(x, m * K + k, dt)));
+#pragma omp for schedule(static) reduction(+ : count)
+        for (int64_t k = 0; k < K; k++) {
+            float top = 0.f;
+            for (int i = 0; i < T; i++) top = fmaxf(top, colmax[(int64_t)i * K + k]);
+            outlier[k] = top >= limit;
+            count += outlier[k];
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float top = 0.f;
+            for (int64_t k = 0; k < K; k++)
+                top = fmaxf(top, outlier[k] ? 0.f : fabsf(get(x, m * K + k, dt)));
+            float s = top > 0.f ? top / 127.f : 1.f, inv = 1.f / s;
+            sx[m] = s;
+            for (int64_t k = 0; k < K; k++) {
+                float q = outlier[k] ? 0.f : rintf(get(x, m * K + k, dt) * inv);
+                xq[m * K + k] = (int8_t)(q > 127.f ? 127 : q < -127.f ? -127 : q);
+            }
+        }
+    }
+    return count;
+}
+
+/* Rows n0 .. n1 - 1 of an INT8 weight (the tiled layout) as plain int8 rows out (n1 - n0, K). */
+static void q8_plain_rows(const int8_t *w, int64_t n0, int64_t n1, int64_t K, int8_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *tile = w + (n / 4) * 4 * K;
+        for (int64_t c = 0; c < K / Q8_CHUNK; c++)
+            memcpy(out + (n - n0) * K + c * Q8_CHUNK, tile + (c * 4 + n % 4) * Q8_CHUNK, Q8_CHUNK);
+    }
+}
+
+/* y[m, j] (row stride ldy, in dt) = sw[j] * (acc[m, j] * sx[m] + extra[m, j]) + bias[j], rounded
+   once; acc, extra (M, n) (extra and bias may be NULL). */
+static void q8_finish_rows(const int32_t *acc, const float *sx, const float *extra, const float *sw,
+                           const void *bias, void *y, dtype dt, int64_t M, int64_t n, int64_t ldy, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < n; j++) {
+            float v = (float)acc[m * n + j] * sx[m];
+            if (extra) v += extra[m * n + j];
+            v *= sw[j];
+            if (bias) v += get(bias, j, dt);
+            if (dt == BF16)
+                ((uint16_t *)y)[m * ldy + j] = round_bf16_finite(v);
+            else
+                ((float *)y)[m * ldy + j] = v;
+        }
 }
 
 #endif
