@@ -26,8 +26,9 @@ naming the native kernels where they cannot be had (FUYU_NATIVE=0, no compiler) 
 the best of its other timed candidates, or to oneDNN's packed kernel.
 
 Modes (settings.kernels, $FUYU_KERNELS): "auto" (timed, cached), "plain" (no swap: nn.Linear and
-the quantized modules' own kernels), or a fixed plan for both parts, "native", "packed" or
-"linear" (where a part cannot have it, its plain kernel), without timing.
+the quantized modules' own kernels), or a fixed plan for both parts, "native", "native+w8a8"
+(int8 layers' prefill on 8-bit inputs; "native" elsewhere), "packed" or "linear" (where a part
+cannot have it, its plain kernel), without timing.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from fuyu.model.native import build as native_build
 from fuyu.model.quantize import Int4Linear, Int8Linear
 from fuyu.model.settings import Settings
 
-MODES = ("auto", "plain", "native", "packed", "linear")
+MODES = ("auto", "plain", "native", "native+w8a8", "packed", "linear")
 FORMAT = 3  # of the cache file's entries: a change of what is timed times again
 ROWS = (1, 2, 8)  # decode batches timed
 PREFILL_ROWS = 512  # a real prompt's size (a 640×480 image is ~400 tokens): at 128 rows torch's
@@ -178,10 +179,14 @@ def candidates(shape: Shape, part: str, settings: Settings) -> list[str]:
 
 
 def fixed(shape: Shape, how: str, settings: Settings) -> Plan:
-    """The plan a fixed mode names, each part on its plain kernel where it cannot have it."""
+    """The plan a fixed mode names, each part on its plain kernel where it cannot have it
+    ("native+w8a8" where it cannot: "native", as for the head and 16-bit or int4 weights)."""
     def pick(part):
         offered = candidates(shape, part, settings)
-        return how if how in offered else offered[-1]
+        for kernel in (how, how.partition("+")[0]):
+            if kernel in offered:
+                return kernel
+        return offered[-1]
     return Plan(pick("layers"), pick("head"), "fixed")
 
 

@@ -1,7 +1,7 @@
 """The environment variables the library reads, all in one place: `Settings.from_environment()`.
 
   FUYU_KERNELS    the CPU kernel plan at load: auto (default: timed), plain, or a fixed native,
-                  packed or linear (model/plan.py)
+                  native+w8a8, packed or linear (model/plan.py)
   FUYU_NATIVE     0: never build or load our C kernels (model/native/); debug: build them with
                   -O0 -g -fsanitize=address (load with the sanitizer's runtime preloaded)
   CC              the C compiler (default: cc)

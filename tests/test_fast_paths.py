@@ -193,6 +193,12 @@ def test_a_plan_with_8_bit_prefill_loads_int8_layers_for_it(tmp_path, batch, mon
         got, want = logits(model, batch).float(), logits(dense, batch).float()
         assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
         assert generate(model, batch, 4, eos_id=-1).shape == (2, 4)
+    monkeypatch.setenv("FUYU_KERNELS", "native+w8a8")  # fixed: the head and 16-bit layers get "native"
+    fixed = load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8").backend.plan
+    assert (fixed.layers, fixed.head, fixed.how) == ("native+w8a8", "native", "fixed")
+    fixed = load_pretrained(ckpt, dtype=torch.bfloat16).backend.plan
+    assert (fixed.layers, fixed.head) == ("native", "native")
+    monkeypatch.setenv("FUYU_KERNELS", "auto")
     monkeypatch.setenv("FUYU_NATIVE", "0")
     chosen = load_pretrained(ckpt, dtype=torch.bfloat16, quantization="int8").backend.plan
     assert chosen.how == "fallback" and chosen.layers == "int8+dequant"
