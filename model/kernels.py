@@ -311,8 +311,9 @@ class NativeQuantLinear(nn.Module):
         (INT8_BLOCK_BYTES), torch's int8 GEMM (torch._int_mm: oneDNN, VNNI where the CPU has it),
         the sums scaled and rounded once (native.q8_finish)."""
         M, K = rows.shape
-        xq, sx, cols = native.q8_quantize(rows, OUTLIER_LIMIT)
-        if cols.numel() > K * MAX_OUTLIER_SHARE:
+        most = int(K * MAX_OUTLIER_SHARE)
+        xq, sx, cols = native.q8_quantize(rows, OUTLIER_LIMIT, most)
+        if cols.numel() > most:
             return None
         xo = rows[:, cols].float() if cols.numel() else None
         spec, y = self.spec(), torch.empty(M, self.out_features, dtype=self.dtype)

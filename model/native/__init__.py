@@ -216,10 +216,12 @@ def dense(weight: Weight, start: int, stop: int, dtype: torch.dtype, unscaled: b
     return out
 
 
-def q8_quantize(rows: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def q8_quantize(rows: torch.Tensor, limit: float, most: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill rows (M, K) (float32/bfloat16, contiguous) as 8-bit integers for an INT8 weight's
     int8 GEMM: (xq (M, K) int8, sx (M) float32, outlier columns (a LongTensor)); rows ~ xq * sx[:, None]
-    except in the outlier columns (where some |x| >= limit), which are 0 in xq."""
+    except in the outlier columns (where some |x| >= limit), which are 0 in xq. With more than
+    `most` outlier columns, xq and sx are left unwritten (the caller takes another path)."""
     lib = library()
     if lib is None or rows.dtype not in DTYPE or rows.dim() != 2 or not rows.is_contiguous():
         raise ValueError("native.q8_quantize: contiguous float32/bfloat16 rows and a built kernel are required")
@@ -228,8 +230,8 @@ def q8_quantize(rows: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.T
     xq, sx = torch.empty(M, K, dtype=torch.int8), torch.empty(M, dtype=torch.float32)
     outlier = torch.empty(K, dtype=torch.uint8)
     scratch = torch.empty(lib.fuyu_q8_scratch_bytes(K, threads), dtype=torch.uint8)
-    count = lib.fuyu_q8_quantize(rows.data_ptr(), DTYPE[rows.dtype], M, K, limit, xq.data_ptr(), sx.data_ptr(),
-                                 outlier.data_ptr(), threads, scratch.data_ptr())
+    count = lib.fuyu_q8_quantize(rows.data_ptr(), DTYPE[rows.dtype], M, K, limit, K if most is None else most,
+                                 xq.data_ptr(), sx.data_ptr(), outlier.data_ptr(), threads, scratch.data_ptr())
     cols = outlier.nonzero().view(-1) if count else torch.empty(0, dtype=torch.long)
     return xq, sx, cols
 

@@ -53,9 +53,9 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
     }
 }
 
-int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq, float *sx,
-                         uint8_t *outlier, int threads, void *scratch) {
-    return q8_quantize_rows(x, dt, M, K, limit, xq, sx, outlier, scratch, threads);
+int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int64_t most, int8_t *xq,
+                         float *sx, uint8_t *outlier, int threads, void *scratch) {
+    return (dt == BF16 ? q8_quantize_bf16 : q8_quantize_f32)(x, M, K, limit, most, xq, sx, outlier, scratch, threads);
 }
 
 int64_t fuyu_q8_scratch_bytes(int64_t K, int threads) { return (int64_t)sizeof(float) * K * (threads > 0 ? threads : 1); }

@@ -31,8 +31,9 @@ void fuyu_dequant(const void *w, const void *scales, void *out, dtype dt, wforma
 
 /* Prefill rows x (M, K) in dt as 8-bit integers for an INT8 weight's int8 GEMM: xq (M, K) int8 and
    sx (M) float32, x ~ xq * sx, except in the columns where some |x| >= limit (outlier (K) bytes set
-   to 1, xq 0 there); returns their count. scratch: fuyu_q8_scratch_bytes. */
-int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq, float *sx, uint8_t *outlier, int threads, void *scratch);
+   to 1, xq 0 there); returns their count (more than `most`: xq and sx are not written).
+   scratch: fuyu_q8_scratch_bytes. */
+int64_t fuyu_q8_quantize(const void *x, dtype dt, int64_t M, int64_t K, float limit, int64_t most, int8_t *xq, float *sx, uint8_t *outlier, int threads, void *scratch);
 
 /* Bytes of scratch fuyu_q8_quantize needs. */
 int64_t fuyu_q8_scratch_bytes(int64_t K, int threads);

@@ -488,32 +488,55 @@ static void q_row_bf16(int fmt, int group, const void *w, const void *scales, in
    the columns where some row's |x| reaches `limit` (LLM.int8's outlier columns), which are left
    out of the integers and multiplied in float32 by the caller. */
 
+/* The bits of |x[i]| as float32: an unsigned integer that orders magnitudes as floats do. */
+static inline __attribute__((always_inline)) uint32_t abs_bits(const void *x, int64_t i, dtype dt) {
+    if (dt == BF16) return ((uint32_t)((const uint16_t *)x)[i] << 16) & 0x7fffffffu;
+    uint32_t u;
+    memcpy(&u, (const float *)x + i, 4);
+    return u & 0x7fffffffu;
+}
+
 /* Rows of x (M, K) in dt -> xq (M, K) int8, sx (M) float32 with x ~ xq * sx outside the outlier
    columns (xq 0 there); outlier[k] = 1 where |x[m, k]| >= limit for some m. Returns how many
-   columns are outliers. colmax: K floats of scratch per thread. */
-static int64_t q8_quantize_rows(const void *x, dtype dt, int64_t M, int64_t K, float limit, int8_t *xq,
-                                float *sx, uint8_t *outlier, float *colmax, int threads) {
+   columns are outliers; more than most, and nothing is quantized (the caller takes another path).
+   colmax: K floats of scratch per thread. dt a constant where inlined (q8_quantize_of), so the
+   loops vectorise. */
+static inline __attribute__((always_inline)) int64_t q8_quantize_rows(const void *x, dtype dt, int64_t M,
+                                                                      int64_t K, float limit, int64_t most,
+                                                                      int8_t *xq, float *sx, uint8_t *outlier,
+                                                                      float *colmax, int threads) {
+    /* magnitudes compared as the bits of |x| in float32 (unsigned, monotone): max reductions over
+       integers vectorise, fmaxf's do not */
     int64_t count = 0;
+    uint32_t *cols = (uint32_t *)colmax, lim;
+    memcpy(&lim, &limit, 4);
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
-        float *mine = colmax + (int64_t)t * K;
-        for (int64_t k = 0; k < K; k++) mine[k] = 0.f;
+        uint32_t *mine = cols + (int64_t)t * K;
+        for (int64_t k = 0; k < K; k++) mine[k] = 0;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
-            for (int64_t k = 0; k < K; k++) mine[k] = fmaxf(mine[k], fabsf(get(x, m * K + k, dt)));
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t a = abs_bits(x, m * K + k, dt);
+                mine[k] = a > mine[k] ? a : mine[k];
+            }
 #pragma omp for schedule(static) reduction(+ : count)
         for (int64_t k = 0; k < K; k++) {
-            float top = 0.f;
-            for (int i = 0; i < T; i++) top = fmaxf(top, colmax[(int64_t)i * K + k]);
-            outlier[k] = top >= limit;
+            uint32_t top = 0;
+            for (int i = 0; i < T; i++) top = cols[(int64_t)i * K + k] > top ? cols[(int64_t)i * K + k] : top;
+            outlier[k] = top >= lim;
             count += outlier[k];
         }
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            float top = 0.f;
-            for (int64_t k = 0; k < K; k++)
-                top = fmaxf(top, outlier[k] ? 0.f : fabsf(get(x, m * K + k, dt)));
+        for (int64_t m = 0; m < (count > most ? 0 : M); m++) {
+            uint32_t bits = 0;
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t a = outlier[k] ? 0 : abs_bits(x, m * K + k, dt);
+                bits = a > bits ? a : bits;
+            }
+            float top;
+            memcpy(&top, &bits, 4);
             float s = top > 0.f ? top / 127.f : 1.f, inv = 1.f / s;
             sx[m] = s;
             for (int64_t k = 0; k < K; k++) {
@@ -523,6 +546,16 @@ static int64_t q8_quantize_rows(const void *x, dtype dt, int64_t M, int64_t K, f
         }
     }
     return count;
+}
+
+static int64_t q8_quantize_bf16(const void *x, int64_t M, int64_t K, float limit, int64_t most, int8_t *xq,
+                                float *sx, uint8_t *outlier, float *colmax, int threads) {
+    return q8_quantize_rows(x, BF16, M, K, limit, most, xq, sx, outlier, colmax, threads);
+}
+
+static int64_t q8_quantize_f32(const void *x, int64_t M, int64_t K, float limit, int64_t most, int8_t *xq,
+                               float *sx, uint8_t *outlier, float *colmax, int threads) {
+    return q8_quantize_rows(x, F32, M, K, limit, most, xq, sx, outlier, colmax, threads);
 }
 
 /* Rows n0 .. n1 - 1 of an INT8 weight (the tiled layout) as plain int8 rows out (n1 - n0, K). */
