@@ -241,10 +241,13 @@ class NativeQuantLinear(nn.Module):
         if prefill not in ("dense", "w8a8") or (prefill == "w8a8" and method != "int8"):
             raise ValueError(f"no {prefill!r} prefill for {method} weights")
         self.prefill = prefill
-        self.kernel = "native+w8a8" if prefill == "w8a8" else "native"
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+
+    @property
+    def kernel(self) -> str:
+        return "native+w8a8" if self.prefill == "w8a8" else "native"
 
     @staticmethod
     def serves(method: str, out_features: int, in_features: int, group: int = 0) -> bool:
@@ -471,11 +474,11 @@ def use(module: nn.Module, kernel: str) -> nn.Module:
     if kernel == "packed":
         return PackedLinear(module)
     if type(module) is Int8Linear:
-        if kernel in ("native", "native+w8a8"):
+        if kernel in NATIVE_QUANT:
             return NativeQuantLinear.from_pieces("int8", {"weight": module.weight, "scales": module.scales},
                                                  module.bias, module.scales.dtype, prefill=prefill_of(kernel))
         return DequantInt8Linear(module) if kernel == "int8+dequant" else module
-    if type(module) is NativeQuantLinear and module.method == "int8" and kernel in ("native", "native+w8a8"):
+    if type(module) is NativeQuantLinear and module.method == "int8" and kernel in NATIVE_QUANT:
         return NativeQuantLinear(module.method, module.weight, module.scales, module.bias, module.in_features,
                                  module.out_features, module.dtype, prefill=prefill_of(kernel))
     if type(module) is Int4Linear:
@@ -487,6 +490,9 @@ def use(module: nn.Module, kernel: str) -> nn.Module:
     if kernel == "linear+f32":
         return WideLinear(module)
     return module
+
+
+NATIVE_QUANT = ("native", "native+w8a8")  # the kernels NativeQuantLinear is (prefill "dense", "w8a8")
 
 
 def prefill_of(kernel: str) -> str:

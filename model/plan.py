@@ -167,7 +167,7 @@ def candidates(shape: Shape, part: str, settings: Settings) -> list[str]:
             return ["native"]  # torch's int4 kernel takes even levels only: it would upcast per call
         if part == "head":
             torch_kernels = torch_kernels[-1:]  # one position per row: never prefill-sized
-        native_kernels = ["native", "native+w8a8"] if kind == "int8" and part == "layers" else ["native"]
+        native_kernels = list(kernels.NATIVE_QUANT) if kind == "int8" and part == "layers" else ["native"]
         return (native_kernels if ok else []) + torch_kernels
     wide = shape.dtype in (torch.bfloat16, torch.float16)
     out = []
@@ -373,7 +373,7 @@ def _served(linear: nn.Linear, kind: str, group: int, kernel: str, pieces: dict 
 
     scheme = scheme_of(kind, group, levels)
     pieces = pieces or _pieces(kind, linear.out_features, linear.in_features, group)
-    if kernel in ("native", "native+w8a8"):
+    if kernel in kernels.NATIVE_QUANT:
         return kernels.NativeQuantLinear.from_pieces(kind, pieces, linear.bias, dtype, group, levels,
                                                      kernels.prefill_of(kernel))
     with torch.device("meta"):

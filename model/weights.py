@@ -18,7 +18,7 @@ from fuyu.model.devices import dispatch, plan_placement
 from fuyu.model.errors import CheckpointError
 from fuyu.model.fuyu import Fuyu
 from fuyu.model import backend, memory, native, plan as kernel_plan, reader
-from fuyu.model.kernels import NativeQuantLinear, PackedLinear, prefill_of
+from fuyu.model.kernels import NATIVE_QUANT, NativeQuantLinear, PackedLinear, prefill_of
 from fuyu.model.quantize import quantizable, resolve_scheme, swap_linears
 from fuyu.model.settings import Settings
 
@@ -275,8 +275,8 @@ def _install(scheme, model, module: str, pieces, device, dtype, file: Path, kern
     try:
         old = model.get_submodule(module)
         group = getattr(old, "group", 0)
-        if kernel in ("native", "native+w8a8") and NativeQuantLinear.serves(scheme.method, old.out_features,
-                                                                            old.in_features, group):
+        if kernel in NATIVE_QUANT and NativeQuantLinear.serves(scheme.method, old.out_features, old.in_features,
+                                                               group):
             parent, _, leaf = module.rpartition(".")
             new = NativeQuantLinear.from_pieces(scheme.method, pieces, None, dtype, group, getattr(old, "levels", ""),
                                                 prefill_of(kernel))

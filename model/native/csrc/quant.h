@@ -43,7 +43,8 @@
 #define QPREFETCH 8192   /* bytes ahead in a tile's stream, into L2 (QHINT): more lines in flight
                             than L1's miss buffers hold. Against 2,048 into L1, 8B layer shapes
                             at batch 1, paired in one process at 31-34 GB/s on a 2-core AMD EPYC
-                            Zen 4: int8 +18-21%, int4 +8%; 12-16 KB no better, into L3 less */
+                            Zen 4: int8 +6-21% (three runs), int4 +8%; 12-16 KB no better,
+                            into L3 less */
 #define QHINT 2          /* __builtin_prefetch locality: 2 = prefetcht1, into L2 (as gemv.h) */
 
 /* INT4N's levels, as integers for the byte products (<= 127: two products of a byte pair stay
