@@ -77,3 +77,17 @@ def test_decode_bytes_count_quantized_weights_too():
     head = 2048 * 64 * 2  # the 16-bit LM head both read
     layers16, layers8 = arithmetic.decode_bytes(bf16) - head, arithmetic.decode_bytes(int8) - head
     assert 0.5 < layers8 / layers16 < 0.6  # int8 weights + scales, 16-bit biases and LayerNorms
+
+
+def test_kernel_bound_reports_each_formats_cache_and_memory_rates_and_their_serial_sum(native_lib):
+    """benchmarks/kernel_bound: per format, the rate from cache, the rate over the real shapes beside
+    the stream's, and the rate the two give one after the other (the bound it tells apart)."""
+    from fuyu.benchmarks import kernel_bound
+
+    assert kernel_bound.serial(60.0, 120.0) == pytest.approx(40.0)
+    out = kernel_bound.main(["--shapes", "tiny", "--formats", "bf16,int8", "--rounds", "2"])
+    assert set(out["formats"]) == {"bf16", "int8"} and out["threads"] >= 1
+    for r in out["formats"].values():
+        assert r["cache_gbs"] > 0 and r["stream_gbs"] > 0 and len(r["rounds"]) == 2
+        assert r["serial_gbs"] == pytest.approx(kernel_bound.serial(r["stream_gbs"], r["cache_gbs"]), abs=0.11)
+        assert r["serial_gbs"] < min(r["stream_gbs"], r["cache_gbs"])
