@@ -78,15 +78,18 @@ def measure(fmt: str, shapes: list[tuple[int, int]], cache_bytes: int, rounds: i
     from fuyu.model import native
 
     g = torch.Generator().manual_seed(seed)
-    big = [(w, b, torch.randn(1, K, generator=g).bfloat16()) for (N, K) in shapes for w, b in [weight(fmt, N, K, g)]]
+    big = []  # (weight, its bytes, an input row) for each real shape
+    for N, K in shapes:
+        w, nbytes = weight(fmt, N, K, g)
+        big.append((w, nbytes, torch.randn(1, K, generator=g).bfloat16()))
     nbytes = sum(b for _, b, _ in big)
-    K = 4096 if cache_bytes >= 4096 * 64 else 256
+    # the cache-resident weight: rows of 4,096 inputs as the 8B's (256 for the tiny check), as many
+    # as fill cache_bytes; a 4 x 256 one for the cost of a call itself
+    K = 4096 if cache_bytes >= 64 * 4096 else 256
     per_row = weight(fmt, 4, K, g)[1] / 4
     small, small_bytes = weight(fmt, max(4, int(cache_bytes / per_row) // 4 * 4), K, g)
     tiny, _ = weight(fmt, 4, 256, g)
     x, xt = torch.randn(1, K, generator=g).bfloat16(), torch.randn(1, 256, generator=g).bfloat16()
-    for _ in range(3):
-        native.linear(x, small), native.linear(xt, tiny), [native.linear(v, w) for w, _, v in big]
 
     def best(fn, n):
         times = []
@@ -96,9 +99,10 @@ def measure(fmt: str, shapes: list[tuple[int, int]], cache_bytes: int, rounds: i
             times.append(time.perf_counter() - t)
         return min(times)
 
-    calls = max(20, int(2e9 / max(small_bytes, 1)) // 20)
+    for w, _, v in big:  # first touch and the OpenMP threads up
+        native.linear(v, w)
     overhead = best(lambda: native.linear(xt, tiny), 200)
-    cache = small_bytes / max(best(lambda: native.linear(x, small), calls) - overhead, 1e-9)
+    cache = small_bytes / max(best(lambda: native.linear(x, small), 20) - overhead, 1e-9)
     read, read_bytes = arithmetic.stream_read(torch.device("cpu"), nbytes)
     streams, rates = [], []
     for _ in range(rounds):
