@@ -5,38 +5,41 @@
 For each weight format, through the kernels a load uses (`native.linear`; int8 and int4 laid out by
 `kernels.NativeQuantLinear`, int4 on its normal levels in groups of 128), one input row:
 
-  cache   the rate its products read a weight that stays in the CPU's caches (half the last-level
-          cache, 4-16 MB), called over and over, the cost of a call with next to no weight taken
-          off: what its arithmetic alone allows;
+  cache   the rate its products read a weight that stays in the CPU's caches (a quarter of the
+          last-level cache, 4-8 MB), the best of 30 calls less the cost of a call on a tiny
+          weight: what its arithmetic alone allows;
   memory  the rate over the real shapes (`8b`: Fuyu-8B's four layer GEMVs, 402 MB in bf16;
           `mid-head`: the mid checkpoint's 262,144 x 1,024 LM head), read once a round, each round
           right after a streaming read of as many bytes (`arithmetic.stream_read`);
-  share   memory / the stream's rate in the same rounds (medians);
+  share   memory / the stream's rate, round by round (medians over the rounds);
   serial  what the stream and the cache rates give if reading and arithmetic did not overlap at
-          all: 1 / (1 / stream + 1 / cache).
+          all: 1 / (1 / stream + 1 / cache), round by round.
 
-A kernel whose memory rate sits at `serial`, not at the stream's, spends its time on arithmetic the
-memory system does not hide: fewer instructions per weight byte is what moves it, not prefetching.
-On a 2-core AMD EPYC Zen 4 int8 did so at fast read rates (benchmarks/RESULTS.md, 2026-12-08).
-The last line is JSON.
+A kernel whose memory rate sits at `serial`, not at the stream's, is not hiding its arithmetic
+behind the reads: fewer instructions per weight byte is what would move it. On a 2-core AMD EPYC
+Zen 4 int8 read at or below its serial figure beside a 54-60 GB/s stream (one run), well above it
+beside 36 (benchmarks/RESULTS.md, 2026-12-08). The rates swing with the machine's: run it more
+than once. The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # torch's big buffers on huge pages, as the CLI asks
+from fuyu import threads
+
+threads.before_torch()  # as the CLI: threads, huge pages for torch's buffers (a no-op once torch is in)
 
 import torch  # noqa: E402
 
 LAYER_8B = [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)]  # QKV, dense, up, down
 MID_HEAD = [(262144, 1024)]
-CACHE_BYTES = (4 << 20, 16 << 20)  # the cache-resident weight: half the last-level cache, within these
+CACHE_BYTES = (4 << 20, 8 << 20)  # the cache-resident weight: a quarter of the last-level cache, within these
 
 
 def serial(stream: float, cache: float) -> float:
@@ -83,9 +86,9 @@ def measure(fmt: str, shapes: list[tuple[int, int]], cache_bytes: int, rounds: i
         w, nbytes = weight(fmt, N, K, g)
         big.append((w, nbytes, torch.randn(1, K, generator=g).bfloat16()))
     nbytes = sum(b for _, b, _ in big)
-    # the cache-resident weight: rows of 4,096 inputs as the 8B's (256 for the tiny check), as many
-    # as fill cache_bytes; a 4 x 256 one for the cost of a call itself
-    K = 4096 if cache_bytes >= 64 * 4096 else 256
+    # the cache-resident weight: rows of 4,096 inputs as the 8B's, as many as fill cache_bytes; a
+    # 4 x 256 one for the cost of a call itself
+    K = 4096
     per_row = weight(fmt, 4, K, g)[1] / 4
     small, small_bytes = weight(fmt, max(4, int(cache_bytes / per_row) // 4 * 4), K, g)
     tiny, _ = weight(fmt, 4, 256, g)
@@ -102,7 +105,8 @@ def measure(fmt: str, shapes: list[tuple[int, int]], cache_bytes: int, rounds: i
     for w, _, v in big:  # first touch and the OpenMP threads up
         native.linear(v, w)
     overhead = best(lambda: native.linear(xt, tiny), 200)
-    cache = small_bytes / max(best(lambda: native.linear(x, small), 20) - overhead, 1e-9)
+    took = best(lambda: native.linear(x, small), 30) - overhead
+    cache = small_bytes / took if took > 0 else None  # None: the weight too small to time
     read, read_bytes = arithmetic.stream_read(torch.device("cpu"), nbytes)
     streams, rates = [], []
     for _ in range(rounds):
@@ -113,10 +117,12 @@ def measure(fmt: str, shapes: list[tuple[int, int]], cache_bytes: int, rounds: i
         for w, _, v in big:
             native.linear(v, w)
         rates.append(nbytes / (time.perf_counter() - t))
-    stream, memory = statistics.median(streams), statistics.median(rates)
-    return {"cache_gbs": round(cache / 1e9, 1), "cache_weight_mb": round(small_bytes / 2 ** 20, 1),
-            "memory_gbs": round(memory / 1e9, 1), "stream_gbs": round(stream / 1e9, 1),
-            "share": round(memory / stream, 3), "serial_gbs": round(serial(stream, cache) / 1e9, 1),
+    med = statistics.median
+    return {"cache_gbs": None if cache is None else round(cache / 1e9, 1),
+            "cache_weight_mb": round(small_bytes / 2 ** 20, 2),
+            "memory_gbs": round(med(rates) / 1e9, 1), "stream_gbs": round(med(streams) / 1e9, 1),
+            "share": round(med(r / s for s, r in zip(streams, rates)), 3),
+            "serial_gbs": None if cache is None else round(med(serial(s, cache) for s in streams) / 1e9, 1),
             "bytes": nbytes, "rounds": [[round(s / 1e9, 1), round(r / 1e9, 1)] for s, r in zip(streams, rates)]}
 
 
@@ -134,16 +140,16 @@ def main(argv=None) -> dict:
         raise SystemExit("kernel_bound: the C kernels are not built here (see docs/speed.md)")
     shapes = {"8b": LAYER_8B, "mid-head": MID_HEAD, "tiny": [(64, 256)]}[a.shapes]
     llc = last_level_cache()
-    cache_bytes = 256 << 10 if a.shapes == "tiny" else min(max(llc // 2, CACHE_BYTES[0]), CACHE_BYTES[1])
+    cache_bytes = 256 << 10 if a.shapes == "tiny" else min(max(llc // 4, CACHE_BYTES[0]), CACHE_BYTES[1])
     out = {"cpu": cpu(), "threads": torch.get_num_threads(), "last_level_cache_mb": round(llc / 2 ** 20, 1),
            "shapes": a.shapes, "formats": {}}
     for fmt in a.formats.split(","):
         if a.shapes == "mid-head" and fmt != "bf16":
-            continue  # the mid head is 16-bit unless --quantize-head; the 8B shapes cover int8/int4
+            print(f"{fmt}: skipped, the mid head is timed in bf16 only", file=sys.stderr)
+            continue
         r = out["formats"][fmt] = measure(fmt, shapes, cache_bytes, a.rounds)
-        print(f"{fmt:5}  cache {r['cache_gbs']:6.1f} GB/s ({r['cache_weight_mb']} MB)  memory {r['memory_gbs']:5.1f}"
-              f"  stream {r['stream_gbs']:5.1f}  share {r['share']:.0%}  serial {r['serial_gbs']:5.1f} GB/s",
-              flush=True)
+        print(f"{fmt:5}  cache {r['cache_gbs']} GB/s ({r['cache_weight_mb']} MB)  memory {r['memory_gbs']}"
+              f"  stream {r['stream_gbs']}  share {r['share']:.0%}  serial {r['serial_gbs']} GB/s", flush=True)
     print(json.dumps(out))
     return out
 
