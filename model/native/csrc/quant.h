@@ -19,11 +19,13 @@
      INT8  inputs per row to int16, x = sx * xq, |xq| <= QMAX (15 bits: 64 times finer than the
            bfloat16 rounding every input has already been through, relative to the row's largest);
            y[n] = scale[n] * sx * sum_k q[n,k] xq[k]                              (vpdpwssd)
-           Not 8 bits, though one vpdpbusd per 64 weights would replace a widening and two
-           vpdpwssd (1.7x the products per second from cache on a 2-core AMD EPYC Zen 4): with
-           each row's largest |x| below 6 -> 127 and the rest kept exact, int8 decode fell
-           outside bitsandbytes' 8bit, teacher-forced (mid checkpoint, 24 x 32: mean |dlogit|
-           0.0428, top-1 0.910, against 8bit's 0.0429 and 0.911; 15 bits: 0.0350 and 0.928).
+           Not 8 bits, though one vpdpbusd per 64 weights (the weights stored unsigned) would
+           replace a widening and two vpdpwssd: 1.6-1.8x the products per second from L2 on one
+           thread of a 2-core AMD EPYC Zen 4 (a row scale). With each row's largest |x| below 6
+           -> 127 and the rest kept exact, int8 decode matched bitsandbytes' 8bit with no margin
+           and fell behind it with the head quantized, teacher-forced (mid checkpoint, 24 x 32,
+           8-bit prefill: mean |dlogit| 0.0428, top-1 0.910, head 0.0452 and 0.902, against 8bit's
+           0.0429 and 0.911; 15-bit decode inputs: 0.0350 and 0.928).
      INT4  inputs per group of the weights' groups to int8, x = sx_g * xg, |xg| <= 127 (the
            weights' own error, a 16th of a group's range, is ~20 times an input's 254th of its
            group's largest, and an outlier input coarsens its own group only);
