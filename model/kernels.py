@@ -203,7 +203,7 @@ def _(x, weight, bias):
 
 DENSE_BLOCK_BYTES = 64 << 20  # a quantized weight's rows made dense at a time for a prefill GEMM
 INT8_BLOCK_BYTES = 8 << 20  # an int8 weight's rows made plain at a time for the int8 GEMM: 2,048
-# rows of 4,096 inputs; 512 and 8,192 were 1-7% slower at 8B shapes (AMD EPYC, AVX512-VNNI)
+# rows of 4,096 inputs; 512 and 8,192 were 1-7% slower at 8B shapes (2-core AMD EPYC Zen 4, AVX512-VNNI)
 OUTLIER_LIMIT = 6.0  # an input column with some |x| at or above this stays float (LLM.int8's threshold)
 MAX_OUTLIER_SHARE = 1 / 16  # more outlier columns than this share: the 16-bit GEMM serves the call
 
@@ -227,8 +227,9 @@ class NativeQuantLinear(nn.Module):
     64 MB, 8,192 rows of 4,096 inputs; no dense copy of the whole weight), int8 exactly (the integers, scaled after the GEMM as
     Int8Linear's dequantized path does), int4 as q * scale + min rounded to the activations' dtype.
     int8 with prefill="w8a8" (kernel "native+w8a8") instead multiplies 8-bit inputs by the 8-bit
-    weight in prefill-sized calls (`_w8a8`): torch's int8 GEMM, ~1.5x faster than the bf16 one on
-    an AVX512-VNNI AMD EPYC; the plan takes it where it times faster.
+    weight in prefill-sized calls (`_w8a8`): torch's int8 GEMM; a layer's four GEMMs at 8B widths
+    ran 1.3-1.6x as fast as bf16's on a 2-core AMD EPYC Zen 4 (AVX512-VNNI) with all four on 8-bit
+    inputs; the plan takes it where it times faster.
     Built from a scheme's portable pieces (`from_pieces`); `plain()` and the state dict give them back."""
 
     def __init__(self, method: str, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -507,7 +507,7 @@ static inline __attribute__((always_inline)) uint32_t abs_bits(const void *x, in
 /* Rows of x (M, K) in dt -> xq (M, K) int8, sx (M) float32 with x ~ xq * sx outside the outlier
    columns (xq 0 there); outlier[k] = 1 where |x[m, k]| >= limit for some m. Returns how many
    columns are outliers; more than most, and nothing is quantized (the caller takes another path).
-   colmax: K floats of scratch per thread. dt a constant where inlined (q8_quantize_of), so the
+   colmax: K floats of scratch per thread. dt a constant where inlined (q8_quantize_bf16, _f32), so the
    loops vectorise. */
 static inline __attribute__((always_inline)) int64_t q8_quantize_rows(const void *x, dtype dt, int64_t M,
                                                                       int64_t K, float limit, int64_t most,
